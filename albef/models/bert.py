@@ -1,0 +1,337 @@
+"""BERT text encoder and fusion encoder of ALBEF (paper §3.1; official ``models/xbert.py``).
+
+One stack of ``num_hidden_layers`` post-LN BERT layers. Layers ``>= fusion_layer`` carry an extra
+cross-attention block (query = text stream, key/value = image tokens of width ``encoder_width``), in the
+order self-attention -> cross-attention -> FFN. The stack is run in one of three modes:
+
+* ``text``        embeddings + layers ``[0, fusion_layer)``: the unimodal text encoder (ITC features);
+* ``fusion``      layers ``[fusion_layer, N)`` on an already computed text state (ITM, retrieval re-ranking);
+* ``multi_modal`` embeddings + all layers (the MLM branch).
+
+Module names are the checkpoint format: ``BertModel`` has the keys of the official downstream text encoder
+(``embeddings.*``, ``encoder.layer.N.*``) and ``BertForMaskedLM`` those of the pretraining one (``bert.*`` and the
+MLM head ``cls.predictions.*`` with its decoder tied to the word embeddings). We write our own small BERT rather
+than patch transformers' ``BertModel``: HF puts cross-attention in every layer and turns self-attention causal
+when cross-attention is enabled, neither of which matches ALBEF.
+
+Attention runs through ``F.scaled_dot_product_attention`` (``attn_impl="sdpa"``, within 5e-7 of the official
+explicit softmax) or the explicit form (``attn_impl="eager"``, bitwise the official op order; it is also the
+form that can keep attention maps for Grad-CAM).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class BertConfig:
+    """Hyper-parameters of the text/fusion stack; names follow ``config_bert.json`` of the official code."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    fusion_layer: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    encoder_width: int = 768
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    attn_impl: str = "sdpa"
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"text.hidden_size={self.hidden_size} is not divisible by "
+                f"text.num_attention_heads={self.num_attention_heads}"
+            )
+        if not 0 <= self.fusion_layer <= self.num_hidden_layers:
+            raise ValueError(
+                f"text.fusion_layer={self.fusion_layer} must lie in [0, num_hidden_layers={self.num_hidden_layers}]"
+            )
+        if self.attn_impl not in ("sdpa", "eager"):
+            raise ValueError(f"text.attn_impl={self.attn_impl!r}: expected 'sdpa' or 'eager'")
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        # Persistent, because official checkpoints carry it.
+        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).expand((1, -1)))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        # ALBEF always uses token type 0; it must still be added (LAVIS' albef config drops it and breaks
+        # official checkpoints).
+        token_type = self.token_type_embeddings.weight[0]
+        x = self.word_embeddings(input_ids) + token_type
+        x = x + self.position_embeddings(self.position_ids[:, :length])
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig, kv_width: int):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(kv_width, cfg.hidden_size)
+        self.value = nn.Linear(kv_width, cfg.hidden_size)
+        self.dropout_p = cfg.attention_probs_dropout_prob
+        self.attn_impl = cfg.attn_impl
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(kv)), self._heads(self.value(kv))
+        p = self.dropout_p if self.training else 0.0
+        if self.attn_impl == "sdpa":
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            # Official op order: divide after the matmul, add the mask, softmax, dropout, @v.
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask
+            ctx = torch.matmul(F.dropout(scores.softmax(dim=-1), p, self.training), v)
+        b, h, n, d = ctx.shape
+        return ctx.transpose(1, 2).reshape(b, n, h * d)
+
+
+class BertResidualOutput(nn.Module):
+    """``LayerNorm(dropout(dense(x)) + residual)``: official ``BertSelfOutput`` and ``BertOutput``."""
+
+    def __init__(self, in_width: int, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(in_width, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: BertConfig, kv_width: int):
+        super().__init__()
+        self.self = BertSelfAttention(cfg, kv_width)
+        self.output = BertResidualOutput(cfg.hidden_size, cfg)
+
+    def forward(self, hidden, kv, mask):
+        return self.output(self.self(hidden, kv, mask), hidden)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: BertConfig, layer_num: int):
+        super().__init__()
+        self.attention = BertAttention(cfg, cfg.hidden_size)
+        self.has_cross_attention = layer_num >= cfg.fusion_layer
+        if self.has_cross_attention:
+            self.crossattention = BertAttention(cfg, cfg.encoder_width)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertResidualOutput(cfg.intermediate_size, cfg)
+
+    def forward(self, hidden, mask, image_embeds=None, image_mask=None):
+        hidden = self.attention(hidden, hidden, mask)
+        if self.has_cross_attention:
+            if image_embeds is None:
+                raise ValueError("a fusion layer needs image_embeds (encoder_hidden_states)")
+            hidden = self.crossattention(hidden, image_embeds, image_mask)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+def extended_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """(B, L) 0/1 key mask -> additive (B, 1, 1, L) mask, ``(1 - m) * -10000`` as in the official code."""
+    if mask is None:
+        return None
+    return (1.0 - mask[:, None, None, :].to(dtype)) * -10000.0
+
+
+ImageStates = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = nn.ModuleList([BertLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.grad_checkpointing = cfg.grad_checkpointing
+
+    def layer_range(self, mode: str) -> range:
+        n, f = self.cfg.num_hidden_layers, self.cfg.fusion_layer
+        ranges = {"text": range(0, f), "fusion": range(f, n), "multi_modal": range(0, n)}
+        if mode not in ranges:
+            raise ValueError(f"mode={mode!r}: expected one of {sorted(ranges)}")
+        return ranges[mode]
+
+    def forward(self, hidden, mask, image_embeds: Optional[ImageStates] = None, image_mask=None, mode="multi_modal"):
+        for i in self.layer_range(mode):
+            img, img_mask = image_embeds, image_mask
+            if isinstance(image_embeds, (list, tuple)):
+                # Several images (NLVR2): fusion layer i reads image (i - fusion_layer) % n_images.
+                j = (i - self.cfg.fusion_layer) % len(image_embeds)
+                img = image_embeds[j]
+                img_mask = image_mask[j] if isinstance(image_mask, (list, tuple)) else image_mask
+            layer = self.layer[i]
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, mask, img, img_mask, use_reentrant=False)
+            else:
+                hidden = layer(hidden, mask, img, img_mask)
+        return hidden
+
+
+class BertModel(nn.Module):
+    """The text + fusion stack. Keys: ``embeddings.*``, ``encoder.layer.N.*`` (no pooler, as in ALBEF)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        encoder_embeds: Optional[torch.Tensor] = None,
+        encoder_hidden_states: Optional[ImageStates] = None,
+        encoder_attention_mask=None,
+        mode: str = "multi_modal",
+    ) -> torch.Tensor:
+        """Return the last hidden state ``(B, L, hidden)``.
+
+        ``mode='fusion'`` takes ``encoder_embeds`` (a text state from ``mode='text'``) instead of ``input_ids``.
+        ``encoder_attention_mask`` is a (B, N_img) 0/1 mask or None for "attend to every image token" (ALBEF
+        always uses all-ones image masks; None lets SDPA pick its fastest kernel).
+        """
+        if mode == "fusion":
+            if encoder_embeds is None:
+                raise ValueError("mode='fusion' needs encoder_embeds (the output of mode='text')")
+            hidden = encoder_embeds
+        else:
+            if input_ids is None:
+                raise ValueError(f"mode={mode!r} needs input_ids")
+            hidden = self.embeddings(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
+        mask = extended_mask(attention_mask, hidden.dtype)
+        if isinstance(encoder_attention_mask, (list, tuple)):
+            img_mask = [extended_mask(m, hidden.dtype) for m in encoder_attention_mask]
+        else:
+            img_mask = extended_mask(encoder_attention_mask, hidden.dtype)
+        return self.encoder(hidden, mask, encoder_hidden_states, img_mask, mode)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.grad_checkpointing = enable
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, cfg: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(cfg)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.decoder.weight = word_embeddings.weight  # tied, as in BERT and ALBEF
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.decoder.bias = self.bias  # the checkpoint holds both keys for one tensor
+
+    def forward(self, x):
+        return self.decoder(self.transform(x))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, cfg: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(cfg, word_embeddings)
+
+    def forward(self, x):
+        return self.predictions(x)
+
+
+class BertForMaskedLM(nn.Module):
+    """Pretraining text encoder: ``bert`` (the stack) + ``cls`` (MLM head with the tied decoder)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = BertModel(cfg)
+        self.cls = BertOnlyMLMHead(cfg, self.bert.embeddings.word_embeddings)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.bert(*args, **kwargs)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.bert.set_grad_checkpointing(enable)
+
+
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: normal(0, std) for Linear/Embedding weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if isinstance(module, BertForMaskedLM):
+        nn.init.zeros_(module.cls.predictions.bias)
+
+
+def mlm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    soft_labels: Optional[torch.Tensor] = None,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    """ALBEF's MLM loss with momentum distillation (official ``xbert.py`` after the dim=-1 fix, commit b726f8e).
+
+    ``(1 - alpha) * CE(logits, labels) + alpha * mean(-sum_v soft_v * log_softmax(logits)_v)``, both means over
+    positions with ``label != -100``. ``logits`` may be (B, L, V) with (B, L) labels, or already gathered (M, V)
+    with (M,) labels.
+    """
+    vocab = logits.shape[-1]
+    flat_logits, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1)
+    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+    if soft_labels is None:
+        return loss
+    distill = -torch.sum(F.log_softmax(flat_logits, dim=-1) * soft_labels.reshape(-1, vocab), dim=-1)
+    distill = distill[flat_labels != -100].mean()
+    return (1 - alpha) * loss + alpha * distill

