@@ -1,0 +1,164 @@
+"""The shard format shared by every data_prep step and read by ``albef.data``.
+
+A dataset directory holds:
+
+* ``NNNNNN.tar`` (6-digit shard index): webdataset tar shards. Each sample is three members with the same key:
+  ``<key>.jpg`` (JPEG bytes), ``<key>.txt`` (UTF-8 caption; several captions of one image are stored one per
+  line), ``<key>.json`` (metadata: source url/path, caption(s), original and stored sizes, sha256, ...).
+* ``NNNNNN_stats.json``: per-shard counts (samples written, and failures by status / error message).
+* ``manifest.json``: ``{"format": 1, "num_samples": total, "shards": [{"name": "000000.tar", "num_samples": n},
+  ...]}``: the loader derives exact epoch lengths from it without opening a tar.
+
+Shards are written to ``NNNNNN.tar.tmp`` and renamed only when complete (after the stats file), so a killed run
+never leaves a truncated tar under a final name and a rerun can trust every ``.tar`` it finds.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Union
+
+MANIFEST = "manifest.json"
+_SAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def shard_name(index: int) -> str:
+    return f"{index:06d}.tar"
+
+
+def stats_name(index: int) -> str:
+    return f"{index:06d}_stats.json"
+
+
+def sanitize_key(key: str) -> str:
+    """Member keys may not contain '/', '.', or anything a tar/webdataset reader could misread."""
+    key = _SAFE_KEY.sub("_", key)
+    if not key or key.startswith("-"):
+        key = "k" + key
+    return key
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(mtime)
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+class ShardWriter:
+    """Write one shard atomically. Use as a context manager; ``commit(stats)`` publishes it.
+
+    Leaving the ``with`` block without ``commit`` (an exception) deletes the temporary file.
+    """
+
+    def __init__(self, out_dir: Union[str, Path], index: int):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.index = index
+        self.path = self.out_dir / shard_name(index)
+        self.tmp = self.out_dir / (shard_name(index) + ".tmp")
+        self._tar = tarfile.open(self.tmp, "w")
+        self._keys = set()
+        self.num_samples = 0
+        self._mtime = time.time()
+
+    def write(self, key: str, image: bytes, caption: Union[str, List[str]], meta: Dict, ext: str = "jpg") -> str:
+        key = sanitize_key(key)
+        if key in self._keys:
+            raise ValueError(f"duplicate key {key!r} in shard {self.path.name}")
+        self._keys.add(key)
+        text = caption if isinstance(caption, str) else "\n".join(caption)
+        _add_member(self._tar, f"{key}.{ext}", image, self._mtime)
+        _add_member(self._tar, f"{key}.txt", text.encode("utf-8"), self._mtime)
+        _add_member(self._tar, f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode(), self._mtime)
+        self.num_samples += 1
+        return key
+
+    def commit(self, stats: Optional[Dict] = None) -> Path:
+        self._tar.close()
+        stats = dict(stats or {})
+        stats.update(shard=self.path.name, num_samples=self.num_samples)
+        atomic_write_json(self.out_dir / stats_name(self.index), stats)
+        os.replace(self.tmp, self.path)  # the shard appears under its final name only when complete
+        return self.path
+
+    def abort(self) -> None:
+        if not self._tar.closed:
+            self._tar.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.tmp.exists():
+            return
+        if exc_type is not None or not self.path.exists():
+            self.abort()
+
+
+def atomic_write_json(path: Union[str, Path], obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def finished_shards(out_dir: Union[str, Path]) -> Dict[int, int]:
+    """{shard index: num_samples} of the shards that were committed (tar + stats present)."""
+    out = {}
+    for stats in sorted(Path(out_dir).glob("[0-9]" * 6 + "_stats.json")):
+        index = int(stats.name[:6])
+        if (Path(out_dir) / shard_name(index)).is_file():
+            out[index] = int(json.loads(stats.read_text())["num_samples"])
+    return out
+
+
+def write_manifest(out_dir: Union[str, Path], extra: Optional[Dict] = None) -> Dict:
+    """(Re)build ``manifest.json`` from the committed shards; returns it."""
+    shards = finished_shards(out_dir)
+    manifest = {
+        "format": 1,
+        "num_samples": sum(shards.values()),
+        "shards": [{"name": shard_name(i), "num_samples": n} for i, n in sorted(shards.items())],
+    }
+    if extra:
+        manifest.update(extra)
+    atomic_write_json(Path(out_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(out_dir: Union[str, Path]) -> Dict:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run data_prep (or data_prep.shards.write_manifest) first")
+    return json.loads(path.read_text())
+
+
+def merge_stats(out_dir: Union[str, Path]) -> Dict[str, int]:
+    """Sum the integer counters of every shard's stats file (``status`` counts and the like)."""
+    total: Dict[str, int] = {}
+
+    def add(prefix: str, d: Dict) -> None:
+        for k, v in d.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict):
+                add(name + ".", v)
+            elif isinstance(v, int) and not isinstance(v, bool):
+                total[name] = total.get(name, 0) + v
+
+    for stats in sorted(Path(out_dir).glob("[0-9]" * 6 + "_stats.json")):
+        add("", {k: v for k, v in json.loads(stats.read_text()).items() if k != "shard"})
+    return total
+
+
