@@ -150,6 +150,22 @@ def parse_override(text: str) -> Dict[str, Any]:
     return out
 
 
+def expand_presets(cls: Type, data: Dict[str, Any]) -> Dict[str, Any]:
+    """A dataclass-typed section given as a string (``model: tiny``) is replaced by that preset's YAML mapping."""
+    if not isinstance(data, dict):
+        return data
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for k, v in data.items():
+        tp = hints.get(k)
+        if tp is None or not dataclasses.is_dataclass(tp):
+            continue
+        if isinstance(v, str):
+            v = read_yaml(resolve_path(v))
+        out[k] = expand_presets(tp, v)
+    return out
+
+
 def load_config(cls: Type[T], path: Optional[str] = None, overrides: Iterable[str] = ()) -> T:
     data: Dict[str, Any] = {}
     where = "config"
@@ -157,6 +173,7 @@ def load_config(cls: Type[T], path: Optional[str] = None, overrides: Iterable[st
         p = resolve_path(path)
         data = read_yaml(p)
         where = str(p)
+    data = expand_presets(cls, data)
     for o in overrides:
-        data = _deep_merge(data, parse_override(o))
+        data = expand_presets(cls, _deep_merge(data, parse_override(o)))
     return from_dict(cls, data, where)

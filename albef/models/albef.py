@@ -18,6 +18,7 @@ forward from the same state and seed reproduces the official losses (see tests/t
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -238,6 +239,8 @@ class ALBEFBase(nn.Module):
         """
         online = [p.data for o, _ in self.model_pairs for p in o.parameters()]
         mom = [p.data for _, m in self.model_pairs for p in m.parameters()]
+        if online[0].dtype != mom[0].dtype:  # half-precision training keeps the momentum weights in float32
+            online = [p.to(mom[0].dtype) for p in online]
         torch._foreach_mul_(mom, self.cfg.momentum)
         torch._foreach_add_(mom, torch._foreach_mul(online, 1.0 - self.cfg.momentum))
 
@@ -260,6 +263,25 @@ class ALBEFBase(nn.Module):
         if self.has_idx_queue and idx is not None:
             self.idx_queue[:, ptr : ptr + bs] = concat_all_gather(idx.view(-1)).view(1, -1)
         self.queue_ptr[0] = (ptr + bs) % self.cfg.queue_size
+
+    def keep_momentum_fp32(self, fp32_state: Dict[str, torch.Tensor]) -> None:
+        """Put float32 values back into the momentum parameters after an engine cast the model to fp16/bf16.
+
+        The EMA adds 0.5% of the online weight per step: in bf16 (8 mantissa bits) most of these updates would
+        round away, so the momentum encoders keep float32 weights and run under autocast (``_momentum_ctx``).
+        """
+        for name, p in self.named_parameters():
+            if name in fp32_state:
+                p.data = fp32_state[name].to(p.device, torch.float32)
+
+    def momentum_state_fp32(self) -> Dict[str, torch.Tensor]:
+        return {n: p.detach().float().clone() for n, p in self.named_parameters() if n.split(".")[0].endswith("_m")}
+
+    def _momentum_ctx(self):
+        online, mom = self.vision_proj.weight.dtype, self.vision_proj_m.weight.dtype
+        if online == mom:
+            return contextlib.nullcontext()
+        return torch.autocast(self.vision_proj.weight.device.type, dtype=online)
 
     # --- encoders (the public API: callers never pass `mode`) -----------------------------------------------
     def encode_image(self, image: torch.Tensor, momentum: bool = False) -> torch.Tensor:
@@ -304,21 +326,24 @@ class ALBEFBase(nn.Module):
         if idx is not None:
             idx = idx.view(-1)
             idx_all = torch.cat([idx.view(1, -1), self.idx_queue.clone().detach()], dim=1)
+        # Similarities and losses are computed in float32 whatever the training precision (no-ops in fp32).
+        temp = self.temp.float()
         with torch.no_grad():
-            self.momentum_update()
-            image_embeds_m = self.encode_image(image, momentum=True)
-            image_feat_m = self.image_feat(image_embeds_m, momentum=True)
-            text_embeds_m = self.encode_text(input_ids, attention_mask, momentum=True)
-            text_feat_m = self.text_feat(text_embeds_m, momentum=True)
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
-            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
-            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            with self._momentum_ctx():
+                self.momentum_update()
+                image_embeds_m = self.encode_image(image, momentum=True)
+                image_feat_m = self.image_feat(image_embeds_m, momentum=True).float()
+                text_embeds_m = self.encode_text(input_ids, attention_mask, momentum=True)
+                text_feat_m = self.text_feat(text_embeds_m, momentum=True).float()
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach().float()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach().float()], dim=1)
+            sim_i2t_m = image_feat_m @ text_feat_all / temp
+            sim_t2i_m = text_feat_m @ image_feat_all / temp
             sim_i2t_targets = itc_targets(sim_i2t_m, alpha, idx, idx_all)
             sim_t2i_targets = itc_targets(sim_t2i_m, alpha, idx, idx_all)
 
-        sim_i2t = image_feat @ text_feat_all / self.temp
-        sim_t2i = text_feat @ image_feat_all / self.temp
+        sim_i2t = image_feat.float() @ text_feat_all / temp
+        sim_t2i = text_feat.float() @ image_feat_all / temp
         loss_ita = (soft_cross_entropy(sim_i2t, sim_i2t_targets) + soft_cross_entropy(sim_t2i, sim_t2i_targets)) / 2
 
         self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
@@ -333,7 +358,7 @@ class ALBEFBase(nn.Module):
         text_mask_all = torch.cat([attention_mask, attention_mask[neg_text]], dim=0)
         image_embeds_all = torch.cat([image_embeds[neg_image], image_embeds], dim=0)
         fused_neg = self.fuse(text_embeds_all, text_mask_all, image_embeds_all)
-        itm_logits = self.itm_head(torch.cat([fused_pos[:, 0, :], fused_neg[:, 0, :]], dim=0))
+        itm_logits = self.itm_head(torch.cat([fused_pos[:, 0, :], fused_neg[:, 0, :]], dim=0)).float()
         itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(
             image.device
         )
@@ -385,11 +410,11 @@ class ALBEFPretrain(ALBEFBase):
         mlm_ids, mlm_labels = mask_tokens(input_ids, self.cfg.text.vocab_size, self.cfg.mlm_probability)
         target = mlm_labels != -100
         labels = mlm_labels[target]
-        with torch.no_grad():
+        with torch.no_grad(), self._momentum_ctx():
             hidden_m = self.mlm_hidden(mlm_ids, attention_mask, image_embeds_m, momentum=True)
-            logits_m = self.mlm_head(hidden_m[target], momentum=True)
+            logits_m = self.mlm_head(hidden_m[target], momentum=True).float()
         hidden = self.mlm_hidden(mlm_ids, attention_mask, image_embeds)
-        logits = self.mlm_head(hidden[target])
+        logits = self.mlm_head(hidden[target]).float()
         if labels.numel() == 0:  # no token was drawn: nothing to predict, keep the graph connected
             losses["loss_mlm"] = hidden.sum() * 0.0
         else:

@@ -1,0 +1,124 @@
+"""Training checkpoints on top of DeepSpeed's ``save_checkpoint``: completion markers, keep-last-K, resume, export.
+
+Layout of ``<run>/checkpoints/``::
+
+    step000001000/                  DeepSpeed files (mp_rank_00_model_states.pt, *optim_states.pt)
+        rank00000_state.pt          per-rank state: data-loader position, RNG states
+        COMPLETE                    written by rank 0 after every rank finished writing
+    latest_complete                 the tag of the newest complete checkpoint (atomic rename)
+
+A checkpoint counts only when its ``COMPLETE`` marker exists, so a job killed while saving resumes from the
+previous good one. ``consolidate`` turns any of them (ZeRO-partitioned or not) into one float32 state dict in the
+official ALBEF layout (``pretrain/export.py``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from albef.engine import dist
+
+log = logging.getLogger(__name__)
+_TAG = re.compile(r"^step(\d{9})$")
+LATEST = "latest_complete"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:09d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def complete_tags(ckpt_dir: Path) -> List[str]:
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if _TAG.match(p.name) and (p / "COMPLETE").is_file()]
+    return sorted(tags)
+
+
+def find_latest(ckpt_dir: Path) -> Optional[str]:
+    """The newest complete checkpoint tag, or None."""
+    marker = ckpt_dir / LATEST
+    if marker.is_file():
+        tag = marker.read_text().strip()
+        if (ckpt_dir / tag / "COMPLETE").is_file():
+            return tag
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: Dict, rank_state: Dict, rank: int, keep_last: int) -> str:
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+    tag_dir = ckpt_dir / tag
+    tmp = tag_dir / f"rank{rank:05d}_state.pt.tmp"
+    torch.save(rank_state, tmp)
+    os.replace(tmp, tag_dir / f"rank{rank:05d}_state.pt")
+    dist.barrier()
+    if rank == 0:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        _atomic_write(tag_dir / "COMPLETE", json.dumps({"step": step, "world_size": world}))
+        _atomic_write(ckpt_dir / LATEST, tag)
+        _prune(ckpt_dir, keep_last, newest=tag)
+    dist.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: Path, keep_last: int, newest: str) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; remove older ones and incomplete leftovers."""
+    complete = complete_tags(ckpt_dir)
+    doomed = complete[:-keep_last] if keep_last > 0 else []
+    doomed += [p.name for p in ckpt_dir.iterdir()
+               if _TAG.match(p.name) and p.name < newest and p.name not in complete]  # fmt: skip
+    for tag in doomed:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int) -> Tuple[Dict, Dict]:
+    info = json.loads((ckpt_dir / tag / "COMPLETE").read_text())
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if info["world_size"] != world:
+        raise RuntimeError(
+            f"{ckpt_dir / tag} was written by {info['world_size']} ranks, this job has {world}: the optimizer state "
+            "is partitioned per rank. Resume with the same number of ranks, or start a new run from the "
+            "consolidated weights (python -m pretrain.export, then init.checkpoint=...)."
+        )
+    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
+    rank_state = torch.load(ckpt_dir / tag / f"rank{rank:05d}_state.pt", map_location="cpu", weights_only=False)
+    return client_state, rank_state
+
+
+def consolidate(ckpt_dir: Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """One float32 state dict (our key names) from a checkpoint, whatever its ZeRO stage and precision.
+
+    The model-states file holds every buffer and frozen parameter (the momentum encoders, kept in float32);
+    trainable parameters come from the float32 master copies in the optimizer partitions when there are any.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag or find_latest(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+    tag_dir = ckpt_dir / tag
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    sd = dict(states["module"])
+    if list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}

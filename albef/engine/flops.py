@@ -1,0 +1,58 @@
+"""Analytic matmul FLOPs of an ALBEF training step and a measured matmul peak, for MFU.
+
+MFU = (matmul FLOPs per step) / (step time) / (peak matmul FLOP/s of the device in the training dtype). The count
+follows the pretraining forward exactly (online: ViT, text layers, fusion on B positives and 2B negatives, the
+full multimodal MLM pass, the MLM head on the masked tokens; momentum: ViT, text layers, MLM pass and head, forward
+only); backward is twice the online forward. tests/test_engine.py checks it against torch's FlopCounterMode.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from albef.models.albef import ModelConfig
+
+
+def _layer(n: int, d: int, ffn: int, kv_len: int = 0, kv_width: int = 0) -> float:
+    """Forward matmul FLOPs of one transformer layer on n tokens (+ cross-attention to kv_len tokens)."""
+    f = 2 * n * d * (3 * d) + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * ffn
+    if kv_len:
+        f += 2 * n * d * d + 2 * 2 * kv_len * kv_width * d + 2 * 2 * n * kv_len * d + 2 * n * d * d
+    return f
+
+
+def pretrain_step_flops(cfg: ModelConfig, batch: int, text_len: int, masked_per_sample: float) -> float:
+    v, t = cfg.vision, cfg.text
+    n_img = (v.img_size // v.patch_size) ** 2 + 1
+    vit = 2 * (n_img - 1) * 3 * v.patch_size**2 * v.embed_dim + v.depth * _layer(
+        n_img, v.embed_dim, int(v.embed_dim * v.mlp_ratio)
+    )
+    d, ffn, f = t.hidden_size, t.intermediate_size, t.fusion_layer
+    text = f * _layer(text_len, d, ffn)
+    fusion = (t.num_hidden_layers - f) * _layer(text_len, d, ffn, n_img, t.encoder_width)
+    head = masked_per_sample * (2 * d * d + 2 * d * t.vocab_size)
+    proj = 2 * (v.embed_dim + d) * cfg.embed_dim
+    online_fwd = batch * (vit + text + 3 * fusion + text + fusion + head + proj + 2 * 3 * d)
+    momentum_fwd = batch * (vit + text + text + fusion + head + proj)
+    return 3 * online_fwd + momentum_fwd
+
+
+def measured_matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 0.5) -> float:
+    """Peak matmul FLOP/s of this device and dtype (n x n GEMMs, best of a short run)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = 0.0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best

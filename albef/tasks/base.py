@@ -1,0 +1,110 @@
+"""The Task interface: what differs between pretraining and each fine-tuning task, and nothing else.
+
+A task builds its model and its training data, turns one batch into a loss, and (optionally) evaluates. The
+engine (``albef.engine.trainer``) owns everything around that: DeepSpeed, schedules, logging, checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from albef.engine.metrics import WandbConfig
+from albef.models import ALBEFBase, ModelConfig
+
+
+@dataclass
+class InitConfig:
+    """Where the weights come from before training starts (all optional; a resumed run ignores them)."""
+
+    checkpoint: Optional[str] = None  # an official ALBEF / our checkpoint file (albef.checkpoint.load_pretrained)
+    vit: Optional[str] = None  # a DeiT / timm ViT checkpoint file (official pretraining: DeiT-B/16 224px)
+    bert: Optional[str] = None  # a HuggingFace BERT: hub id (bert-base-uncased) or local directory
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run bookkeeping (the ``train:`` section)."""
+
+    output_dir: str = "runs/pretrain"  # the run folder: config, metrics.jsonl, checkpoints/, wandb/, final.pth
+    epochs: int = 30
+    max_steps: int = 0  # stop after this many optimizer steps (0: train all epochs)
+    global_batch_size: int = 512  # = micro_batch_size x gradient accumulation x world size
+    micro_batch_size: int = 64  # per rank and forward pass
+    ds_config: str = "ds_configs/zero2_bf16.json"  # DeepSpeed engine knobs (ZeRO stage, precision, clipping)
+    seed: int = 42
+    lr: float = 1e-4
+    weight_decay: float = 0.02
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "albef"  # "albef" (official warmup stairs + per-epoch cosine) or "cosine" (per step)
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-5
+    warmup_steps: int = 2000
+    warmup_granularity: int = 100  # "albef" schedule: the LR changes every this many steps during warmup
+    alpha: float = 0.4  # momentum-distillation weight
+    alpha_warmup_epochs: float = 1.0  # alpha ramps from 0 over this many epochs (official 1, LAVIS 2)
+    log_every: int = 10  # steps between metric rows
+    save_every: int = 1000  # steps between checkpoints (0: only at the end and on signals)
+    keep_last: int = 3  # complete checkpoints kept
+    resume: str = "auto"  # auto (latest complete checkpoint of output_dir, if any) | none | <checkpoint dir or tag dir>
+    max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
+    peak_tflops: float = 0.0  # device matmul peak for MFU in the training dtype (0: measured at start)
+    num_threads: int = 0  # torch intra-op threads per rank (0: torch's default)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("albef", "cosine"):
+            raise ValueError(f"train.schedule={self.schedule!r}: expected 'albef' or 'cosine'")
+        if self.micro_batch_size <= 0 or self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} must be a positive multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+
+
+@dataclass
+class Progress:
+    """Where training stands, handed to ``training_step`` (drives the alpha ramp)."""
+
+    step: int
+    epoch: int
+    alpha: float
+
+
+class Task:
+    """Subclass per task. ``model_kind`` selects the model class; ``config_cls`` the YAML schema."""
+
+    name: str = "task"
+    model_kind: str = "pretrain"
+    config_cls: type = None  # a dataclass with at least model, init, data, train, wandb sections
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def build_model(self) -> ALBEFBase:
+        from albef.models import build_model
+
+        return build_model(self.cfg.model, self.model_kind)
+
+    def build_train_loader(self, tokenizer, rank: int, world_size: int, micro_batch_size: int, seed: int):
+        raise NotImplementedError
+
+    def training_step(self, model, batch: Dict, progress: Progress) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def check_batch_geometry(self, model_cfg: ModelConfig, global_micro_batch: int) -> None:
+        """Refuse configurations the model cannot run (queue sizes)."""
+        if model_cfg.queue_size % global_micro_batch:
+            raise ValueError(
+                f"model.queue_size={model_cfg.queue_size} is not divisible by the global micro-batch "
+                f"(train.micro_batch_size x world size = {global_micro_batch}): the queue pointer would run past "
+                "the end. Choose a queue size that is a multiple of it."
+            )
+
+    def step_flops(self, batch: Dict) -> float:
+        """Matmul FLOPs of one training step on this batch (0: MFU not reported)."""
+        return 0.0
+
+
+__all__ = ["InitConfig", "TrainConfig", "Progress", "Task", "WandbConfig"]

@@ -1,0 +1,1 @@
+"""ALBEF pretraining entrypoints: ``python -m pretrain.train CONFIG [key=value ...]`` and ``python -m pretrain.export``."""
