@@ -12,27 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
-from albef.checkpoint import load_pretrained, save_official
-from albef.config import from_dict
-from albef.engine.checkpointing import consolidate, find_latest
-from albef.models import ModelConfig, build_model
-
-
-def export(run_dir: Path, out: Path, tag: str = None) -> Path:
-    ckpt_dir = run_dir / "checkpoints"
-    tag = tag or find_latest(ckpt_dir)
-    if tag is None:
-        raise SystemExit(f"no complete checkpoint under {ckpt_dir}")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    model_cfg = from_dict(ModelConfig, cfg["model"], f"{run_dir / 'config.yaml'}:model")
-    sd = consolidate(ckpt_dir, tag)
-    kind = "pretrain" if any(k.startswith("text_encoder.bert.") for k in sd) else "retrieval"
-    model = build_model(model_cfg, kind)
-    load_pretrained(model, sd)  # refuses anything incomplete, by key name
-    save_official(model, out, config=cfg, source=str(ckpt_dir / tag))
-    return out
+from albef.engine.checkpointing import export_official_file
 
 
 def main() -> None:
@@ -41,7 +21,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="output .pth file")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
     a = p.parse_args()
-    print(f"wrote {export(a.run_dir, a.out, a.tag)}")
+    try:
+        print(f"wrote {export_official_file(a.run_dir, a.out, a.tag)}")
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
 
 
 if __name__ == "__main__":

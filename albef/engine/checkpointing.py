@@ -28,6 +28,7 @@ from albef.engine import dist
 log = logging.getLogger(__name__)
 _TAG = re.compile(r"^step(\d{9})$")
 LATEST = "latest_complete"
+BEST = "best.json"
 
 
 def tag_for(step: int) -> str:
@@ -78,10 +79,21 @@ def save(engine, ckpt_dir: Path, step: int, client_state: Dict, rank_state: Dict
     return tag
 
 
+def mark_best(ckpt_dir: Path, tag: str, metrics: Dict) -> None:
+    """Record ``tag`` as the best checkpoint so far (protected from pruning)."""
+    _atomic_write(ckpt_dir / BEST, json.dumps({"tag": tag, "metrics": metrics}))
+
+
+def best_tag(ckpt_dir: Path) -> Optional[str]:
+    p = ckpt_dir / BEST
+    return json.loads(p.read_text())["tag"] if p.is_file() else None
+
+
 def _prune(ckpt_dir: Path, keep_last: int, newest: str) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints; remove older ones and incomplete leftovers."""
+    """Keep the newest ``keep_last`` complete checkpoints (and the best one); remove older ones and leftovers."""
     complete = complete_tags(ckpt_dir)
     doomed = complete[:-keep_last] if keep_last > 0 else []
+    doomed = [t for t in doomed if t != best_tag(ckpt_dir)]
     doomed += [p.name for p in ckpt_dir.iterdir()
                if _TAG.match(p.name) and p.name < newest and p.name not in complete]  # fmt: skip
     for tag in doomed:
@@ -122,3 +134,26 @@ def consolidate(ckpt_dir: Path, tag: Optional[str] = None) -> Dict[str, torch.Te
 
         sd.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def export_official_file(run_dir: Path, out: Path, tag: Optional[str] = None) -> Path:
+    """Consolidate a checkpoint of ``run_dir`` and write it in the official layout, validated by a strict load into a
+    model built from the run's ``config.yaml``."""
+    import yaml
+
+    from albef.checkpoint import load_pretrained, save_official
+    from albef.config import from_dict
+    from albef.models import ModelConfig, build_model
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    tag = tag or find_latest(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
+    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    model_cfg = from_dict(ModelConfig, cfg["model"], f"{Path(run_dir) / 'config.yaml'}:model")
+    sd = consolidate(ckpt_dir, tag)
+    kind = "pretrain" if any(k.startswith("text_encoder.bert.") for k in sd) else "retrieval"
+    model = build_model(model_cfg, kind)
+    load_pretrained(model, sd)  # refuses anything incomplete, by key name
+    save_official(model, out, config=cfg, source=str(ckpt_dir / tag))
+    return Path(out)

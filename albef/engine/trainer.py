@@ -171,6 +171,8 @@ class Trainer:
         model = self.task.build_model()
         if resume_tag is None:
             self._init_weights(model)
+        if t.evaluate_only:
+            return self._evaluate_only(model, env, device, dtype, run_dir)
         momentum_fp32 = model.momentum_state_fp32() if half else None
         optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
@@ -211,8 +213,22 @@ class Trainer:
             checkpointing.save(engine, ckpt_root, state["step"], client,
                                {"loader": loader.state_dict(), "rng": _rng_state()}, env.rank, t.keep_last)  # fmt: skip
 
+        def evaluate() -> None:
+            results = self._run_eval(model, device, dtype)
+            state["evaluated_step"] = state["step"]
+            if not results:
+                return
+            logger.log(state["step"], results)
+            key = f"{self.task.eval_splits[0]}/{self.task.primary_metric}"
+            if key in results and results[key] > state.get("best", float("-inf")):
+                state["best"] = results[key]
+                checkpoint()
+                if env.is_main:
+                    checkpointing.mark_best(ckpt_root, checkpointing.tag_for(state["step"]), results)
+                state["last_saved"] = state["step"]
+
         window = {"loss": 0.0, "n": 0, "data": 0.0, "compute": 0.0, "flops": 0.0, "logs": {}}
-        t_start, nonfinite_run, last_saved = time.time(), 0, None
+        t_start, nonfinite_run = time.time(), 0
         exit_code = 0
         try:
             while state["step"] < total_steps:
@@ -258,27 +274,62 @@ class Trainer:
                             raise StopRequested()
                         if t.save_every and state["step"] % t.save_every == 0:
                             checkpoint()
-                            last_saved = state["step"]
+                            state["last_saved"] = state["step"]
                         if state["step"] >= total_steps:
                             break
                     t_data = time.perf_counter()
                 else:
                     state["epoch"] += 1
                     loader.set_epoch(state["epoch"])
-            if last_saved != state["step"]:
+                    if self.task.eval_splits and state["epoch"] % t.eval_every_epochs == 0:
+                        evaluate()
+            if self.task.eval_splits and state.get("evaluated_step") != state["step"]:
+                evaluate()
+            if state.get("last_saved") != state["step"]:
                 checkpoint()
+            if t.export_final and env.is_main:
+                checkpointing.export_official_file(run_dir, run_dir / "final.pth")
+                best = checkpointing.best_tag(ckpt_root)
+                if best:
+                    checkpointing.export_official_file(run_dir, run_dir / "best.pth", best)
         except StopRequested:
             exit_code = EXIT_REQUEUE
             log.warning("checkpoint saved at step %d after signal %s; exiting with %d for requeue",
                         state["step"], self._stop_signal, EXIT_REQUEUE)  # fmt: skip
         elapsed = time.time() - t_start
         summary = {"exit_code": exit_code, "steps": state["step"], "total_steps": total_steps,
-                   "samples": state["samples"], "epochs_completed": state["epoch"], "train_seconds": round(elapsed, 2),
+                   "samples": state["samples"], "epochs_completed": round(state["step"] / steps_per_epoch, 3), "train_seconds": round(elapsed, 2),
                    "nonfinite_skipped": state["nonfinite_total"], "data_skipped": loader.stats(),
                    "wandb_id": state["wandb_id"]}  # fmt: skip
         logger.summary(summary)
         logger.close()
         if env.is_main:
+            print("run summary: " + json.dumps(summary), flush=True)
+        return summary
+
+    def _run_eval(self, model, device, dtype) -> Dict[str, float]:
+        if not self.task.eval_splits:
+            return {}
+        was_training = model.training
+        model.eval()
+        results = {}
+        for split in self.task.eval_splits:
+            t0 = time.time()
+            for k, v in self.task.evaluate(model, split, device, dtype).items():
+                results[f"{split}/{k}"] = v
+            results[f"time/eval_{split}_s"] = time.time() - t0
+        model.train(was_training)
+        return results
+
+    def _evaluate_only(self, model, env, device, dtype, run_dir) -> Dict:
+        if not self.cfg.init.checkpoint:
+            log.warning("train.evaluate_only without init.checkpoint: evaluating randomly initialised weights")
+        model.to(device=device, dtype=dtype)
+        results = self._run_eval(model, device, dtype)
+        summary = {"exit_code": 0, "evaluate_only": True, **results}
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
             print("run summary: " + json.dumps(summary), flush=True)
         return summary
 

@@ -52,6 +52,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
     peak_tflops: float = 0.0  # device matmul peak for MFU in the training dtype (0: measured at start)
     num_threads: int = 0  # torch intra-op threads per rank (0: torch's default)
+    eval_every_epochs: int = 1  # evaluate the task's splits every this many epochs (tasks with an evaluation)
+    evaluate_only: bool = False  # evaluate init.checkpoint on the task's splits and exit, no training
+    export_final: bool = True  # write final.pth (and best.pth) in the official layout at the end (rank 0)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("albef", "cosine"):
@@ -78,6 +81,8 @@ class Task:
     name: str = "task"
     model_kind: str = "pretrain"
     config_cls: type = None  # a dataclass with at least model, init, data, train, wandb sections
+    eval_splits: tuple = ()  # e.g. ("val", "test"); the first one selects the best checkpoint
+    primary_metric: Optional[str] = None  # e.g. "r_mean"; higher is better
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -92,6 +97,10 @@ class Task:
 
     def training_step(self, model, batch: Dict, progress: Progress) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def evaluate(self, model, split: str, device: torch.device, dtype: torch.dtype) -> Dict[str, float]:
+        """Metrics of ``model`` on ``split``, identical on every rank (tasks with ``eval_splits`` implement it)."""
+        raise NotImplementedError(f"task {self.name} has no evaluation")
 
     def check_batch_geometry(self, model_cfg: ModelConfig, global_micro_batch: int) -> None:
         """Refuse configurations the model cannot run (queue sizes)."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics and procedures (pure functions over model outputs)."""

@@ -1,0 +1,129 @@
+"""Image-text retrieval evaluation as the official ``Retrieval.py`` (ITC top-k, ITM re-ranking), batched.
+
+1. Every image and every caption is encoded once (ViT; text layers), giving ITC features and the token states.
+2. ``sims = image_feat @ text_feat.T``.
+3. For every image the ``k_test`` most similar captions, and for every caption the ``k_test`` most similar images,
+   are re-scored with the fusion encoder; the score is the raw ITM "match" logit (no ITC term, as official).
+   Everything outside the top-k keeps -100.
+4. Queries are split across ranks; the two score matrices are summed over ranks.
+
+The official code re-ranks one query at a time (a batch of k pairs per fusion call). Here the (query, candidate)
+pairs of many queries go through the fusion encoder together in batches of ``pair_batch`` pairs, which is what
+makes evaluation several times faster on the same model (bench/retrieval_eval.py).
+
+``recall_metrics`` implements the official ``itm_eval``: text retrieval ranks, for each image, the best-ranked of
+its ground-truth captions; image retrieval ranks each caption's one image.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def encode_texts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 256):
+    embeds, feats = [], []
+    for i in range(0, input_ids.shape[0], batch_size):
+        ids, mask = input_ids[i : i + batch_size], attention_mask[i : i + batch_size]
+        e = model.encode_text(ids, mask)
+        embeds.append(e)
+        feats.append(model.text_feat(e))
+    return torch.cat(embeds), torch.cat(feats)
+
+
+@torch.no_grad()
+def encode_images(model, images) -> tuple:
+    """``images``: an iterable of image batches (already on the model's device/dtype)."""
+    embeds, feats = [], []
+    for batch in images:
+        e = model.encode_image(batch)
+        embeds.append(e)
+        feats.append(model.image_feat(e))
+    return torch.cat(embeds), torch.cat(feats)
+
+
+def _rank_slice(n: int) -> range:
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world, rank = 1, 0
+    step = (n + world - 1) // world
+    return range(rank * step, min(n, (rank + 1) * step))
+
+
+@torch.no_grad()
+def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, k_test: int,
+               pair_batch: int = 512) -> tuple:  # fmt: skip
+    """Score matrices (i2t: N_img x N_txt, t2i: N_txt x N_img) as the official evaluation, batched across queries."""
+    n_img, n_txt = sims.shape
+    k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
+    score_i2t = torch.full((n_img, n_txt), -100.0, device=sims.device)
+    score_t2i = torch.full((n_txt, n_img), -100.0, device=sims.device)
+    filled_i2t = torch.zeros_like(score_i2t)
+    filled_t2i = torch.zeros_like(score_t2i)
+
+    def run(queries: range, k: int, topk_of, pair_of, out, filled) -> None:
+        per = max(1, pair_batch // k)
+        for start in range(queries.start, queries.stop, per):
+            q = torch.arange(start, min(start + per, queries.stop), device=sims.device)
+            cand = topk_of(q, k)  # (Q, k)
+            t_idx, i_idx = pair_of(q, cand)
+            fused = model.fuse(text_embeds[t_idx], text_mask[t_idx], image_embeds[i_idx])
+            logits = model.itm_head(fused[:, 0, :])[:, 1].float().view(len(q), k)
+            out[q.unsqueeze(1), cand] = logits
+            filled[q.unsqueeze(1), cand] = 1.0
+
+    run(_rank_slice(n_img), k_i2t, lambda q, k: sims[q].topk(k, dim=1).indices,
+        lambda q, c: (c.reshape(-1), q.repeat_interleave(c.shape[1])), score_i2t, filled_i2t)  # fmt: skip
+    sims_t = sims.t()
+    run(_rank_slice(n_txt), k_t2i, lambda q, k: sims_t[q].topk(k, dim=1).indices,
+        lambda q, c: (q.repeat_interleave(c.shape[1]), c.reshape(-1)), score_t2i, filled_t2i)  # fmt: skip
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Each rank filled its own query rows: sum the filled entries, then put -100 back everywhere else.
+        merged = []
+        for score, filled in ((score_i2t, filled_i2t), (score_t2i, filled_t2i)):
+            score = score * filled
+            dist.all_reduce(score)
+            dist.all_reduce(filled)
+            merged.append(torch.where(filled > 0, score, torch.full_like(score, -100.0)))
+        score_i2t, score_t2i = merged
+    return score_i2t, score_t2i
+
+
+def recall_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, img2txt: Sequence[Sequence[int]],
+                   txt2img: Sequence[int]) -> Dict[str, float]:  # fmt: skip
+    """Official ``itm_eval``: R@1/5/10 for text retrieval (TR) and image retrieval (IR), their means, r_mean.
+
+    Ranks come from a stable descending sort: tied candidates keep index order (the official ``np.argsort(-score)``
+    uses an unstable sort, which gives the same ranks whenever scores are distinct).
+    """
+    score_i2t, score_t2i = np.asarray(score_i2t), np.asarray(score_t2i)
+    tr_ranks = np.zeros(score_i2t.shape[0])
+    for i, row in enumerate(score_i2t):
+        order = np.argsort(-row, kind="stable")
+        tr_ranks[i] = min(np.where(order == t)[0][0] for t in img2txt[i])
+    ir_ranks = np.zeros(score_t2i.shape[0])
+    for t, row in enumerate(score_t2i):
+        order = np.argsort(-row, kind="stable")
+        ir_ranks[t] = np.where(order == txt2img[t])[0][0]
+    out = {}
+    for name, ranks in (("txt", tr_ranks), ("img", ir_ranks)):
+        for k in (1, 5, 10):
+            out[f"{name}_r{k}"] = 100.0 * float(np.mean(ranks < k))
+        out[f"{name}_r_mean"] = (out[f"{name}_r1"] + out[f"{name}_r5"] + out[f"{name}_r10"]) / 3
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def ground_truth(captions_per_image: List[int]) -> tuple:
+    """img2txt / txt2img index maps for images with consecutive caption blocks (the official test-file order)."""
+    img2txt, txt2img, t = [], [], 0
+    for i, n in enumerate(captions_per_image):
+        img2txt.append(list(range(t, t + n)))
+        txt2img += [i] * n
+        t += n
+    return img2txt, txt2img
