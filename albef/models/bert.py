@@ -48,8 +48,7 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
     pad_token_id: int = 0
     initializer_range: float = 0.02
-    attn_impl: str = "sdpa"
-    grad_checkpointing: bool = False
+    is_decoder: bool = False  # causal self-attention (the VQA answer decoder)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -61,8 +60,6 @@ class BertConfig:
             raise ValueError(
                 f"text.fusion_layer={self.fusion_layer} must lie in [0, num_hidden_layers={self.num_hidden_layers}]"
             )
-        if self.attn_impl not in ("sdpa", "eager"):
-            raise ValueError(f"text.attn_impl={self.attn_impl!r}: expected 'sdpa' or 'eager'")
 
 
 class BertEmbeddings(nn.Module):
@@ -95,23 +92,36 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, cfg.hidden_size)
         self.value = nn.Linear(kv_width, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
-        self.attn_impl = cfg.attn_impl
+        self.attn_impl = "sdpa"  # set model-wide by ALBEFBase.set_attn_impl (model.attn_impl)
+        # Grad-CAM (grounding): keep the attention probabilities and their gradient. Needs the explicit softmax,
+        # so the eager path runs whenever this is set.
+        self.save_attention = False
+        self.attention_map: Optional[torch.Tensor] = None
+        self.attn_gradients: Optional[torch.Tensor] = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _save_gradients(self, grad: torch.Tensor) -> None:
+        self.attn_gradients = grad
+
     def forward(self, hidden: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         q, k, v = self._heads(self.query(hidden)), self._heads(self.key(kv)), self._heads(self.value(kv))
         p = self.dropout_p if self.training else 0.0
-        if self.attn_impl == "sdpa":
+        if self.attn_impl == "sdpa" and not self.save_attention:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
             # Official op order: divide after the matmul, add the mask, softmax, dropout, @v.
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
             if mask is not None:
                 scores = scores + mask
-            ctx = torch.matmul(F.dropout(scores.softmax(dim=-1), p, self.training), v)
+            probs = scores.softmax(dim=-1)
+            if self.save_attention:
+                self.attention_map = probs
+                if probs.requires_grad:
+                    probs.register_hook(self._save_gradients)
+            ctx = torch.matmul(F.dropout(probs, p, self.training), v)
         b, h, n, d = ctx.shape
         return ctx.transpose(1, 2).reshape(b, n, h * d)
 
@@ -182,7 +192,7 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer = nn.ModuleList([BertLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
-        self.grad_checkpointing = cfg.grad_checkpointing
+        self.grad_checkpointing = False  # set model-wide by ALBEFBase.set_grad_checkpointing
 
     def layer_range(self, mode: str) -> range:
         n, f = self.cfg.num_hidden_layers, self.cfg.fusion_layer
@@ -243,6 +253,11 @@ class BertModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
         mask = extended_mask(attention_mask, hidden.dtype)
+        if self.cfg.is_decoder:  # position i attends to keys <= i (and never to padding)
+            length = hidden.shape[1]
+            causal = torch.ones(length, length, device=hidden.device).tril()
+            mask = (1.0 - causal[None, None] * attention_mask[:, None, None, :].to(hidden.dtype)) * -10000.0
+            mask = mask.to(hidden.dtype)
         if isinstance(encoder_attention_mask, (list, tuple)):
             img_mask = [extended_mask(m, hidden.dtype) for m in encoder_attention_mask]
         else:
