@@ -160,8 +160,11 @@ def expand_presets(cls: Type, data: Dict[str, Any]) -> Dict[str, Any]:
         tp = hints.get(k)
         if tp is None or not dataclasses.is_dataclass(tp):
             continue
-        if isinstance(v, str):
+        if isinstance(v, str):  # `model: tiny`
             v = read_yaml(resolve_path(v))
+        elif isinstance(v, dict) and "base" in v:  # `model: {base: tiny, queue_size: 8}`
+            rest = {kk: vv for kk, vv in v.items() if kk != "base"}
+            v = _deep_merge(read_yaml(resolve_path(v["base"])), rest)
         out[k] = expand_presets(tp, v)
     return out
 

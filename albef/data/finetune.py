@@ -1,0 +1,109 @@
+"""A resumable loader for the fine-tuning tasks' map-style datasets (official JSON annotation files).
+
+    loader = MapLoader(dataset, collate_fn, batch_size=32, rank=r, world_size=w, seed=42, num_workers=4)
+    loader.set_epoch(e); len(loader); for batch in loader: ...; loader.state_dict() / load_state_dict()
+
+Semantics (the same contract as ``PretrainLoader``, which the engine relies on):
+
+* Epoch ``e`` is a permutation of the dataset drawn from ``(seed, e)``; rank ``r`` takes every ``world``-th index
+  starting at ``r`` and keeps ``len(dataset) // world`` of them, so every rank yields the same number of batches
+  (``len(loader)``; the last incomplete batch is dropped, like ``DistributedSampler`` + ``drop_last``).
+* Sample ``i`` of epoch ``e`` draws its augmentation from ``(seed, e, i)``, whatever worker loads it, so a run
+  resumed from ``state_dict()`` (epoch and batches already yielded) yields exactly the batches an uninterrupted run
+  would have yielded next.
+* A sample whose file is missing or undecodable (``BadSample``) is replaced by the next index of the dataset that
+  loads, and counted by reason in ``stats()``; the batch keeps its size, so ranks stay in step (the queue's
+  all-gather needs equal batch sizes).
+
+A dataset implements ``__len__`` and ``load(index, rng) -> dict``; ``collate_fn(list_of_dicts) -> batch``.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Callable, Dict, Iterator, List
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from albef.data.samples import BadSample, derive_seed
+
+MAX_REPLACEMENTS = 16
+
+
+class _EpochView(Dataset):
+    def __init__(self, dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Dict:
+        bad: List[str] = []
+        for k in range(MAX_REPLACEMENTS):
+            j = (index + k) % len(self.dataset)
+            try:
+                sample = self.dataset.load(j, random.Random(derive_seed(self.seed, self.epoch, j)))
+            except BadSample as e:
+                bad.append(e.reason)
+                continue
+            sample["_bad"] = bad
+            return sample
+        raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unusable samples from index {index}: {bad}")
+
+
+class MapLoader:
+    def __init__(self, dataset, collate_fn: Callable, batch_size: int, rank: int, world_size: int, seed: int,
+                 num_workers: int = 0, shuffle: bool = True):  # fmt: skip
+        if len(dataset) // world_size < batch_size:
+            raise ValueError(
+                f"{type(dataset).__name__} has {len(dataset)} samples: fewer than one batch of {batch_size} per rank "
+                f"over {world_size} ranks"
+            )
+        self.dataset, self.collate_fn = dataset, collate_fn
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world_size, seed
+        self.num_workers, self.shuffle = num_workers, shuffle
+        self.epoch, self.position = 0, 0
+        self._stats: Counter = Counter()
+
+    def __len__(self) -> int:
+        return (len(self.dataset) // self.world) // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = epoch, 0
+
+    def _indices(self) -> np.ndarray:
+        n = len(self.dataset)
+        order = np.random.default_rng(derive_seed(self.seed, self.epoch)).permutation(n) if self.shuffle else np.arange(n)
+        return order[self.rank :: self.world][: len(self) * self.batch_size]
+
+    def _collate(self, samples: List[Dict]) -> Dict:
+        bad = [r for s in samples for r in s.pop("_bad")]
+        batch = self.collate_fn(samples)
+        batch["_bad"] = bad
+        return batch
+
+    def __iter__(self) -> Iterator[Dict]:
+        idx = self._indices()
+        batches = [idx[b * self.batch_size : (b + 1) * self.batch_size].tolist() for b in range(self.position, len(self))]
+        loader = DataLoader(_EpochView(self.dataset, self.seed, self.epoch), batch_sampler=batches,
+                            collate_fn=self._collate, num_workers=self.num_workers)  # fmt: skip
+        for batch in loader:
+            self._stats.update(batch.pop("_bad"))
+            self.position += 1
+            yield batch
+
+    def state_dict(self) -> Dict:
+        return {"epoch": self.epoch, "position": self.position, "num_samples": len(self.dataset),
+                "world_size": self.world, "batch_size": self.batch_size}  # fmt: skip
+
+    def load_state_dict(self, state: Dict) -> None:
+        mine = self.state_dict()
+        for key in ("num_samples", "world_size", "batch_size"):
+            if state[key] != mine[key]:
+                raise ValueError(f"loader state was saved with {key}={state[key]}, this run has {mine[key]}: "
+                                 "the sample order would differ, so mid-epoch resume is not exact")  # fmt: skip
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def stats(self) -> Dict[str, int]:
+        return dict(self._stats)
