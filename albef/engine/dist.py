@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import List
 
@@ -65,7 +66,15 @@ def detect() -> DistEnv:
             local_rank=int(env.get("SLURM_LOCALID", 0)), master_addr=env.get("MASTER_ADDR", hosts[0]),
             master_port=port, launcher="slurm",
         )  # fmt: skip
-    return DistEnv()
+    # A single process still gets a (one-member) process group from DeepSpeed: give it a free port, so that
+    # several single-process runs on one machine do not collide on the default 29500.
+    return DistEnv(master_port=int(env.get("MASTER_PORT", 0)) or _free_port())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init(env: DistEnv) -> torch.device:

@@ -1,0 +1,199 @@
+"""The offline demo, the README's main job: the whole pipeline on a generated world, on a CPU, in minutes.
+
+    python -m albef.demo                  # (make demo) full demo, <= 15 minutes on 2 cores
+    python -m albef.demo --quick          # the shortened run CI uses (~5 minutes)
+    python -m albef.demo --tasks vqa ve nlvr2 grounding     # also fine-tune/evaluate the other tasks
+
+Stages, each with the real command-line tools a user runs (printed as they start):
+
+1. ``albef.demo.world``: a seeded world of shapes with captions and every task's annotations (official formats).
+2. A mini web crawl: real photos and HTML pages served on 127.0.0.1; ``data_prep.crawl`` extracts the image
+   URL + alt-text pairs, ``data_prep.download`` fetches them into shards.
+3. ``data_prep.annotations`` turns the world's pretraining JSON into shards.
+4. ``pretrain.train`` pretrains the ``demo`` model (ITC + ITM + MLM, momentum distillation) with DeepSpeed ZeRO-2 on
+   2 CPU processes (torchrun, gloo) over both shard sets.
+5. ``finetune.retrieval`` evaluates zero-shot retrieval on held-out images, then fine-tunes briefly and evaluates.
+6. A summary table: losses, recall against chance, time and throughput of every stage.
+
+Everything lands in ``--out`` (default ``runs/demo``); rerunning reuses the world and shards and starts the runs
+anew. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+SIZES = {  # world images and training steps; "quick" is what CI runs
+    "full": dict(train=3000, val=100, test=100, image=96, pretrain_steps=600, finetune_epochs=2),
+    "quick": dict(train=1200, val=64, test=64, image=96, pretrain_steps=180, finetune_epochs=1),
+}
+EXTRA_TASKS = ("vqa", "nlvr2", "ve", "grounding")
+
+
+def run(cmd, log: Path, env=None) -> float:
+    """Run one stage's command, teeing to its log; returns seconds; exits with the log's tail on failure."""
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)  # fmt: skip
+        for line in proc.stdout:
+            f.write(line)
+            if line.startswith(("step ", "run summary", "data_prep", "crawl")) or "error" in line.lower():
+                print("  " + line.rstrip()[:160], flush=True)
+        code = proc.wait()
+    if code != 0:
+        print(f"stage failed (exit {code}); last lines of {log}:", file=sys.stderr)
+        print("".join(open(log).readlines()[-40:]), file=sys.stderr)
+        sys.exit(code or 1)
+    return time.time() - t0
+
+
+def torchrun(nproc: int):
+    if nproc == 1:
+        return [sys.executable, "-m"]
+    return [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m"]
+
+
+def rows(path: Path):
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
+    p.add_argument("--quick", action="store_true", help="the shortened CI run")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (CPU ranks)")
+    p.add_argument("--tasks", nargs="*", default=[], choices=EXTRA_TASKS, help="more fine-tuning tasks to run")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    size = SIZES["quick" if a.quick else "full"]
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
+               WANDB_SILENT="true", PYTHONUNBUFFERED="1")  # fmt: skip
+    threads = max(1, (os.cpu_count() or 2) // a.nproc)
+    times = {}
+    t_all = time.time()
+
+    # 1. the world
+    from albef.demo.photos import start_crawl_site
+    from albef.demo.world import generate_world
+
+    world = out / "world"
+    t0 = time.time()
+    if not (world / "world.json").is_file():
+        generate_world(world, seed=a.seed, num_train=size["train"], num_val=size["val"], num_test=size["test"],
+                       image_size=size["image"])  # fmt: skip
+    times["world"] = time.time() - t0
+    print(f"[1/5] world: {size['train']} train / {size['val']} val / {size['test']} test images at {size['image']} px "
+          f"in {world}", flush=True)  # fmt: skip
+
+    # 2. crawl + download over loopback
+    site, web_pairs, web_shards = out / "site", out / "web_pairs.jsonl", out / "shards_web"
+    shutil.rmtree(site, ignore_errors=True)
+    base_url, _pages, stop = start_crawl_site(site)
+    try:
+        times["crawl"] = run([sys.executable, "-m", "data_prep.crawl", site, "--base-url", base_url, "--output", web_pairs],
+                             out / "crawl.log", env)  # fmt: skip
+        shutil.rmtree(web_shards, ignore_errors=True)  # the server's port changes every run: fetch anew
+        times["download"] = run([sys.executable, "-m", "data_prep.download", web_pairs, "--output", web_shards,
+                                 "--allow-private-network", "--image-size", size["image"], "--resize-mode", "center_crop",
+                                 "--no-progress"], out / "download.log", env)  # fmt: skip
+    finally:
+        stop()
+    print(f"[2/5] web crawl: {sum(1 for _ in open(web_pairs))} pairs extracted, "
+          f"{json.loads((web_shards / 'manifest.json').read_text())['num_samples']} images in shards", flush=True)
+
+    # 3. world annotations -> shards
+    shards = out / "shards_world"
+    times["shards"] = run([sys.executable, "-m", "data_prep.annotations", world / "pretrain.json", "--image-root",
+                           world / "images", "--output", shards, "--shard-size", "100", "--image-size", size["image"],
+                           "--no-progress"], out / "shards.log", env)  # fmt: skip
+    print(f"[3/5] shards: {json.loads((shards / 'manifest.json').read_text())['num_samples']} samples", flush=True)
+
+    # 4. pretraining
+    pre = out / "pretrain"
+    shutil.rmtree(pre, ignore_errors=True)
+    times["pretrain"] = run(torchrun(a.nproc) + ["pretrain.train", "pretrain/configs/demo.yaml",
+                            f"data.shards=[{shards},{web_shards}]", f"train.output_dir={pre}",
+                            f"train.max_steps={size['pretrain_steps']}", f"train.num_threads={threads}"],
+                            out / "pretrain.log", env)  # fmt: skip
+    print(f"[4/5] pretraining done: {pre / 'final.pth'}", flush=True)
+
+    # 5. retrieval: zero-shot, then fine-tuned
+    data = [f"data.train_files=[{world / 'retrieval_train.json'}]", f"data.val_file={world / 'retrieval_val.json'}",
+            f"data.test_file={world / 'retrieval_test.json'}", f"data.image_root={world / 'images'}"]  # fmt: skip
+    zs, ft = out / "zeroshot", out / "retrieval"
+    shutil.rmtree(zs, ignore_errors=True), shutil.rmtree(ft, ignore_errors=True)
+    times["zero-shot eval"] = run([sys.executable, "-m", "finetune.retrieval", "finetune/configs/demo_retrieval.yaml",
+                                   *data, f"init.checkpoint={pre / 'final.pth'}", "train.evaluate_only=true",
+                                   f"train.output_dir={zs}", f"train.num_threads={os.cpu_count() or 2}"],
+                                  out / "zeroshot.log", env)  # fmt: skip
+    times["retrieval fine-tune"] = run(torchrun(a.nproc) + ["finetune.retrieval", "finetune/configs/demo_retrieval.yaml",
+                                       *data, f"init.checkpoint={pre / 'final.pth'}", f"train.output_dir={ft}",
+                                       f"train.epochs={size['finetune_epochs']}", f"train.num_threads={threads}"],
+                                       out / "retrieval.log", env)  # fmt: skip
+    print("[5/5] retrieval evaluated", flush=True)
+
+    for task in a.tasks:
+        times[task] = run(torchrun(a.nproc) + [f"finetune.{task}", f"finetune/configs/demo_{task}.yaml",
+                          f"data.root={world}", f"init.checkpoint={pre / 'final.pth'}", f"train.output_dir={out / task}",
+                          f"train.num_threads={threads}"], out / f"{task}.log", env)  # fmt: skip
+
+    summarize(out, world, times, time.time() - t_all, a.tasks)
+
+
+def summarize(out: Path, world: Path, times, total: float, tasks) -> None:
+    pre_rows = [r for r in rows(out / "pretrain" / "metrics.jsonl") if "train/loss" in r]
+    pre_sum = [r["summary"] for r in rows(out / "pretrain" / "metrics.jsonl") if "summary" in r][-1]
+    zero = json.loads((out / "zeroshot" / "eval.json").read_text())
+    ft_rows = [r for r in rows(out / "retrieval" / "metrics.jsonl") if "test/r_mean" in r]
+    ft = ft_rows[-1] if ft_rows else {}
+    n_img = len(json.loads((world / "retrieval_test.json").read_text()))
+    n_cap = sum(len(e["caption"]) for e in json.loads((world / "retrieval_test.json").read_text()))
+    chance_tr, chance_ir = 100.0 * (n_cap / n_img) / n_cap * 1, 100.0 / n_img
+
+    def first_last(key):
+        return pre_rows[0][key], sum(r[key] for r in pre_rows[-5:]) / len(pre_rows[-5:])
+
+    speeds = [r["perf/samples_per_s"] for r in pre_rows[len(pre_rows) // 2 :]]
+    lines = ["", "=" * 78, "ALBEF offline demo: summary", "=" * 78,
+             f"pretraining: {pre_sum['steps']} steps, {pre_sum['samples']} image-text pairs, "
+             f"{pre_sum['train_seconds']:.0f} s, {sum(speeds) / max(1, len(speeds)):.1f} pairs/s"]  # fmt: skip
+    for key in ("train/loss_mlm", "train/loss_ita", "train/loss_itm"):
+        f, l = first_last(key)
+        lines.append(f"  {key[6:]:<9} {f:7.3f} -> {l:7.3f}")
+    lines.append(f"retrieval on {n_img} held-out images x {n_cap} captions (R@1 / R@5 / R@10, %):")
+    lines.append(f"  {'':<22}{'text retrieval':>24}{'image retrieval':>24}")
+    lines.append(f"  {'chance':<22}{chance_tr:>10.1f}{5 * chance_tr:>7.1f}{10 * chance_tr:>7.1f}"
+                 f"{chance_ir:>10.1f}{5 * chance_ir:>7.1f}{10 * chance_ir:>7.1f}")  # fmt: skip
+    for name, m, prefix in (("zero-shot (pretrained)", zero, "test/"), ("fine-tuned", ft, "test/")):
+        if m:
+            lines.append(f"  {name:<22}" + "".join(f"{m[prefix + k]:>{10 if k.endswith('r1') else 7}.1f}" for k in
+                         ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")))  # fmt: skip
+    for task in tasks:
+        evals = [r for r in rows(out / task / "metrics.jsonl") if any(k.startswith("test/") for k in r)]
+        if evals:
+            shown = {k: round(v, 2) for k, v in evals[-1].items() if k.startswith("test/")}
+            lines.append(f"{task}: {shown}")
+    lines.append("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {total:.0f}")
+    lines.append(f"outputs: {out}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    (out / "summary.txt").write_text(text + "\n")
+    (out / "summary.json").write_text(json.dumps({"pretrain": pre_sum, "zero_shot": zero, "fine_tuned": ft,
+                                                  "chance": {"txt_r1": chance_tr, "img_r1": chance_ir},
+                                                  "seconds": times, "total_seconds": total}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
