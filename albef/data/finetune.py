@@ -20,6 +20,7 @@ A dataset implements ``__len__`` and ``load(index, rng) -> dict``; ``collate_fn(
 from __future__ import annotations
 
 import random
+import signal
 from collections import Counter
 from typing import Callable, Dict, Iterator, List
 
@@ -29,6 +30,13 @@ from torch.utils.data import DataLoader, Dataset
 from albef.data.samples import BadSample, derive_seed
 
 MAX_REPLACEMENTS = 16
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader worker init: SLURM sends SIGTERM/SIGUSR1 to every process of a job; the workers must leave them to
+    the main process, which checkpoints and stops them itself (else the main process dies on 'worker killed')."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _EpochView(Dataset):
@@ -87,7 +95,8 @@ class MapLoader:
         idx = self._indices()
         batches = [idx[b * self.batch_size : (b + 1) * self.batch_size].tolist() for b in range(self.position, len(self))]
         loader = DataLoader(_EpochView(self.dataset, self.seed, self.epoch), batch_sampler=batches,
-                            collate_fn=self._collate, num_workers=self.num_workers)  # fmt: skip
+                            collate_fn=self._collate, num_workers=self.num_workers,
+                            worker_init_fn=ignore_stop_signals if self.num_workers else None)  # fmt: skip
         for batch in loader:
             self._stats.update(batch.pop("_bad"))
             self.position += 1

@@ -21,6 +21,9 @@ def main(task_cls, argv: Optional[List[str]] = None) -> None:
     parser.add_argument("config", help="YAML file (see pretrain/configs, finetune/configs)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 model.grad_checkpointing=true")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    from albef.engine import signals
+
+    signals.install()  # before any slow import: a SIGTERM/SIGUSR1 during start-up must not kill the job
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)  # fmt: skip

@@ -59,7 +59,12 @@ class MetricsLogger:
 
             os.environ.setdefault("WANDB_DIR", str(run_dir))
             os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / ".wandb_cache"))
+            # The id also lives in the run folder, so a job killed before its first checkpoint keeps its W&B run.
+            id_file = run_dir / "wandb_id"
+            if not wandb_id and id_file.is_file():
+                wandb_id = id_file.read_text().strip()
             self.wandb_id = wandb_id or secrets.token_hex(4)  # W&B ids: [a-z0-9]{8} by convention
+            id_file.write_text(self.wandb_id + "\n")
             self.wandb_run = wandb.init(
                 project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, group=cfg.group,
                 tags=cfg.tags or None, config=run_config, id=self.wandb_id, resume="allow", mode=mode,
@@ -76,8 +81,7 @@ class MetricsLogger:
             return
         row = {"step": step, "time": round(time.time(), 3), **{k: _num(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        self._wandb(lambda run: run.log(metrics, step=step))
         if console:
             shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not k.startswith("time/"))
             msg = f"step {step} {shown}"
@@ -94,9 +98,7 @@ class MetricsLogger:
     def summary(self, values: Dict) -> None:
         if not self.enabled:
             return
-        if self.wandb_run is not None:
-            for k, v in values.items():
-                self.wandb_run.summary[k] = v
+        self._wandb(lambda run: [run.summary.__setitem__(k, v) for k, v in values.items()])
         self._jsonl.write(json.dumps({"summary": values}) + "\n")
 
     def close(self) -> None:
@@ -105,8 +107,18 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
         self._jsonl.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        self._wandb(lambda run: run.finish())
+
+    def _wandb(self, fn) -> None:
+        """Call W&B; if it fails (its service died, e.g. on the SIGTERM that SLURM sends every process), warn once
+        and go on without it: the JSONL file keeps every metric, and a checkpoint must never be lost to logging."""
+        if self.wandb_run is None:
+            return
+        try:
+            fn(self.wandb_run)
+        except Exception as e:  # noqa: BLE001 - any W&B failure
+            print(f"warning: W&B logging failed ({type(e).__name__}: {e}); continuing without W&B", file=sys.stderr)
+            self.wandb_run = None
 
 
 def _num(v):

@@ -29,7 +29,6 @@ import math
 import os
 import random
 import resource
-import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 import yaml
 
-from albef.engine import checkpointing, dist
+from albef.engine import checkpointing, dist, signals
 from albef.engine.flops import measured_matmul_peak
 from albef.engine.metrics import MetricsLogger
 from albef.engine.optim import build_optimizer
@@ -58,7 +57,21 @@ def step_seed(seed: int, rank: int, micro_step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + micro_step * 104_729) % (2**63)
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_ds_config(path: str) -> Path:
+    """A DeepSpeed JSON path as given, else relative to the repository (jobs may start in another directory)."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    if (REPO_ROOT / p).is_file():
+        return REPO_ROOT / p
+    raise FileNotFoundError(f"train.ds_config={path}: not found (also tried {REPO_ROOT / p})")
+
+
 def ds_config_for(path: str, micro: int, global_batch: int, world: int) -> Dict:
+    path = resolve_ds_config(path)
     with open(path) as f:
         cfg = json.load(f)
     if (global_batch // micro) % world:
@@ -94,13 +107,8 @@ class Trainer:
         self.cfg = cfg
         self.task = task
         self.train = cfg.train
-        self._stop_signal: Optional[int] = None
 
     # ------------------------------------------------------------------------------------------------------
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
-        log.warning("received signal %d: will checkpoint at the next step boundary and exit %d", signum, EXIT_REQUEUE)
-
     def _resume_tag(self, ckpt_dir: Path):
         mode = self.train.resume
         if mode == "none":
@@ -203,8 +211,7 @@ class Trainer:
                                state["wandb_id"])  # fmt: skip
         state["wandb_id"] = logger.wandb_id
         peak = t.peak_tflops * 1e12 or measured_matmul_peak(dtype, device)
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
+        signals.install()  # (again: entrypoints install it first thing; Trainer may also be used directly)
 
         def checkpoint() -> None:
             client = {"train_state": dict(state)}
@@ -244,7 +251,7 @@ class Trainer:
                     progress = Progress(state["step"], state["epoch"],
                                         alpha_at(state["step"], steps_per_epoch, t.alpha, t.alpha_warmup_epochs))
                     loss, logs = self.task.training_step(engine, batch, progress)
-                    flags = dist.all_reduce_max(float(not math.isfinite(loss.item())) + 2.0 * (self._stop_signal is not None))
+                    flags = dist.all_reduce_max(float(not math.isfinite(loss.item())) + 2.0 * (signals.received() is not None))
                     if flags % 2 >= 1:
                         nonfinite_run += 1
                         state["nonfinite_total"] += 1
@@ -295,7 +302,7 @@ class Trainer:
         except StopRequested:
             exit_code = EXIT_REQUEUE
             log.warning("checkpoint saved at step %d after signal %s; exiting with %d for requeue",
-                        state["step"], self._stop_signal, EXIT_REQUEUE)  # fmt: skip
+                        state["step"], signals.received(), EXIT_REQUEUE)  # fmt: skip
         elapsed = time.time() - t_start
         summary = {"exit_code": exit_code, "steps": state["step"], "total_steps": total_steps,
                    "samples": state["samples"], "epochs_completed": round(state["step"] / steps_per_epoch, 3), "train_seconds": round(elapsed, 2),
@@ -339,12 +346,13 @@ class Trainer:
         metrics = {f"train/{k}": v / n for k, v in window["logs"].items()}
         metrics.update({
             "train/loss": window["loss"] / n, "train/lr": lr, "train/alpha": alpha,
-            "train/temp": float(model.temp.detach().float().reshape(-1)[0]),
             "train/epoch": state["epoch"], "train/samples": state["samples"],
             "perf/samples_per_s": self.train.global_batch_size / step_time if step_time else 0.0,
             "time/data_s": window["data"] / n, "time/compute_s": window["compute"] / n,
             "perf/max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         })  # fmt: skip
+        if hasattr(model, "temp"):  # the contrastive models; the task-head models (VQA, NLVR2, SNLI-VE) have none
+            metrics["train/temp"] = float(model.temp.detach().float().reshape(-1)[0])
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
