@@ -21,7 +21,7 @@ import re
 import tarfile
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 MANIFEST = "manifest.json"
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
@@ -83,11 +83,7 @@ class ShardWriter:
 
     def commit(self, stats: Optional[Dict] = None) -> Path:
         self._tar.close()
-        stats = dict(stats or {})
-        stats.update(shard=self.path.name, num_samples=self.num_samples)
-        atomic_write_json(self.out_dir / stats_name(self.index), stats)
-        os.replace(self.tmp, self.path)  # the shard appears under its final name only when complete
-        return self.path
+        return publish(self.out_dir, self.index, self.tmp, self.num_samples, stats)
 
     def abort(self) -> None:
         if not self._tar.closed:
@@ -102,6 +98,35 @@ class ShardWriter:
             return
         if exc_type is not None or not self.path.exists():
             self.abort()
+
+
+def publish(out_dir: Union[str, Path], index: int, tar_path: Union[str, Path], num_samples: int,
+            stats: Optional[Dict] = None) -> Path:
+    """Publish a complete tar (on the same filesystem) as shard ``index``: the stats file first, then a rename."""
+    out_dir = Path(out_dir)
+    stats = dict(stats or {})
+    stats.update(shard=shard_name(index), num_samples=num_samples)
+    atomic_write_json(out_dir / stats_name(index), stats)
+    path = out_dir / shard_name(index)
+    os.replace(tar_path, path)  # the shard appears under its final name only when complete
+    return path
+
+
+def iter_tar_samples(path: Union[str, Path]) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """Yield ``(key, {extension: bytes})`` for each sample of a shard, in tar order."""
+    with tarfile.open(path) as tar:
+        key, members = None, {}
+        for info in tar:
+            if not info.isfile():
+                continue
+            name, _, ext = info.name.partition(".")
+            if name != key and members:
+                yield key, members
+                members = {}
+            key = name
+            members[ext] = tar.extractfile(info).read()
+        if members:
+            yield key, members
 
 
 def atomic_write_json(path: Union[str, Path], obj) -> None:

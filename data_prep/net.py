@@ -1,0 +1,297 @@
+"""HTTP(S) fetching for data_prep.download (not a CLI): safe, bounded, keep-alive, thread-safe.
+
+``Fetcher(FetchOptions(...)).fetch(url)`` returns the body bytes or raises ``FetchError(status, message)``:
+
+* only ``http``/``https``; the host name is resolved here (with a per-process DNS cache) and refused with status
+  ``invalid_url`` when any address is loopback/private/link-local/reserved, unless ``allow_private_network``; the
+  connection then goes to the address that was checked (no second look-up an attacker could answer differently);
+* a deadline of ``timeout`` seconds per attempt (connect, headers and body together, redirects included), at most
+  ``max_redirects`` redirects (each hop checked again), at most ``max_bytes`` of body;
+* ``X-Robots-Tag`` directives ``noai``/``noimageai``/``noindex``/``noimageindex`` (unscoped, or scoped to ``*`` or to
+  our user-agent token) give status ``opted_out`` unless ``respect_robots_tag`` is off; text/HTML/JSON responses are
+  refused before their body is read;
+* timeouts, connection errors, truncated bodies, 408/425/429/5xx are retried ``retries`` times with exponential
+  backoff; everything else fails at once. Connections are kept alive per thread (a few hosts each).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import ipaddress
+import socket
+import ssl
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
+from urllib.parse import quote, urljoin, urlsplit
+
+from data_prep.images import SampleError
+
+AGENT_TOKEN = "albef-data-prep"
+DEFAULT_USER_AGENT = f"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0 {AGENT_TOKEN}/0.1"
+DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+_RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}
+_REDIRECTS = {301, 302, 303, 307, 308}
+_TEXT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml", "application/javascript")
+_DIRECTIVES_WITH_COLON = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+_DNS_TTL_S = 300.0
+_DNS_CACHE_MAX = 100_000
+_CONNECTIONS_PER_THREAD = 4
+_CHUNK = 1 << 16
+
+
+class FetchError(SampleError):
+    def __init__(self, status: str, message: str, retryable: bool = False):
+        super().__init__(status, message)
+        self.retryable = retryable
+
+
+def _download_error(message: str, retryable: bool = False) -> FetchError:
+    return FetchError("failed_to_download", message, retryable)
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    timeout: float = 10.0
+    retries: int = 2
+    backoff: float = 1.0
+    max_bytes: int = 16 * 2**20
+    max_redirects: int = 5
+    user_agent: str = DEFAULT_USER_AGENT
+    respect_robots_tag: bool = True
+    allow_private_network: bool = False
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        d = FetchOptions()
+        g = parser.add_argument_group("fetching")
+        g.add_argument("--timeout", type=float, default=d.timeout,
+                       help="seconds per attempt: connect + headers + body (default %(default)s)")
+        g.add_argument("--retries", type=int, default=d.retries,
+                       help="extra attempts after a timeout, connection error, truncated body, 429 or 5xx "
+                            "(default %(default)s)")
+        g.add_argument("--backoff", type=float, default=d.backoff,
+                       help="seconds before the first retry, doubled each time (default %(default)s)")
+        g.add_argument("--max-bytes", type=int, default=d.max_bytes, help="largest body accepted (default %(default)s)")
+        g.add_argument("--max-redirects", type=int, default=d.max_redirects, help="(default %(default)s)")
+        g.add_argument("--user-agent", default=d.user_agent, help="User-Agent header (default: %(default)s)")
+        g.add_argument("--ignore-robots-tag", dest="respect_robots_tag", action="store_false",
+                       help="download even when X-Robots-Tag says noai/noimageai/noindex/noimageindex")
+        g.add_argument("--allow-private-network", action="store_true",
+                       help="allow loopback/private/link-local addresses (tests, intranet mirrors)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "FetchOptions":
+        return cls(**{k: getattr(args, k) for k in asdict(cls())})
+
+
+def split_url(url) -> Tuple[str, str, int, str]:
+    """(scheme, host, port, path+query) of an http(s) URL, or ``FetchError('invalid_url', ...)``."""
+    if not isinstance(url, str):
+        raise FetchError("invalid_url", "url is not a string")
+    if not url.strip():
+        raise FetchError("invalid_url", "empty url")
+    try:
+        parts = urlsplit(url.strip())
+        scheme, host = parts.scheme.lower(), parts.hostname
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        raise FetchError("invalid_url", "malformed url") from None
+    if scheme not in ("http", "https"):
+        raise FetchError("invalid_url", "unsupported scheme")
+    if not host:
+        raise FetchError("invalid_url", "no host")
+    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=~-._")
+    if parts.query:
+        path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=~-._?")
+    return scheme, host, port, path
+
+
+def is_public_address(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return addr.is_global and not addr.is_multicast
+
+
+def opted_out(header_values: List[str], agent_token: str = AGENT_TOKEN) -> Optional[str]:
+    """The first disallowed X-Robots-Tag directive that applies to us, if any."""
+    for value in header_values:
+        scope, sep, rest = value.partition(":")
+        scope = scope.strip().lower()
+        if sep and " " not in scope and scope not in _DIRECTIVES_WITH_COLON:
+            if scope != "*" and scope != agent_token.lower():
+                continue  # scoped to another crawler
+            value = rest
+        for directive in value.split(","):
+            if directive.strip().lower() in DISALLOWED_DIRECTIVES:
+                return directive.strip().lower()
+    return None
+
+
+def _set_timeout(conn: http.client.HTTPConnection, deadline: float) -> None:
+    """Bound the next socket operation by what is left of the attempt's deadline."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _download_error("timeout", True)
+    conn.timeout = remaining
+    if conn.sock is not None:
+        conn.sock.settimeout(remaining)
+
+
+class Fetcher:
+    def __init__(self, options: FetchOptions):
+        self.opt = options
+        self._dns: Dict[str, Tuple[float, List[str]]] = {}
+        self._dns_lock = threading.Lock()
+        self._local = threading.local()
+        self._ssl = ssl.create_default_context()
+        self._headers = {"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.8",
+                         "Accept-Encoding": "identity"}
+
+    def fetch(self, url: str) -> bytes:
+        attempt = 0
+        while True:
+            try:
+                return self._fetch_once(url)
+            except FetchError as e:
+                if not e.retryable or attempt >= self.opt.retries:
+                    raise
+            time.sleep(self.opt.backoff * 2**attempt)
+            attempt += 1
+
+    def _fetch_once(self, url: str) -> bytes:
+        deadline = time.monotonic() + self.opt.timeout
+        for _ in range(self.opt.max_redirects + 1):
+            scheme, host, port, path = split_url(url)
+            ip = self._resolve(host, port)
+            conn, resp = self._request(scheme, host, port, ip, path, deadline)
+            try:
+                if resp.status in _REDIRECTS:
+                    location = resp.getheader("Location")
+                    self._read_body(conn, resp, deadline, 1 << 20)  # drain to reuse the connection
+                    self._release((scheme, host, port), conn, resp)
+                    if not location:
+                        raise _download_error(f"http {resp.status} without Location")
+                    url = urljoin(url, location.strip())
+                    continue
+                data = self._check_and_read(conn, resp, deadline)
+                self._release((scheme, host, port), conn, resp)
+                return data
+            except BaseException:
+                conn.close()
+                raise
+        raise _download_error("too many redirects")
+
+    def _check_and_read(self, conn, resp: http.client.HTTPResponse, deadline: float) -> bytes:
+        if resp.status != 200:
+            raise _download_error(f"http {resp.status}", resp.status in _RETRY_HTTP)
+        if self.opt.respect_robots_tag:
+            directive = opted_out(resp.headers.get_all("X-Robots-Tag") or [])
+            if directive:
+                raise FetchError("opted_out", f"X-Robots-Tag {directive}")
+        ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype.startswith(_TEXT_TYPES):
+            raise _download_error(f"not an image ({ctype})")
+        data = self._read_body(conn, resp, deadline, self.opt.max_bytes)
+        encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
+        if encoding in ("gzip", "deflate"):
+            inflater = zlib.decompressobj(47)  # gzip or zlib header, detected
+            data = inflater.decompress(data, self.opt.max_bytes + 1)
+            if len(data) > self.opt.max_bytes:
+                raise _download_error("too large")
+        return data
+
+    def _read_body(self, conn, resp: http.client.HTTPResponse, deadline: float, limit: int) -> bytes:
+        length = resp.getheader("Content-Length")
+        length = int(length) if length and length.strip().isdigit() else None
+        if length is not None and length > limit:
+            raise _download_error("too large")
+        chunks, total = [], 0
+        try:
+            while True:
+                _set_timeout(conn, deadline)
+                chunk = resp.read1(_CHUNK)
+                if not chunk:
+                    resp.read()  # b"" at the end of the body; marks the response done so the connection is reused
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limit:
+                    raise _download_error("too large")
+        except (http.client.IncompleteRead, ConnectionError):
+            raise _download_error("truncated body", True) from None
+        except (socket.timeout, TimeoutError):
+            raise _download_error("timeout", True) from None
+        if length is not None and total < length:
+            raise _download_error("truncated body", True)
+        return b"".join(chunks)
+
+    def _resolve(self, host: str, port: int) -> str:
+        now = time.monotonic()
+        with self._dns_lock:
+            hit = self._dns.get(host)
+        if hit and hit[0] > now:
+            addresses = hit[1]
+        else:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                raise _download_error("dns resolution failed", True) from None
+            addresses = list(dict.fromkeys(info[4][0] for info in infos))
+            with self._dns_lock:
+                if len(self._dns) >= _DNS_CACHE_MAX:
+                    self._dns.clear()
+                self._dns[host] = (now + _DNS_TTL_S, addresses)
+        if not self.opt.allow_private_network and not all(map(is_public_address, addresses)):
+            raise FetchError("invalid_url", "private network address refused")
+        return addresses[0]
+
+    def _request(self, scheme: str, host: str, port: int, ip: str, path: str, deadline: float):
+        pool: "OrderedDict[tuple, http.client.HTTPConnection]" = self._local.__dict__.setdefault("pool", OrderedDict())
+        conn = pool.pop((scheme, host, port), None)
+        if conn is not None and conn.pinned_ip != ip:
+            conn.close()
+            conn = None
+        reused = conn is not None
+        while True:
+            conn = conn or self._connect(scheme, host, port, ip)
+            try:
+                _set_timeout(conn, deadline)
+                conn.request("GET", path, headers=self._headers)
+                return conn, conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                conn.close()
+                conn = None
+                if reused:  # the server closed a kept-alive connection: one fresh try, not counted as a retry
+                    reused = False
+                    continue
+                raise _download_error(f"connection error ({type(e).__name__})", True) from None
+            except (socket.timeout, TimeoutError):
+                conn.close()
+                raise _download_error("timeout", True) from None
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                raise _download_error(f"connection error ({type(e).__name__})", True) from None
+
+    def _connect(self, scheme: str, host: str, port: int, ip: str) -> http.client.HTTPConnection:
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=self.opt.timeout, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self.opt.timeout)
+        # Connect to the address that passed the private-network check; Host header and TLS SNI keep the name.
+        conn._create_connection = lambda _addr, timeout, source: socket.create_connection((ip, port), timeout, source)
+        conn.pinned_ip = ip
+        return conn
+
+    def _release(self, key: tuple, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        if resp.will_close or not resp.isclosed():
+            conn.close()
+            return
+        pool = self._local.pool
+        pool[key] = conn
+        while len(pool) > _CONNECTIONS_PER_THREAD:
+            pool.popitem(last=False)[1].close()
