@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from albef.data.finetune import MapLoader
 from albef.data.samples import BadSample, make_sample
-from albef.data.transforms import finetune_transform, normalize_images, test_transform
+from albef.data.transforms import AugmentConfig, normalize_images, test_transform
 from albef.eval.retrieval import encode_images, encode_texts, ground_truth, itm_rerank, recall_metrics
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
@@ -43,6 +43,7 @@ class RetrievalDataConfig:
     max_words: int = 30
     max_text_len: int = 30
     num_workers: int = 4
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # official fine-tuning: crop 0.5-1, flip, RandAugment
 
 
 @dataclass
@@ -82,13 +83,13 @@ def _read_json_list(path: str, keys: tuple) -> list:
 class RetrievalTrainSet:
     """Official retrieval train files; ``image_id`` values become contiguous indices in order of appearance."""
 
-    def __init__(self, files: List[str], image_root: str, res: int, max_words: int):
+    def __init__(self, files: List[str], image_root: str, transform, max_words: int):
         self.entries, ids = [], {}
         for path in files:
             for e in _read_json_list(path, ("image", "caption", "image_id")):
                 idx = ids.setdefault(str(e["image_id"]), len(ids))
                 self.entries.append((os.path.join(image_root, e["image"]), e["caption"], idx))
-        self.transform, self.max_words = finetune_transform(res), max_words
+        self.transform, self.max_words = transform, max_words
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -138,11 +139,16 @@ class RetrievalTask(Task):
         self._eval_cache: Dict[str, tuple] = {}
         self._tokenizer = Tokenizer()
 
+    def build_train_set(self) -> RetrievalTrainSet:
+        """The training pairs (grounding overrides this to read referring expressions)."""
+        d = self.cfg.data
+        return RetrievalTrainSet(d.train_files, d.image_root, d.augment.transform(d.image_res), d.max_words)
+
     def build_train_loader(self, tokenizer, rank, world_size, micro_batch_size, seed):
         d = self.cfg.data
         if not d.train_files:
             raise ValueError("data.train_files is empty: nothing to fine-tune on")
-        dataset = RetrievalTrainSet(d.train_files, d.image_root, d.image_res, d.max_words)
+        dataset = self.build_train_set()
 
         def collate(samples):
             text = tokenizer([s["caption"] for s in samples], max_length=d.max_text_len)
