@@ -20,23 +20,16 @@ A dataset implements ``__len__`` and ``load(index, rng) -> dict``; ``collate_fn(
 from __future__ import annotations
 
 import random
-import signal
 from collections import Counter
 from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from albef.data.loader import ignore_stop_signals
 from albef.data.samples import BadSample, derive_seed
 
 MAX_REPLACEMENTS = 16
-
-
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader worker init: SLURM sends SIGTERM/SIGUSR1 to every process of a job; the workers must leave them to
-    the main process, which checkpoints and stops them itself (else the main process dies on 'worker killed')."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 class _EpochView(Dataset):

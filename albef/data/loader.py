@@ -56,6 +56,7 @@ import hashlib
 import logging
 import os
 import random
+import signal
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -107,6 +108,13 @@ def shuffle_events(num_raw: Optional[int], size: int, rng: random.Random) -> Ite
 def worker_batch_counts(num_batches: int, num_workers: int) -> List[int]:
     """Batches each worker delivers when batch b comes from worker b % W."""
     return [len(range(w, num_batches, num_workers)) for w in range(num_workers)]
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader worker init: SLURM sends SIGTERM/SIGUSR1 to every process of a job; the workers must leave them to
+    the main process, which checkpoints and stops them itself (else the main process dies on 'worker killed')."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _ShardSlice:
@@ -444,7 +452,8 @@ class PretrainLoader:
         else:
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
                                       prefetch_factor=self.cfg.prefetch_factor,
-                                      pin_memory=self.cfg.pin_memory and torch.cuda.is_available()))
+                                      pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+                                      worker_init_fn=ignore_stop_signals))
         try:
             for batch in batches:
                 self._worker_stats[batch.pop("_worker")] = batch.pop("_stats")
