@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -158,9 +159,12 @@ def summarize(out: Path, world: Path, times, total: float, tasks) -> None:
     zero = json.loads((out / "zeroshot" / "eval.json").read_text())
     ft_rows = [r for r in rows(out / "retrieval" / "metrics.jsonl") if "test/r_mean" in r]
     ft = ft_rows[-1] if ft_rows else {}
-    n_img = len(json.loads((world / "retrieval_test.json").read_text()))
-    n_cap = sum(len(e["caption"]) for e in json.loads((world / "retrieval_test.json").read_text()))
-    chance_tr, chance_ir = 100.0 * (n_cap / n_img) / n_cap * 1, 100.0 / n_img
+    test = json.loads((world / "retrieval_test.json").read_text())
+    n_img, n_cap = len(test), sum(len(e["caption"]) for e in test)
+    per = n_cap // n_img
+    # chance: a random ranking puts one of an image's `per` captions in its top K / a caption's image in its top K
+    chance_tr = {k: 100.0 * (1 - math.comb(n_cap - per, k) / math.comb(n_cap, k)) for k in (1, 5, 10)}
+    chance_ir = {k: 100.0 * k / n_img for k in (1, 5, 10)}
 
     def first_last(key):
         return pre_rows[0][key], sum(r[key] for r in pre_rows[-5:]) / len(pre_rows[-5:])
@@ -174,8 +178,8 @@ def summarize(out: Path, world: Path, times, total: float, tasks) -> None:
         lines.append(f"  {key[6:]:<9} {f:7.3f} -> {l:7.3f}")
     lines.append(f"retrieval on {n_img} held-out images x {n_cap} captions (R@1 / R@5 / R@10, %):")
     lines.append(f"  {'':<22}{'text retrieval':>24}{'image retrieval':>24}")
-    lines.append(f"  {'chance':<22}{chance_tr:>10.1f}{5 * chance_tr:>7.1f}{10 * chance_tr:>7.1f}"
-                 f"{chance_ir:>10.1f}{5 * chance_ir:>7.1f}{10 * chance_ir:>7.1f}")  # fmt: skip
+    lines.append(f"  {'chance':<22}{chance_tr[1]:>10.1f}{chance_tr[5]:>7.1f}{chance_tr[10]:>7.1f}"
+                 f"{chance_ir[1]:>10.1f}{chance_ir[5]:>7.1f}{chance_ir[10]:>7.1f}")  # fmt: skip
     for name, m, prefix in (("zero-shot (pretrained)", zero, "test/"), ("fine-tuned", ft, "test/")):
         if m:
             lines.append(f"  {name:<22}" + "".join(f"{m[prefix + k]:>{10 if k.endswith('r1') else 7}.1f}" for k in
@@ -191,7 +195,7 @@ def summarize(out: Path, world: Path, times, total: float, tasks) -> None:
     print(text, flush=True)
     (out / "summary.txt").write_text(text + "\n")
     (out / "summary.json").write_text(json.dumps({"pretrain": pre_sum, "zero_shot": zero, "fine_tuned": ft,
-                                                  "chance": {"txt_r1": chance_tr, "img_r1": chance_ir},
+                                                  "chance": {"txt": chance_tr, "img": chance_ir},
                                                   "seconds": times, "total_seconds": total}, indent=1))  # fmt: skip
 
 

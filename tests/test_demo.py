@@ -1,0 +1,37 @@
+"""The README's main job end to end, in its shortened CI mode: world -> crawl + download -> shards -> DeepSpeed
+pretraining on 2 processes -> zero-shot and fine-tuned retrieval -> summary.
+
+Known gap (issue #10 stays open): at this scale, trained from random weights, ITC collapses to one feature for every
+input, so retrieval stays at chance; the test checks the pipeline and the MLM learning, not retrieval recall."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_demo_learns(tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline")
+    p = subprocess.run([sys.executable, "-m", "albef.demo", "--quick", "--out", str(tmp_path)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=1500)  # fmt: skip
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "ALBEF offline demo: summary" in p.stdout
+    s = json.loads((tmp_path / "summary.json").read_text())
+    # pretraining learned: MLM well below its start (ln 30522 = 10.3)
+    rows = [json.loads(x) for x in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    mlm = [r["train/loss_mlm"] for r in rows if "train/loss_mlm" in r]
+    assert mlm[-1] < 0.7 * mlm[0], mlm
+    # retrieval was evaluated zero-shot and after fine-tuning, on the held-out images, against the stated chance
+    for name in ("zero_shot", "fine_tuned"):
+        assert {"test/txt_r1", "test/img_r1", "test/r_mean"} <= set(s[name]), name
+    assert s["chance"]["img"]["1"] == pytest.approx(100 / 64)
+    # the web crawl went through extraction and download
+    assert json.loads((tmp_path / "shards_web" / "manifest.json").read_text())["num_samples"] >= 15
+    assert any((tmp_path / "pretrain" / "wandb").glob("offline-run-*"))
