@@ -27,7 +27,7 @@ def test_quick_demo_learns(tmp_path):
     # pretraining learned: MLM well below its start (ln 30522 = 10.3)
     rows = [json.loads(x) for x in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     mlm = [r["train/loss_mlm"] for r in rows if "train/loss_mlm" in r]
-    assert mlm[-1] < 0.7 * mlm[0], mlm
+    assert mlm[-1] < 0.8 * mlm[0], mlm
     # retrieval was evaluated zero-shot and after fine-tuning, on the held-out images, against the stated chance
     for name in ("zero_shot", "fine_tuned"):
         assert {"test/txt_r1", "test/img_r1", "test/r_mean"} <= set(s[name]), name

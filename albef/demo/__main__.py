@@ -33,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 SIZES = {  # world images and training steps; "quick" is what CI runs
-    "full": dict(train=3000, val=100, test=100, image=96, pretrain_steps=600, finetune_epochs=2),
-    "quick": dict(train=1200, val=64, test=64, image=96, pretrain_steps=180, finetune_epochs=1),
+    "full": dict(train=3000, val=100, test=100, image=96, pretrain_steps=600, finetune_steps=300),
+    "quick": dict(train=800, val=64, test=64, image=96, pretrain_steps=100, finetune_steps=40),
 }
 EXTRA_TASKS = ("vqa", "nlvr2", "ve", "grounding")
 
@@ -141,7 +141,7 @@ def main() -> None:
                                   out / "zeroshot.log", env)  # fmt: skip
     times["retrieval fine-tune"] = run(torchrun(a.nproc) + ["finetune.retrieval", "finetune/configs/demo_retrieval.yaml",
                                        *data, f"init.checkpoint={pre / 'final.pth'}", f"train.output_dir={ft}",
-                                       f"train.epochs={size['finetune_epochs']}", f"train.num_threads={threads}"],
+                                       "train.epochs=100", f"train.max_steps={size['finetune_steps']}", f"train.num_threads={threads}"],
                                        out / "retrieval.log", env)  # fmt: skip
     print("[5/5] retrieval evaluated", flush=True)
 
