@@ -97,9 +97,11 @@ def to_dict(obj: Any) -> Dict[str, Any]:
 
 
 def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    """Merge ``top`` into ``base``; a mapping that names its own ``base:`` preset replaces the section whole."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        merge = isinstance(v, dict) and "base" not in v and isinstance(out.get(k), dict)
+        out[k] = _deep_merge(out[k], v) if merge else v
     return out
 
 
