@@ -2,7 +2,6 @@
 
     python -m albef.demo                  # (make demo) full demo, <= 15 minutes on 2 cores
     python -m albef.demo --quick          # the shortened run CI uses (~5 minutes)
-    python -m albef.demo --tasks vqa ve nlvr2 grounding     # also fine-tune/evaluate the other tasks
 
 Stages, each with the real command-line tools a user runs (printed as they start):
 
@@ -36,7 +35,6 @@ SIZES = {  # world images and training steps; "quick" is what CI runs
     "full": dict(train=3000, val=100, test=100, image=96, pretrain_steps=600, finetune_steps=300),
     "quick": dict(train=800, val=64, test=64, image=96, pretrain_steps=100, finetune_steps=40),
 }
-EXTRA_TASKS = ("vqa", "nlvr2", "ve", "grounding")
 
 
 def run(cmd, log: Path, env=None) -> float:
@@ -73,7 +71,6 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
     p.add_argument("--quick", action="store_true", help="the shortened CI run")
     p.add_argument("--nproc", type=int, default=2, help="training processes (CPU ranks)")
-    p.add_argument("--tasks", nargs="*", default=[], choices=EXTRA_TASKS, help="more fine-tuning tasks to run")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     size = SIZES["quick" if a.quick else "full"]
@@ -145,15 +142,10 @@ def main() -> None:
                                        out / "retrieval.log", env)  # fmt: skip
     print("[5/5] retrieval evaluated", flush=True)
 
-    for task in a.tasks:
-        times[task] = run(torchrun(a.nproc) + [f"finetune.{task}", f"finetune/configs/demo_{task}.yaml",
-                          f"data.root={world}", f"init.checkpoint={pre / 'final.pth'}", f"train.output_dir={out / task}",
-                          f"train.num_threads={threads}"], out / f"{task}.log", env)  # fmt: skip
-
-    summarize(out, world, times, time.time() - t_all, a.tasks)
+    summarize(out, world, times, time.time() - t_all)
 
 
-def summarize(out: Path, world: Path, times, total: float, tasks) -> None:
+def summarize(out: Path, world: Path, times, total: float) -> None:
     pre_rows = [r for r in rows(out / "pretrain" / "metrics.jsonl") if "train/loss" in r]
     pre_sum = [r["summary"] for r in rows(out / "pretrain" / "metrics.jsonl") if "summary" in r][-1]
     zero = json.loads((out / "zeroshot" / "eval.json").read_text())
@@ -184,11 +176,6 @@ def summarize(out: Path, world: Path, times, total: float, tasks) -> None:
         if m:
             lines.append(f"  {name:<22}" + "".join(f"{m[prefix + k]:>{10 if k.endswith('r1') else 7}.1f}" for k in
                          ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")))  # fmt: skip
-    for task in tasks:
-        evals = [r for r in rows(out / task / "metrics.jsonl") if any(k.startswith("test/") for k in r)]
-        if evals:
-            shown = {k: round(v, 2) for k, v in evals[-1].items() if k.startswith("test/")}
-            lines.append(f"{task}: {shown}")
     lines.append("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {total:.0f}")
     lines.append(f"outputs: {out}")
     text = "\n".join(lines)
