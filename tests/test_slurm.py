@@ -377,10 +377,12 @@ def test_scontrol_requeue_resumes_from_last_checkpoint(cluster, shards, tmp_path
     assert "resumed from " in text, _tail(log)
     resumed = int(text.split("resumed from ")[1].split(" at step ")[1].split()[0])
     assert resumed >= 2  # the periodic checkpoint of step 2 at least (the signal's own one, if it got saved)
-    # Rows: 1..X before the interruption, then resumed+1..total; only resumed+1..X appear twice.
+    # Rows: 1..X before the interruption, then resumed+1..total; only resumed+1..X appear twice. When the SIGTERM
+    # checkpoint of step X was saved, resumed == X and no step repeats.
     seen = [r["step"] for r in steps]
-    restart = next(i for i in range(1, len(seen)) if seen[i] <= seen[i - 1])
+    restart = next((i for i in range(1, len(seen)) if seen[i] <= seen[i - 1]), resumed)
     assert seen[:restart] == list(range(1, seen[restart - 1] + 1))
+    assert seen[restart - 1] >= resumed
     assert seen[restart:] == list(range(resumed + 1, total + 1))
     assert [r["train/samples"] for r in steps[restart:]] == [s * GLOBAL_BATCH for s in range(resumed + 1, total + 1)]
 
