@@ -8,6 +8,11 @@
   when a checkpoint has none. Every missing or unexpected key is reported by name, and the load is refused when
   a weight the model needs is missing or has the wrong shape. The official code loads with ``strict=False``
   and so silently ran with random weights after a wrong key (ALBEF issues #84, #50).
+* Downstream task layouts (ALBEF_REFERENCE D.2): a pretraining checkpoint loaded into the VQA model fills the
+  answer decoder from the fusion layers (``pretrain_to_vqa``: layer k -> decoder layer k - fusion_layer, embeddings
+  and MLM head copied, online and momentum); into the NLVR2 / text-assignment models it duplicates every fusion
+  layer (``pretrain_to_nlvr``: k -> 2(k - f) + f and 2(k - f) + f + 1). ``task_load_rules`` lists what such a load
+  may leave out (a new ``cls_head`` / ``ta_head``) or ignore (ITC/ITM weights, queues), by name in the report.
 * ``export_official(model)`` gives the state dict in the official layout (0-d ``temp``); ``save_official``
   writes it as ``{'model': state_dict}`` exactly as the official scripts do.
 * ``init_vit_from_deit(model, path)`` and ``init_text_from_hf(model, name_or_path)`` initialise the encoders
@@ -105,7 +110,7 @@ def convert_to_model_layout(sd: StateDict, model: nn.Module, report: Optional[Lo
     """Translate a foreign-but-known layout into ``model``'s key names and shapes (the one place for renames)."""
     report = report if report is not None else LoadReport("state dict")
     target = model.state_dict()
-    sd = dict(sd)
+    sd = adapt_task_layout(dict(sd), model, report)  # VQA decoder / NLVR2 layers from a pretraining layout
 
     want_bert, have_bert = _has_bert_prefix(target), _has_bert_prefix(sd)
     if have_bert and not want_bert:
@@ -128,15 +133,15 @@ def convert_to_model_layout(sd: StateDict, model: nn.Module, report: Optional[Lo
     return sd
 
 
-def _accepted_missing(model: nn.Module, missing: List[str], sd_keys) -> tuple:
+def _accepted_missing(model: nn.Module, missing: List[str], sd_keys, momentum_prefixes=MOMENTUM_PREFIXES) -> tuple:
     """Split missing keys into those a load may leave at init and the rest."""
     ok, momentum = [], []
     for k in missing:
         if k == "idx_queue" or k in QUEUE_KEYS:
             ok.append(k)  # retrieval's image-id queue starts at -100; queues start random, as in a fresh run
-        elif k.startswith(MOMENTUM_PREFIXES):
+        elif k.startswith(momentum_prefixes):
             momentum.append(k)
-    has_any_momentum = any(k.startswith(MOMENTUM_PREFIXES) for k in sd_keys)
+    has_any_momentum = any(k.startswith(momentum_prefixes) for k in sd_keys)
     if momentum and not has_any_momentum:
         ok += momentum
         return ok, True
@@ -177,8 +182,10 @@ def load_pretrained(
 
     missing = [k for k in target if k not in sd]
     unexpected = [k for k in sd if k not in target]
-    accepted, momentum_from_online = _accepted_missing(model, missing, sd.keys())
-    accepted += [k for k in missing if k.startswith(tuple(allow_missing)) and k not in accepted]
+    rules = task_load_rules(model)  # empty for the pretraining/retrieval models
+    momentum_prefixes = MOMENTUM_PREFIXES + rules.momentum
+    accepted, momentum_from_online = _accepted_missing(model, missing, sd.keys(), momentum_prefixes)
+    accepted += [k for k in missing if k.startswith(tuple(allow_missing) + rules.missing) and k not in accepted]
     fatal_missing = [k for k in missing if k not in accepted]
     if fatal_missing:
         raise CheckpointError(
@@ -187,7 +194,7 @@ def load_pretrained(
             + (" ..." if len(fatal_missing) > 40 else "")
             + ". Is this the right checkpoint for this model/preset?"
         )
-    droppable = [k for k in unexpected if _MLM_HEAD.match(k)]
+    droppable = [k for k in unexpected if _MLM_HEAD.match(k) or k.startswith(rules.unexpected)]
     other_unexpected = [k for k in unexpected if k not in droppable]
     if other_unexpected and not allow_unexpected:
         raise CheckpointError(
@@ -200,7 +207,7 @@ def load_pretrained(
     assert sorted(result.missing_keys) == sorted(missing), (result.missing_keys, missing)
     if momentum_from_online:
         model.copy_params()
-    report.missing = [k for k in accepted if not k.startswith(MOMENTUM_PREFIXES)]
+    report.missing = [k for k in accepted if not k.startswith(momentum_prefixes)]
     report.unexpected = unexpected
     report.momentum_from_online = momentum_from_online
     log.info(report.summary())
@@ -210,7 +217,8 @@ def load_pretrained(
 def export_official(model: ALBEFBase) -> StateDict:
     """The model's state dict in the official layout: same keys, ``temp`` 0-d, tied tensors kept tied."""
     sd = dict(model.state_dict())
-    sd["temp"] = sd["temp"].detach().reshape(())
+    if "temp" in sd:  # the task-head models (VQA, NLVR2, SNLI-VE) have no temperature
+        sd["temp"] = sd["temp"].detach().reshape(())
     return sd
 
 
@@ -304,3 +312,123 @@ def init_text_from_hf(model: ALBEFBase, name_or_path: str) -> LoadReport:
             p_m.copy_(p)
     log.info(report.summary())
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downstream task layouts: the VQA answer decoder and the NLVR2 two-image encoder (ALBEF_REFERENCE D.2, C.2, C.3)
+
+_TEXT_KEY = re.compile(r"^(text_encoder(?:_m)?)\.(?:bert\.)?(.*)$")  # pretraining (bert.) or downstream layout
+_LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.*)$")
+_PRETRAIN_ONLY = ("vision_proj", "text_proj", "itm_head.", "temp", "image_queue", "text_queue", "queue_ptr",
+                  "idx_queue")  # fmt: skip
+
+
+def pretrain_to_vqa(sd: StateDict, fusion_layer: int) -> StateDict:
+    """A pretraining (or downstream) state dict -> the VQA layout, for the online and the ``_m`` text encoder.
+
+    The encoder gets the ``bert.``-less copy of every text-encoder key (the MLM head excepted). The answer decoder
+    ``text_decoder(_m).bert`` gets fusion layer ``k >= fusion_layer`` as its layer ``k - fusion_layer`` (the
+    fusion layers' cross-attention becomes the decoder's cross-attention to the question states) and a copy of the
+    embeddings; ``text_decoder(_m).cls`` is the MLM head (official ``VQA.py``). Other keys pass unchanged.
+    """
+    out: StateDict = {}
+    for key, value in sd.items():
+        m = _TEXT_KEY.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        encoder, rest = m.groups()
+        decoder = encoder.replace("text_encoder", "text_decoder")
+        layer = _LAYER_KEY.match(rest)
+        if rest.startswith("cls."):
+            out[f"{decoder}.{rest}"] = value
+            continue
+        out[f"{encoder}.{rest}"] = value
+        if layer is None:
+            out[f"{decoder}.bert.{rest}"] = value  # embeddings (and position_ids)
+        elif int(layer.group(1)) >= fusion_layer:
+            out[f"{decoder}.bert.encoder.layer.{int(layer.group(1)) - fusion_layer}.{layer.group(2)}"] = value
+    return out
+
+
+def pretrain_to_nlvr(sd: StateDict, fusion_layer: int) -> StateDict:
+    """A pretraining (or downstream) state dict -> the two-image layout of NLVR2 / text assignment.
+
+    Text-encoder keys lose ``bert.``; layers below ``fusion_layer`` keep their index; fusion layer ``k`` becomes
+    layers ``f + 2(k - f)`` and ``f + 2(k - f) + 1`` (official ``Pretrain_nlvr.py``), so both layers reading image
+    0 and image 1 start from the same pretrained layer, and the shared cross-attention key/value receive one
+    value. Read from the original dict into a new one, so no renamed key can overwrite a source key.
+    """
+    out: StateDict = {}
+    for key, value in sd.items():
+        m = _TEXT_KEY.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        encoder, rest = m.groups()
+        layer = _LAYER_KEY.match(rest)
+        if layer is None or int(layer.group(1)) < fusion_layer:
+            out[f"{encoder}.{rest}"] = value
+            continue
+        first = fusion_layer + 2 * (int(layer.group(1)) - fusion_layer)
+        for index in (first, first + 1):
+            out[f"{encoder}.encoder.layer.{index}.{layer.group(2)}"] = value
+    return out
+
+
+def _text_layer_count(sd: Mapping[str, torch.Tensor]) -> int:
+    """Number of layers of the online text encoder in ``sd`` (either layout)."""
+    found = (re.match(r"^text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\.", k) for k in sd)
+    return max((int(m.group(1)) + 1 for m in found if m), default=0)
+
+
+def adapt_task_layout(sd: StateDict, model: nn.Module, report: LoadReport) -> StateDict:
+    """Map a pretraining-layout checkpoint onto a VQA / NLVR2 model; a no-op for every other model or when the
+    checkpoint is already in the model's layout (a fine-tuned checkpoint)."""
+    from albef.models.tasks import ALBEFNLVR, ALBEFNLVRPretrain, ALBEFVQA
+
+    if isinstance(model, ALBEFVQA) and not any(k.startswith("text_decoder.") for k in sd):
+        f = model.cfg.text.fusion_layer
+        report.converted.append(f"text_encoder(_m) layers >= {f} -> text_decoder(_m).bert layers 0.., embeddings and "
+                                "MLM head copied to text_decoder(_m) (VQA answer decoder)")
+        return pretrain_to_vqa(sd, f)
+    if isinstance(model, (ALBEFNLVR, ALBEFNLVRPretrain)):
+        f, n = model.cfg.text.fusion_layer, model.cfg.text.num_hidden_layers
+        if _text_layer_count(sd) == n != model.text_encoder.cfg.num_hidden_layers:
+            report.converted.append(f"text_encoder(_m) layer k >= {f} -> layers {f}+2(k-{f}) and {f}+2(k-{f})+1 "
+                                    "(NLVR2 two-image layout)")
+            return pretrain_to_nlvr(sd, f)
+    return sd
+
+
+@dataclass(frozen=True)
+class TaskLoadRules:
+    """What a load into a task model accepts besides the core rules of ``load_pretrained``."""
+
+    missing: tuple = ()  # key prefixes that may stay at their initial value (a new task head)
+    unexpected: tuple = ()  # checkpoint key prefixes the model has no use for (pretraining-only weights)
+    momentum: tuple = ()  # further momentum twins, copied from the online weights when the checkpoint has no twin
+
+
+def task_load_rules(model: nn.Module) -> TaskLoadRules:
+    from albef.models.tasks import ALBEFNLVRPretrain, ALBEFVQA, FusionClassifier
+
+    if isinstance(model, ALBEFVQA):  # the decoder must come from the checkpoint: nothing new may stay at init
+        return TaskLoadRules(unexpected=_PRETRAIN_ONLY, momentum=("text_decoder_m.",))
+    if isinstance(model, FusionClassifier):  # NLVR2 and SNLI-VE: the classifier is new unless fine-tuned
+        return TaskLoadRules(missing=("cls_head.", "cls_head_m."), unexpected=_PRETRAIN_ONLY + ("ta_head.",),
+                             momentum=("cls_head_m.",))  # fmt: skip
+    if isinstance(model, ALBEFNLVRPretrain):  # no momentum model at all
+        return TaskLoadRules(missing=("ta_head.",), unexpected=_PRETRAIN_ONLY + MOMENTUM_PREFIXES)
+    return TaskLoadRules()
+
+
+def model_kind_of(sd: Mapping[str, torch.Tensor]) -> str:
+    """The ``build_model`` kind whose layout ``sd`` has (used to export a run's checkpoint without its task)."""
+    if any(k.startswith("text_decoder.") for k in sd):
+        return "vqa"
+    if "ta_head.weight" in sd:
+        return "nlvr_ta"
+    if "cls_head.2.weight" in sd:
+        return {2: "nlvr", 3: "ve"}[sd["cls_head.2.weight"].shape[0]]
+    return "pretrain" if any(k.startswith("text_encoder.bert.") for k in sd) else "retrieval"

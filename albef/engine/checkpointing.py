@@ -141,7 +141,7 @@ def export_official_file(run_dir: Path, out: Path, tag: Optional[str] = None) ->
     model built from the run's ``config.yaml``."""
     import yaml
 
-    from albef.checkpoint import load_pretrained, save_official
+    from albef.checkpoint import load_pretrained, model_kind_of, save_official
     from albef.config import from_dict
     from albef.models import ModelConfig, build_model
 
@@ -152,7 +152,7 @@ def export_official_file(run_dir: Path, out: Path, tag: Optional[str] = None) ->
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     model_cfg = from_dict(ModelConfig, cfg["model"], f"{Path(run_dir) / 'config.yaml'}:model")
     sd = consolidate(ckpt_dir, tag)
-    kind = "pretrain" if any(k.startswith("text_encoder.bert.") for k in sd) else "retrieval"
+    kind = model_kind_of(sd)
     model = build_model(model_cfg, kind)
     load_pretrained(model, sd)  # refuses anything incomplete, by key name
     save_official(model, out, config=cfg, source=str(ckpt_dir / tag))

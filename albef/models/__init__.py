@@ -6,12 +6,16 @@ from typing import Iterable, Optional, Union
 from albef.config import load_config
 from albef.models.albef import MODEL_CLASSES, ALBEFBase, ALBEFPretrain, ALBEFRetrieval, ModelConfig
 from albef.models.bert import BertConfig
+from albef.models.tasks import TASK_MODEL_CLASSES, ALBEFNLVR, ALBEFNLVRPretrain, ALBEFVE, ALBEFVQA
 from albef.models.vit import VisionConfig
 
 __all__ = [
-    "ALBEFBase", "ALBEFPretrain", "ALBEFRetrieval", "BertConfig", "ModelConfig", "VisionConfig",
+    "ALBEFBase", "ALBEFPretrain", "ALBEFRetrieval", "ALBEFVQA", "ALBEFNLVR", "ALBEFNLVRPretrain", "ALBEFVE",
+    "BertConfig", "ModelConfig", "VisionConfig",
     "build_model", "model_config",
 ]  # fmt: skip
+
+MODEL_CLASSES.update(TASK_MODEL_CLASSES)  # the downstream heads (albef/models/tasks.py) live beside the core models
 
 
 def model_config(preset: Union[str, ModelConfig] = "base", overrides: Iterable[str] = ()) -> ModelConfig:
