@@ -26,18 +26,27 @@ from albef.data.samples import BadSample, derive_seed, make_sample
 from albef.data.transforms import ImageTransform
 
 
+def read_json_list(path: str, keys: Sequence[str] = ()) -> list:
+    """An official annotation file: a JSON list of objects with ``keys``; errors name the file, entry and field."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read annotation file {path}: {e}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list, got {type(data).__name__}")
+    for i, entry in enumerate(data):
+        missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise ValueError(f"{path}[{i}]: missing field(s) {missing}")
+    return data
+
+
 def load_json_entries(json_files: Sequence[str], image_root: str = "") -> List[Tuple[str, Tuple[str, ...]]]:
     """``[(image path, captions), ...]`` from official JSON files; malformed entries are errors naming them."""
     entries = []
     for path in json_files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read annotation file {path}: {e}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of {{'image': ..., 'caption': ...}}, "
-                             f"got {type(data).__name__}")
+        data = read_json_list(path)
         for i, entry in enumerate(data):
             image = entry.get("image") if isinstance(entry, dict) else None
             caption = entry.get("caption") if isinstance(entry, dict) else None

@@ -64,7 +64,8 @@ from albef.eval.grounding import (
 )  # fmt: skip
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, TrainConfig, WandbConfig
-from albef.tasks.retrieval import RetrievalDataConfig, RetrievalTask, RetrievalTrainSet, _read_json_list
+from albef.data.json_dataset import read_json_list
+from albef.tasks.retrieval import RetrievalDataConfig, RetrievalTask, RetrievalTrainSet
 from albef.tokenizer import pre_caption
 
 
@@ -116,7 +117,7 @@ class GroundingTrainSet(RetrievalTrainSet):
     def __init__(self, files: List[str], image_root: str, transform: ImageTransform, max_words: int):
         self.entries, ids = [], {}
         for path in files:
-            for e in _read_json_list(path, ("image", "text")):
+            for e in read_json_list(path, ("image", "text")):
                 idx = ids.setdefault(e["image"].split("/")[-1], len(ids))
                 self.entries.append((os.path.join(image_root, e["image"]), e["text"], idx))
         self.transform, self.max_words = transform, max_words
@@ -220,7 +221,7 @@ class GroundingEvalSet:
     def __init__(self, path: str, split: str, image_root: str, res: int, max_words: int, refs: Dict[str, Dict],
                  proposals: Dict[str, List[List[float]]], refs_name: str, dets_name: str):  # fmt: skip
         self.items: List[RefItem] = []
-        for i, e in enumerate(_read_json_list(path, ("image", "text", "ref_id"))):
+        for i, e in enumerate(read_json_list(path, ("image", "text", "ref_id"))):
             ref = refs.get(str(e["ref_id"]))
             if ref is None:
                 raise ValueError(f"{path}[{i}]: ref_id {e['ref_id']} is not in data.refs_file {refs_name}")

@@ -31,7 +31,7 @@ from typing import List
 from albef.data import DataConfig, build_pretrain_loader
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
-from albef.tasks.retrieval import _read_json_list
+from albef.data.json_dataset import read_json_list
 from albef.tasks.ve import ClassifierTask, check_image_res
 from albef.tokenizer import pre_caption
 
@@ -39,7 +39,7 @@ from albef.tokenizer import pre_caption
 def read_nlvr(path: str, image_root: str, max_words: int) -> List[tuple]:
     """Official NLVR2 file -> ``[([left path, right path], sentence, label)]`` with True -> 1, False -> 0."""
     items = []
-    for i, e in enumerate(_read_json_list(path, ("images", "sentence", "label"))):
+    for i, e in enumerate(read_json_list(path, ("images", "sentence", "label"))):
         if not (isinstance(e["images"], list) and len(e["images"]) == 2):
             raise ValueError(f"{path}[{i}]: 'images' must list two image paths, got {e['images']!r}")
         if e["label"] not in ("True", "False"):

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from albef.data.finetune import MapLoader
+from albef.data.json_dataset import read_json_list
 from albef.data.samples import BadSample, make_sample
 from albef.data.transforms import AugmentConfig, normalize_images, test_transform
 from albef.eval.retrieval import encode_images, encode_texts, ground_truth, itm_rerank, recall_metrics
@@ -65,28 +66,13 @@ class RetrievalConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-def _read_json_list(path: str, keys: tuple) -> list:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read annotation file {path}: {e}") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list, got {type(data).__name__}")
-    for i, entry in enumerate(data):
-        missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
-        if missing:
-            raise ValueError(f"{path}[{i}]: missing field(s) {missing}")
-    return data
-
-
 class RetrievalTrainSet:
     """Official retrieval train files; ``image_id`` values become contiguous indices in order of appearance."""
 
     def __init__(self, files: List[str], image_root: str, transform, max_words: int):
         self.entries, ids = [], {}
         for path in files:
-            for e in _read_json_list(path, ("image", "caption", "image_id")):
+            for e in read_json_list(path, ("image", "caption", "image_id")):
                 idx = ids.setdefault(str(e["image_id"]), len(ids))
                 self.entries.append((os.path.join(image_root, e["image"]), e["caption"], idx))
         self.transform, self.max_words = transform, max_words
@@ -109,7 +95,7 @@ class RetrievalEvalSet:
     """Official val/test file: images with their caption lists; captions numbered in file order."""
 
     def __init__(self, path: str, image_root: str, res: int, max_words: int):
-        entries = _read_json_list(path, ("image", "caption"))
+        entries = read_json_list(path, ("image", "caption"))
         self.images = [os.path.join(image_root, e["image"]) for e in entries]
         caps = [e["caption"] if isinstance(e["caption"], list) else [e["caption"]] for e in entries]
         self.texts = [pre_caption(c, max_words) for cs in caps for c in cs]

@@ -31,7 +31,7 @@ from albef.data.samples import BadSample
 from albef.data.transforms import AugmentConfig, ImageDecodeError, ImageTransform, normalize_images, test_transform
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
-from albef.tasks.retrieval import _read_json_list
+from albef.data.json_dataset import read_json_list
 from albef.tokenizer import Tokenizer, pre_caption
 
 
@@ -140,7 +140,7 @@ def read_ve(path: str, image_root: str, max_words: int) -> List[tuple]:
     """Official SNLI-VE file -> ``[([image path], sentence, label)]``."""
     labels = {"entailment": 2, "neutral": 1, "contradiction": 0}
     items = []
-    for i, e in enumerate(_read_json_list(path, ("image", "sentence", "label"))):
+    for i, e in enumerate(read_json_list(path, ("image", "sentence", "label"))):
         if e["label"] not in labels:
             raise ValueError(f"{path}[{i}]: label={e['label']!r}, expected one of {sorted(labels)}")
         items.append(([os.path.join(image_root, f"{e['image']}.jpg")], pre_caption(e["sentence"], max_words),

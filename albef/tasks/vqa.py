@@ -39,7 +39,7 @@ from albef.data.transforms import AugmentConfig, normalize_images, test_transfor
 from albef.eval.vqa import load_vqa_answers, vqa_accuracy
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
-from albef.tasks.retrieval import _read_json_list
+from albef.data.json_dataset import read_json_list
 from albef.tasks.ve import check_image_res, gather_over_ranks, rank_and_world, rank_indices, read_image
 from albef.tokenizer import Tokenizer, pre_question
 
@@ -93,7 +93,7 @@ class VQATrainSet:
     def __init__(self, d: VQADataConfig):
         self.items = []
         for path in d.train_files:
-            for i, e in enumerate(_read_json_list(path, ("question", "answer", "image"))):
+            for i, e in enumerate(read_json_list(path, ("question", "answer", "image"))):
                 if e.get("dataset") == "vg":
                     if not isinstance(e["answer"], str):
                         raise ValueError(f"{path}[{i}]: a VG entry's 'answer' must be a string, got {e['answer']!r}")
@@ -121,7 +121,7 @@ class VQAEvalSet(Dataset):
     """An evaluation file: ``[{"question_id", "question", "image", ...}]``, with ground truth where it has answers."""
 
     def __init__(self, path: str, d: VQADataConfig, answers_file: str = ""):
-        entries = _read_json_list(path, ("question_id", "question", "image"))
+        entries = read_json_list(path, ("question_id", "question", "image"))
         self.items = [(_image_path(d, e), pre_question(e["question"], 50), e["question_id"]) for e in entries]
         self.ground_truth: Optional[Dict[str, List[str]]] = None
         if answers_file:
