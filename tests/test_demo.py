@@ -1,8 +1,6 @@
 """The README's main job end to end, in its shortened CI mode: world -> crawl + download -> shards -> DeepSpeed
-pretraining on 2 processes -> zero-shot and fine-tuned retrieval -> summary.
-
-Known gap (issue #10 stays open): at this scale, trained from random weights, ITC collapses to one feature for every
-input, so retrieval stays at chance; the test checks the pipeline and the MLM learning, not retrieval recall."""
+pretraining on 2 processes -> zero-shot and fine-tuned retrieval -> summary, with retrieval far above chance on
+held-out images."""
 from __future__ import annotations
 
 import json
@@ -14,6 +12,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# R@1 floors as multiples of chance. Measured (quick mode, seed 0): zero-shot TR/IR R@1 17.2 / 5.0%, fine-tuned
+# 17.2 / 7.8%, chance 1.6%.
+ZS_R1, FT_R1 = 2.0, 3.0
 
 
 @pytest.mark.slow
@@ -24,14 +25,20 @@ def test_quick_demo_learns(tmp_path):
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert "ALBEF offline demo: summary" in p.stdout
     s = json.loads((tmp_path / "summary.json").read_text())
-    # pretraining learned: MLM well below its start (ln 30522 = 10.3)
+    # pretraining learned: MLM well below its start (ln 30522 = 10.3), ITC well below ln(32 keys) = 3.47
     rows = [json.loads(x) for x in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     mlm = [r["train/loss_mlm"] for r in rows if "train/loss_mlm" in r]
+    ita = [r["train/loss_ita"] for r in rows if "train/loss_ita" in r]
     assert mlm[-1] < 0.8 * mlm[0], mlm
+    assert ita[-1] < ita[0] - 0.5, ita
     # retrieval was evaluated zero-shot and after fine-tuning, on the held-out images, against the stated chance
     for name in ("zero_shot", "fine_tuned"):
         assert {"test/txt_r1", "test/img_r1", "test/r_mean"} <= set(s[name]), name
     assert s["chance"]["img"]["1"] == pytest.approx(100 / 64)
+    # ... and far above it (64 images x 320 captions: chance R@1 1.6% both ways)
+    chance = 100 / 64
+    assert s["zero_shot"]["test/txt_r1"] > ZS_R1 * chance and s["zero_shot"]["test/img_r1"] > ZS_R1 * chance, s
+    assert s["fine_tuned"]["test/txt_r1"] > FT_R1 * chance and s["fine_tuned"]["test/img_r1"] > FT_R1 * chance, s
     # the web crawl went through extraction and download
     assert json.loads((tmp_path / "shards_web" / "manifest.json").read_text())["num_samples"] >= 15
     assert any((tmp_path / "pretrain" / "wandb").glob("offline-run-*"))

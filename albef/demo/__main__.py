@@ -32,8 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 SIZES = {  # world images and training steps; "quick" is what CI runs
-    "full": dict(train=3000, val=100, test=100, image=96, pretrain_steps=600, finetune_steps=300),
-    "quick": dict(train=800, val=64, test=64, image=96, pretrain_steps=100, finetune_steps=40),
+    "full": dict(train=3000, val=100, test=100, image=48, pretrain_steps=800, finetune_steps=200),
+    "quick": dict(train=1500, val=64, test=64, image=48, pretrain_steps=400, finetune_steps=100),
 }
 
 

@@ -42,7 +42,10 @@ class ModelConfig:
     text: BertConfig = field(default_factory=BertConfig)
     embed_dim: int = 256  # width of the ITC feature space
     temp: float = 0.07  # initial contrastive temperature (learnable, clamped to [0.001, 0.5])
-    queue_size: int = 65536  # must be divisible by the global batch size
+    # Must be divisible by the global batch size. 0 keeps no queue (the batch's momentum features are the only keys):
+    # for training from random weights, where a queue of near-identical early features pushes every feature the same
+    # way and collapses ITC (see albef/configs/demo.yaml).
+    queue_size: int = 65536
     momentum: float = 0.995  # EMA coefficient of the momentum encoders
     mlm_probability: float = 0.15
     attn_impl: str = "sdpa"  # "sdpa" (fused) or "eager" (the official op order, bitwise)
@@ -249,7 +252,10 @@ class ALBEFBase(nn.Module):
         """Write the (all-gathered) momentum features into the queues at ``queue_ptr`` and advance it.
 
         Every rank gathers the same global batch, so the queues stay identical across ranks without a broadcast.
+        ``queue_size: 0`` keeps no queue: the batch's momentum features are the only keys (see ModelConfig).
         """
+        if self.cfg.queue_size == 0:
+            return
         image_feats, text_feats = concat_all_gather(image_feat_m), concat_all_gather(text_feat_m)
         bs = image_feats.shape[0]
         ptr = int(self.queue_ptr)

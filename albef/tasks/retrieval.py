@@ -8,7 +8,8 @@ Training: ITC whose positives are all captions of the same image (``idx``), in t
 queue (``idx_queue``), distilled from the momentum model, plus ITM with hard negatives that never share the image.
 Evaluation: ITC top-``k_test`` re-ranked by the ITM logit (``albef.eval.retrieval``), TR/IR R@1/5/10 and their
 mean; the best ``val`` ``r_mean`` selects the checkpoint. Each evaluation also writes a result JSON with the top
-retrieved items of every query.
+retrieved items of every query and, when W&B is on, two tables (``{split}/text_retrieval``,
+``{split}/image_retrieval``) of the first queries with thumbnails, ranked results and scores.
 
 Data, as the official files: train ``[{"image": rel_path, "caption": str, "image_id": any}]`` (one entry per
 caption), val/test ``[{"image": rel_path, "caption": [str, ...]}]``, with ``data.image_root`` prefixed.
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from albef.data.finetune import MapLoader
@@ -54,6 +57,8 @@ class RetrievalEvalConfig:
     text_batch_size: int = 256
     pair_batch_size: int = 512  # (query, candidate) pairs per fusion forward during re-ranking
     top_n_results: int = 5  # retrieved items per query written to the result JSON
+    wandb_queries: int = 16  # queries per direction shown in the W&B tables with thumbnails (0: no tables)
+    thumbnail_px: int = 96  # longest side of the thumbnails in the W&B tables
 
 
 @dataclass
@@ -192,3 +197,35 @@ class RetrievalTask(Task):
         out = Path(self.cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"retrieval_{split}.json").write_text(json.dumps(result, indent=1))
+        wandb = sys.modules.get("wandb")  # imported (and a run started) by the engine's MetricsLogger, if enabled
+        if wandb is not None and getattr(wandb, "run", None) is not None and self.cfg.eval.wandb_queries > 0:
+            wandb.run.log(self._wandb_tables(wandb, split, ds, result), commit=False)  # joins the evaluation's metrics row
+
+    def _wandb_tables(self, wandb, split: str, ds: "RetrievalEvalSet", result: Dict) -> Dict:
+        """The first ``eval.wandb_queries`` queries of each direction as W&B tables: thumbnails of the query or
+        retrieved images, the ranked captions with their scores, and whether rank 1 is correct."""
+        n, px = self.cfg.eval.wandb_queries, self.cfg.eval.thumbnail_px
+        thumbs: Dict[str, object] = {}
+
+        def thumb(path: str):
+            if path not in thumbs:
+                with Image.open(path) as im:
+                    im = im.convert("RGB")
+                    im.thumbnail((px, px))
+                    thumbs[path] = wandb.Image(im, caption=os.path.basename(path))
+            return thumbs[path]
+
+        k = self.cfg.eval.top_n_results
+        tr = wandb.Table(columns=["image", "ground truth captions", "retrieved captions (score)", "r1_correct"])
+        for q in result["text_retrieval"][:n]:
+            top = q["top"]
+            tr.add_data(thumb(q["image"]), "\n".join(ds.texts[j] for j in q["gt"]),
+                        "\n".join(f"{t['score']:.3f}  {t['caption']}" for t in top), bool(top) and top[0]["index"] in q["gt"])
+        ir = wandb.Table(columns=["caption", "ground truth image"] + [f"rank {r + 1}" for r in range(k)]
+                         + ["scores", "r1_correct"])  # fmt: skip
+        for q in result["image_retrieval"][:n]:
+            top = q["top"] + [None] * (k - len(q["top"]))
+            ir.add_data(q["caption"], thumb(ds.images[q["gt"]]),
+                        *[thumb(t["image"]) if t else None for t in top],
+                        " ".join(f"{t['score']:.3f}" for t in q["top"]), bool(q["top"]) and q["top"][0]["index"] == q["gt"])
+        return {f"{split}/text_retrieval": tr, f"{split}/image_retrieval": ir}
