@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from albef.checkpoint import (
     CheckpointError, export_official, init_text_from_hf, init_vit_from_deit, load_pretrained, read_state_dict,
@@ -234,3 +235,28 @@ def test_base_model_size():
     online = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 209.0e6 < online < 211.0e6, online
     assert model.visual_encoder.pos_embed.shape == (1, 257, 768)
+
+
+@pytest.mark.parametrize("task", ["pretrain", "retrieval"])
+def test_queue_size_zero_uses_the_batch_as_the_only_keys(task):
+    """``queue_size: 0`` (the from-scratch recipe): ITC's keys are the batch's momentum features, nothing is enqueued,
+    and the loss is the soft cross-entropy over those B keys (checked against the formula from the returned details)."""
+    torch.manual_seed(0)
+    model = build_model("tiny", task, seed=0, overrides=["queue_size=0"])
+    assert model.image_queue.shape == (32, 0) and model.text_queue.shape == (32, 0)
+    b = 4
+    image = torch.randn(b, 3, 64, 64)
+    ids = torch.randint(1000, 2000, (b, 9))
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    kwargs = {"idx": torch.tensor([0, 1, 1, 2])} if task == "retrieval" else {}
+    for _ in range(2):  # a second step: still no queue
+        out = model(image, ids, mask, alpha=0.4, return_details=True, **kwargs)
+        d = out["details"]
+        assert d["sim_i2t"].shape == (b, b) and d["sim_t2i"].shape == (b, b)
+        assert torch.isfinite(out["loss_ita"]) and int(model.queue_ptr) == 0
+        sim_i2t_m = d["image_feat_m"] @ d["text_feat_m"].t() / model.temp
+        torch.testing.assert_close(d["sim_i2t_m"], sim_i2t_m, rtol=1e-5, atol=1e-5)
+        expected = (-(F.log_softmax(d["sim_i2t"], 1) * d["sim_i2t_targets"]).sum(1).mean()
+                    - (F.log_softmax(d["sim_t2i"], 1) * d["sim_t2i_targets"]).sum(1).mean()) / 2  # fmt: skip
+        torch.testing.assert_close(out["loss_ita"], expected, rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ from albef.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from wandb_records import history  # noqa: E402
+from wandb_records import history, records  # noqa: E402
 
 
 def test_recall_on_hand_made_scores():
@@ -98,7 +98,7 @@ def test_finetuning_under_deepspeed_raises_recall(tmp_path):
     ita = [r["train/loss_ita"] for r in rows if "train/loss_ita" in r]
     assert [r["step"] for r in rows if "train/loss_ita" in r][-1] == 300
     evals = [r for r in rows if "test/r_mean" in r]
-    assert [r["step"] for r in evals] == [235, 300]  # 7500 captions / 32 = 235 steps per epoch, then the last step
+    assert [r["step"] for r in evals] == [234, 300]  # 7500 captions // 32 = 234 full batches per epoch, then the last step
     after = evals[-1]
     chance_r1 = 100 / 64
     print(f"\nretrieval on 64 held-out images: TR R@1 {before['test/txt_r1']:.1f} -> {after['test/txt_r1']:.1f}, "
@@ -111,16 +111,20 @@ def test_finetuning_under_deepspeed_raises_recall(tmp_path):
     assert len(res["text_retrieval"]) == 64 and len(res["image_retrieval"]) == 64 * 5
     assert all(len(q["top"]) == 5 for q in res["text_retrieval"])
     assert (tmp_path / "after" / "best.pth").is_file() and (tmp_path / "after" / "final.pth").is_file()
-    # the W&B run holds, beside each evaluation's metrics, tables of the first 6 queries with thumbnails
-    (run,) = (tmp_path / "after" / "wandb").glob("offline-run-*")
-    logged = [r for r in history(next(run.glob("run-*.wandb"))) if "test/text_retrieval/_type" in r]
-    assert logged and all("test/r_mean" in r for r in logged)
+    # the W&B run holds, in each evaluation's metrics row, tables of the first 6 queries with thumbnails; W&B stores
+    # a logged table as a run artifact (table JSON + images), staged in the run folder until `wandb sync`
+    (wandb_file,) = (tmp_path / "after" / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = [r for r in history(wandb_file) if "test/text_retrieval/_type" in r]
+    assert [r["_step"] for r in logged] == [234, 300] and all("test/r_mean" in r for r in logged)
     for direction, ncols in (("text_retrieval", 4), ("image_retrieval", 2 + 5 + 2)):
         assert logged[-1][f"test/{direction}/_type"] == "table-file"
         assert (logged[-1][f"test/{direction}/nrows"], logged[-1][f"test/{direction}/ncols"]) == (6, ncols)
-        table = json.loads((run / "files" / logged[-1][f"test/{direction}/path"]).read_text())
-        assert len(table["data"]) == 6
-    table = json.loads((run / "files" / logged[-1]["test/text_retrieval/path"]).read_text())
+    arts = {r.artifact.name: {e.path: Path(e.local_path) for e in r.artifact.manifest.contents}
+            for r in records(wandb_file) if r.WhichOneof("record_type") == "artifact"}  # fmt: skip
+    (files,) = [f for name, f in arts.items() if "-testtext_retrieval" in name][-1:]
+    assert all(p.is_relative_to(tmp_path / "after") for p in files.values())
+    table = json.loads(next(p for k, p in files.items() if k.endswith(".table.json")).read_text())
     assert [row[3] for row in table["data"]] == [q["top"][0]["index"] in q["gt"] for q in res["text_retrieval"][:6]]
-    thumbs = list((run / "files" / "media" / "images").rglob("*.png"))
-    assert thumbs and all(max(Image.open(p).size) <= 96 for p in thumbs)
+    assert [row[0]["path"] in files for row in table["data"]] == [True] * 6  # the thumbnails are in the artifact
+    thumbs = [p for k, p in files.items() if k.endswith(".png")]
+    assert len(thumbs) == 6 and all(Image.open(p).size == (48, 48) for p in thumbs)  # 48 px images: no shrink

@@ -59,6 +59,9 @@ class MetricsLogger:
 
             os.environ.setdefault("WANDB_DIR", str(run_dir))
             os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / ".wandb_cache"))
+            # Logged tables travel as run artifacts whose files (thumbnails, table JSON) W&B stages under its data
+            # dir until `wandb sync`: keep them in the run folder, not in ~/.local/share.
+            os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / ".wandb_data"))
             # The id also lives in the run folder, so a job killed before its first checkpoint keeps its W&B run.
             id_file = run_dir / "wandb_id"
             if not wandb_id and id_file.is_file():
@@ -76,12 +79,13 @@ class MetricsLogger:
                          file=sys.stderr, disable=not sys.stderr.isatty() and os.environ.get("ALBEF_PROGRESS") != "1")  # fmt: skip
         self._t0 = time.time()
 
-    def log(self, step: int, metrics: Dict[str, float], console: bool = True) -> None:
+    def log(self, step: int, metrics: Dict[str, float], console: bool = True, media: Optional[Dict] = None) -> None:
+        """One row: JSONL + W&B (+ console). ``media`` (W&B images/tables) go to W&B only, in the same row."""
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **{k: _num(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
-        self._wandb(lambda run: run.log(metrics, step=step))
+        self._wandb(lambda run: run.log({**metrics, **(media or {})}, step=step))
         if console:
             shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not k.startswith("time/"))
             msg = f"step {step} {shown}"

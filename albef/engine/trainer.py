@@ -225,7 +225,7 @@ class Trainer:
             state["evaluated_step"] = state["step"]
             if not results:
                 return
-            logger.log(state["step"], results)
+            logger.log(state["step"], results, media=self.task.pop_media())
             key = f"{self.task.eval_splits[0]}/{self.task.primary_metric}"
             if key in results and results[key] > state.get("best", float("-inf")):
                 state["best"] = results[key]

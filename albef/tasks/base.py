@@ -5,8 +5,9 @@ engine (``albef.engine.trainer``) owns everything around that: DeepSpeed, schedu
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -86,6 +87,19 @@ class Task:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        # W&B-only values (images, tables) made by the last evaluation; the engine logs them in the evaluation's
+        # metrics row (same step) and clears them. Filled only while a W&B run is active (see ``wandb_module``).
+        self.media: Dict[str, Any] = {}
+
+    @staticmethod
+    def wandb_module():
+        """The ``wandb`` module when the engine's MetricsLogger has started a run (rank 0), else None."""
+        wandb = sys.modules.get("wandb")
+        return wandb if wandb is not None and getattr(wandb, "run", None) is not None else None
+
+    def pop_media(self) -> Dict[str, Any]:
+        media, self.media = self.media, {}
+        return media
 
     def build_model(self) -> ALBEFBase:
         from albef.models import build_model

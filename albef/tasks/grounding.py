@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import pickle
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -342,10 +341,9 @@ class GroundingTask(RetrievalTask):
             save_grounding_overlay(path, row["image"], cam, row["pred_box"], row["gt_box"], caption)
             paths.append(path)
             captions.append(caption)
-        wandb = sys.modules.get("wandb")  # imported (and a run started) by the engine's MetricsLogger, if enabled
-        if wandb is not None and getattr(wandb, "run", None) is not None:
-            images = [wandb.Image(str(p), caption=c) for p, c in zip(paths, captions)]
-            wandb.run.log({f"{split}/examples": images}, commit=False)  # joins the evaluation's metrics row
+        wandb = self.wandb_module()
+        if wandb is not None:  # logged in the evaluation's metrics row
+            self.media[f"{split}/examples"] = [wandb.Image(str(p), caption=c) for p, c in zip(paths, captions)]
 
 
 def grounding_metrics(rows: List[Dict], split: str) -> Dict[str, float]:

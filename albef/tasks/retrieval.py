@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
@@ -197,9 +196,9 @@ class RetrievalTask(Task):
         out = Path(self.cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"retrieval_{split}.json").write_text(json.dumps(result, indent=1))
-        wandb = sys.modules.get("wandb")  # imported (and a run started) by the engine's MetricsLogger, if enabled
-        if wandb is not None and getattr(wandb, "run", None) is not None and self.cfg.eval.wandb_queries > 0:
-            wandb.run.log(self._wandb_tables(wandb, split, ds, result), commit=False)  # joins the evaluation's metrics row
+        wandb = self.wandb_module()
+        if wandb is not None and self.cfg.eval.wandb_queries > 0:
+            self.media.update(self._wandb_tables(wandb, split, ds, result))  # logged in the evaluation's metrics row
 
     def _wandb_tables(self, wandb, split: str, ds: "RetrievalEvalSet", result: Dict) -> Dict:
         """The first ``eval.wandb_queries`` queries of each direction as W&B tables: thumbnails of the query or
