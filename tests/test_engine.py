@@ -180,7 +180,7 @@ def test_zero_stages_and_precisions_train(world_shards, tmp_path, stage, precisi
 @pytest.mark.slow
 def test_world_size_two_equals_single_process_reference(world_shards, tmp_path):
     """Two gloo ranks vs one process computing both ranks' half batches with the same weights and queue."""
-    from albef.checkpoint import export_official, load_pretrained
+    from albef.checkpoint import load_pretrained
     from albef.config import load_config
     from albef.data import build_pretrain_loader
     from albef.engine.optim import build_optimizer
@@ -237,11 +237,30 @@ def test_world_size_two_equals_single_process_reference(world_shards, tmp_path):
             g["lr"] = lr
         optimizer.step()
 
+    del iters, loaders  # stop the loader workers now: a failing assertion below must not leave them to hang the exit
+
     trained = build_model(cfg.model, "pretrain")
     load_pretrained(trained, str(run / "final.pth"))
-    ours, ref = export_official(trained), export_official(model)
-    worst = max((ours[k].double() - ref[k].double()).abs().max().item() for k in ref if ref[k].is_floating_point())
+    ours, ref, params = trained.state_dict(), model.state_dict(), dict(model.named_parameters())
+    # Elements whose gradient is rounding noise (e.g. the key bias of attention, whose exact gradient is 0: softmax
+    # ignores a constant added to all keys) get Adam updates m/(sqrt(v)+eps) of noise / eps: any change of summation
+    # order (gloo's all-reduce vs our average) moves them by up to ~lr. They are the elements with sqrt(v_hat) < eps;
+    # everything else must agree to 2e-5.
+    bias2 = 1 - t.betas[1] ** steps
+    worst, worst_noise, noise = 0.0, 0.0, 0
+    for k, r in ref.items():
+        if not r.is_floating_point():
+            continue
+        diff = (ours[k].double() - r.double()).abs()
+        state = optimizer.state.get(params.get(k), {})
+        if "exp_avg_sq" in state:
+            in_noise = (state["exp_avg_sq"] / bias2).sqrt() < t.eps
+            noise += int(in_noise.sum())
+            worst_noise = max(worst_noise, diff[in_noise].max().item() if in_noise.any() else 0.0)
+            diff = diff[~in_noise]
+        worst = max(worst, diff.max().item() if diff.numel() else 0.0)
     assert worst < 2e-5, f"largest parameter/queue difference {worst:.3e}"
+    assert worst_noise <= t.lr, f"{noise} elements in Adam's noise regime, largest difference {worst_noise:.3e}"
     assert torch.equal(ours["queue_ptr"], ref["queue_ptr"]) and int(ref["queue_ptr"]) == (steps * 16) % 64
 
 
