@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# R@1 floors as multiples of chance. Measured (quick mode, seed 0): zero-shot TR/IR R@1 17.2 / 5.0%, fine-tuned
-# 17.2 / 7.8%, chance 1.6%.
-ZS_R1, FT_R1 = 2.0, 3.0
+# Floors as multiples of chance. Two quick runs (seed 0; the 2-process run is not bitwise repeatable) measured
+# zero-shot TR R@1 17.2 / 21.9%, IR R@1 5.0 / 3.1%, IR R@10 51.9 / 59.4%; fine-tuned TR R@1 17.2 / 21.9%,
+# IR R@1 7.8 / 5.6%, IR R@10 62.2 / 65.0%; chance R@1 1.6%, R@10 15.6%. One image is 1.6 points of IR R@1, so the
+# image-retrieval floors lean on R@10.
+FLOORS = {"zero_shot": {"txt_r1": 5.0, "img_r10": 2.5}, "fine_tuned": {"txt_r1": 5.0, "img_r1": 2.0, "img_r10": 3.0}}
 
 
 @pytest.mark.slow
@@ -35,10 +37,12 @@ def test_quick_demo_learns(tmp_path):
     for name in ("zero_shot", "fine_tuned"):
         assert {"test/txt_r1", "test/img_r1", "test/r_mean"} <= set(s[name]), name
     assert s["chance"]["img"]["1"] == pytest.approx(100 / 64)
-    # ... and far above it (64 images x 320 captions: chance R@1 1.6% both ways)
-    chance = 100 / 64
-    assert s["zero_shot"]["test/txt_r1"] > ZS_R1 * chance and s["zero_shot"]["test/img_r1"] > ZS_R1 * chance, s
-    assert s["fine_tuned"]["test/txt_r1"] > FT_R1 * chance and s["fine_tuned"]["test/img_r1"] > FT_R1 * chance, s
+    # ... and far above it (64 images x 320 captions)
+    for name, floors in FLOORS.items():
+        for metric, times in floors.items():
+            direction, k = metric.split("_r")
+            chance = s["chance"]["txt" if direction == "txt" else "img"][k]
+            assert s[name][f"test/{metric}"] > times * chance, (name, metric, s[name][f"test/{metric}"], chance)
     # the web crawl went through extraction and download
     assert json.loads((tmp_path / "shards_web" / "manifest.json").read_text())["num_samples"] >= 15
     assert any((tmp_path / "pretrain" / "wandb").glob("offline-run-*"))
