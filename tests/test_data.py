@@ -12,6 +12,8 @@ import io
 import json
 import logging
 import random
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -423,6 +425,41 @@ def test_shuffle_events_are_a_permutation_and_replayable():
             assert outs != list(range(30))
             assert list(shuffle_events(30, size, random.Random(0))) == events
     assert worker_batch_counts(7, 2) == [4, 3] and worker_batch_counts(2, 3) == [1, 1, 0]
+
+
+EXIT_SCRIPT = """
+import sys
+from albef.data import DataConfig, build_pretrain_loader
+from albef.data.finetune import MapLoader
+from albef.tokenizer import Tokenizer
+
+cfg = DataConfig(shards=[sys.argv[1]], image_res=16, batch_size=4, num_workers=2, shuffle_buffer=6, pin_memory=False)
+pretrain = iter(build_pretrain_loader(cfg, Tokenizer(), 0, 1, seed=0))
+next(pretrain)
+
+
+class Numbers:
+    def __len__(self):
+        return 64
+
+    def load(self, index, rng):
+        return {"x": index}
+
+
+finetune = iter(MapLoader(Numbers(), lambda samples: {"x": [s["x"] for s in samples]}, 4, 0, 1, seed=0, num_workers=2))
+next(finetune)
+raise RuntimeError("the run fails with both loaders open")
+"""
+
+
+def test_a_program_ending_with_open_loaders_exits(uneven, tmp_path):
+    """The workers ignore SIGTERM (SLURM signals belong to the main process), so multiprocessing's exit hook, which
+    terminates and joins them, hung a program that failed or broke out of a loop with a loader iterator open."""
+    script = tmp_path / "open_loaders.py"
+    script.write_text(EXIT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(uneven["dir"])], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 1 and "the run fails with both loaders open" in proc.stderr, proc.stderr[-2000:]
 
 
 # ---- official JSON files -----------------------------------------------------------------------------------------

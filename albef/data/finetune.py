@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterator, List
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from albef.data.loader import ignore_stop_signals
+from albef.data.loader import ignore_stop_signals, iterate_workers
 from albef.data.samples import BadSample, derive_seed
 
 MAX_REPLACEMENTS = 16
@@ -90,7 +90,7 @@ class MapLoader:
         loader = DataLoader(_EpochView(self.dataset, self.seed, self.epoch), batch_sampler=batches,
                             collate_fn=self._collate, num_workers=self.num_workers,
                             worker_init_fn=ignore_stop_signals if self.num_workers else None)  # fmt: skip
-        for batch in loader:
+        for batch in iterate_workers(loader):
             self._stats.update(batch.pop("_bad"))
             self.position += 1
             yield batch

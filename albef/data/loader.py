@@ -50,6 +50,7 @@ Semantics (W = max(1, num_workers) workers per rank, B = batch_size, R = world_s
 """
 from __future__ import annotations
 
+import atexit
 import bisect
 import collections
 import hashlib
@@ -57,6 +58,7 @@ import logging
 import os
 import random
 import signal
+import weakref
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -112,9 +114,34 @@ def worker_batch_counts(num_batches: int, num_workers: int) -> List[int]:
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader worker init: SLURM sends SIGTERM/SIGUSR1 to every process of a job; the workers must leave them to
-    the main process, which checkpoints and stops them itself (else the main process dies on 'worker killed')."""
+    the main process, which checkpoints and stops them itself (else the main process dies on 'worker killed').
+    Use with ``iterate_workers``, which stops such workers when the program ends."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _stop_live_workers() -> None:
+    """At exit, before multiprocessing's own exit hook (atexit runs in reverse order of registration, and torch
+    imports multiprocessing first). That hook terminates worker processes with SIGTERM, which ours ignore, then
+    joins them: a program that ends while a loader iterator is still open (a ``break`` in a script, an exception
+    that ends the run with the iterator in its traceback) would wait forever. Shut them down the way the DataLoader
+    does when its iterator is deleted: a stop message to each worker, then join."""
+    for iterator in list(_LIVE_ITERATORS):
+        iterator._shutdown_workers()
+
+
+atexit.register(_stop_live_workers)
+
+
+def iterate_workers(loader: DataLoader) -> Iterator:
+    """``iter(loader)`` for a DataLoader whose workers run ``ignore_stop_signals``: stopped at exit if still open."""
+    iterator = iter(loader)
+    if hasattr(iterator, "_shutdown_workers"):
+        _LIVE_ITERATORS.add(iterator)
+    return iterator
 
 
 class _ShardSlice:
@@ -450,10 +477,10 @@ class PretrainLoader:
         if self.cfg.num_workers == 0:
             batches = iter(dataset)
         else:
-            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                                      prefetch_factor=self.cfg.prefetch_factor,
-                                      pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-                                      worker_init_fn=ignore_stop_signals))
+            batches = iterate_workers(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                                                 prefetch_factor=self.cfg.prefetch_factor,
+                                                 pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+                                                 worker_init_fn=ignore_stop_signals))
         try:
             for batch in batches:
                 self._worker_stats[batch.pop("_worker")] = batch.pop("_stats")
