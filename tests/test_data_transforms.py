@@ -17,7 +17,8 @@ from torchvision.transforms import functional as tvf
 
 from albef.data import (CLIP_MEAN, CLIP_STD, RANDAUG_OPS, ImageTransform, RandAugment, finetune_transform,
                         normalize_images, pretrain_transform, random_resized_crop_params, test_transform)
-from albef.data.transforms import (CROP_RATIO, _draft_factor, decode_bgr, read_image_header, resize_bicubic)
+from albef.data.transforms import (CROP_RATIO, _draft_factor, crop_decoder_available, decode_bgr, decode_jpeg_crop,
+                                   read_image_header, resize_bicubic)
 
 OFFICIAL_OPS = ["Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
                 "TranslateY", "Rotate"]
@@ -187,6 +188,74 @@ def test_decoding_is_pixel_identical_to_pillow():
     for garbage in (b"", b"not an image at all", cases[0][:40]):
         with pytest.raises(ValueError):
             test_transform(32)(garbage, random.Random(0))
+
+
+def _jpeg_variants(arr: np.ndarray) -> dict:
+    """The JPEG layouts a web crawl brings: every chroma subsampling, grey, progressive, restart markers."""
+    bgr = np.ascontiguousarray(arr[:, :, ::-1])
+
+    def cv2_jpeg(*params):
+        return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90, *params])[1].tobytes()
+
+    return {
+        "4:2:0": encode(arr, quality=90), "4:4:4": encode(arr, quality=90, subsampling=0),
+        "4:2:2": encode(arr, quality=90, subsampling=1), "grey": encode(np.asarray(Image.fromarray(arr).convert("L"))),
+        "progressive": encode(arr, quality=90, progressive=True),
+        "4:1:1": cv2_jpeg(cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411),
+        "4:4:0": cv2_jpeg(cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440),
+        "restart markers": cv2_jpeg(cv2.IMWRITE_JPEG_RST_INTERVAL, 3),
+    }
+
+
+def test_crop_decoder_is_built():
+    assert crop_decoder_available(), (
+        "albef.data._jpegcrop is not compiled: `make setup` builds it (needs gcc and libjpeg62-turbo-dev; as root "
+        "`make setup` installs them); without it the loader falls back to whole-image decoding")
+
+
+@pytest.mark.skipif(not crop_decoder_available(), reason="albef.data._jpegcrop not built (see test_crop_decoder_is_built)")
+def test_crop_decoding_is_bit_identical_to_a_full_decode():
+    """Every crop, at every DCT scale, equals the same crop of OpenCV's full decode (= Pillow's), including its
+    edge columns (where a naive crop decode's upsampling differs) and its first rows after skipped ones."""
+    rng = random.Random(0)
+    reduced = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+               8: cv2.IMREAD_REDUCED_COLOR_8}
+    for name, data in _jpeg_variants(photo(203, 157, seed=3)).items():
+        assert read_image_header(data) == (203, 157, "JPEG"), name
+        for factor, flag in reduced.items():
+            full = cv2.imdecode(np.frombuffer(data, np.uint8), flag)[:, :, ::-1]
+            assert full.shape[:2] == (-(-157 // factor), -(-203 // factor))
+            height, width = full.shape[:2]
+            boxes = [(0, 0, height, width), (height - 1, width - 1, 1, 1)]
+            boxes += [(rng.randint(0, height - h), rng.randint(0, width - w), h, w)
+                      for h, w in ((rng.randint(1, height), rng.randint(1, width)) for _ in range(12))]
+            for top, left, h, w in boxes:
+                crop = decode_jpeg_crop(data, top, left, h, w, factor)
+                assert crop.shape == (h, w, 3) and crop.flags.c_contiguous
+                assert np.array_equal(crop, full[top:top + h, left:left + w]), (name, factor, (top, left, h, w))
+    data = encode(photo(64, 48))
+    with pytest.raises(ValueError, match="outside the 64x48 image"):
+        decode_jpeg_crop(data, 40, 0, 9, 10)
+    for garbage in (b"\xff\xd8 not a jpeg", data[:60]):
+        with pytest.raises(ValueError, match="JPEG"):
+            test_transform(32)(garbage, random.Random(0))
+    # a truncated file is an error, as for OpenCV (a bad sample for the loader), even when the crop is above the cut
+    cut = data[:len(data) * 2 // 3]
+    assert cv2.imdecode(np.frombuffer(cut, np.uint8), cv2.IMREAD_COLOR) is None
+    for box in ((0, 0, 48, 64), (0, 0, 8, 8)):
+        with pytest.raises(ValueError, match="Premature end of JPEG file"):
+            decode_jpeg_crop(cut, *box)
+
+
+def test_cmyk_jpegs_and_other_formats_take_the_whole_image_path():
+    arr = photo(80, 60, seed=5)
+    cmyk = io.BytesIO()
+    Image.fromarray(arr).convert("CMYK").save(cmyk, "JPEG", quality=95)
+    for data in (cmyk.getvalue(), encode(arr, "PNG"), encode(arr, "WEBP", lossless=True)):
+        ref = resize_bicubic(np.ascontiguousarray(decode_bgr(data)[:, :, ::-1]), 32, 32)
+        assert np.array_equal(test_transform(32, draft=False)(data, random.Random(0)), ref)
+        pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.BICUBIC))
+        assert np.abs(ref.astype(int) - pil).max() <= 2  # OpenCV's CMYK->RGB rounds 1 below Pillow's
 
 
 def test_pretrain_transform_equals_official_crop_resize_flip():
