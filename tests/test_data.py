@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from albef.config import ConfigError, from_dict
-from albef.data import (CLIP_MEAN, CLIP_STD, DataConfig, JsonCaptionDataset, build_pretrain_loader,
+from albef.data import (CLIP_MEAN, CLIP_STD, DataConfig, JsonCaptionDataset, build_pretrain_loader, normalize_images,
                         pretrain_transform, shuffle_events, worker_batch_counts)
 from albef.data.shards import Shard, count_samples, expand_dataset, iter_shard
 from albef.tokenizer import Tokenizer
@@ -141,10 +141,12 @@ def test_batch_format(uneven, tok):
     loader = build_pretrain_loader(cfg_for([uneven["dir"]], num_workers=0), tok, 0, 1, seed=0)
     batch = next(iter(loader))
     assert set(batch) == {"image", "input_ids", "attention_mask", "caption", "key"}
-    assert batch["image"].shape == (4, 3, RES, RES) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (4, RES, RES, 3) and batch["image"].dtype == torch.uint8  # pixels, normalised
+    pixels = normalize_images(batch["image"])  # on the training device by the engine
+    assert pixels.shape == (4, 3, RES, RES) and pixels.dtype == torch.float32
     lo = ((0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)).min()
     hi = ((1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)).max()
-    assert lo - 1e-5 <= batch["image"].min() and batch["image"].max() <= hi + 1e-5
+    assert lo - 1e-5 <= pixels.min() and pixels.max() <= hi + 1e-5
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert ids.dtype == mask.dtype == torch.int64 and ids.shape == mask.shape and ids.shape[1] <= 25
     assert (ids[:, 0] == tok.cls_token_id).all() and not (ids == tok.sep_token_id).any()  # [CLS], no [SEP]

@@ -16,8 +16,8 @@ from torchvision import transforms as tv
 from torchvision.transforms import functional as tvf
 
 from albef.data import (CLIP_MEAN, CLIP_STD, RANDAUG_OPS, ImageTransform, RandAugment, finetune_transform,
-                        normalize_images, pretrain_transform, random_resized_crop_params, test_transform)
-from albef.data.transforms import (CROP_RATIO, _draft_factor, crop_decoder_available, decode_bgr, decode_jpeg_crop,
+                        normalize_images, pretrain_transform, random_resized_crop_params, stack_images, test_transform)
+from albef.data.transforms import (CROP_RATIO, _draft_factor, _normalize_torch, crop_decoder_available, decode_bgr, decode_jpeg_crop,
                                    read_image_header, resize_bicubic)
 
 OFFICIAL_OPS = ["Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
@@ -43,17 +43,26 @@ def encode(arr: np.ndarray, fmt: str = "JPEG", **kw) -> bytes:
 def test_normalisation_constants_and_normalize_images_equal_totensor_normalize():
     assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
     assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
-    imgs = [photo(40, 30, s)[:30, :30] for s in range(3)]
-    ours = normalize_images(imgs)
+    imgs = [photo(40, 30, s)[:30, :30] for s in range(4)]
+    pixels = stack_images(imgs)  # what the loaders ship: uint8 (B, H, W, 3)
+    assert pixels.shape == (4, 30, 30, 3) and pixels.dtype == torch.uint8 and np.array_equal(pixels[2], imgs[2])
     ref = torch.stack([tv.Normalize(CLIP_MEAN, CLIP_STD)(tv.ToTensor()(im)) for im in imgs])
-    assert ours.shape == (3, 3, 30, 30) and ours.dtype == torch.float32
-    assert torch.allclose(ours, ref, atol=1e-5)
+    for normalize in (normalize_images, lambda x: _normalize_torch(x, torch.float32)):  # CPU path, device path
+        ours = normalize(pixels)
+        assert ours.shape == (4, 3, 30, 30) and ours.dtype == torch.float32 and ours.is_contiguous()
+        assert torch.allclose(ours, ref, atol=1e-5)
+        pairs = normalize(pixels.view(2, 2, 30, 30, 3))  # leading dimensions (NLVR2/VE image pairs)
+        assert pairs.shape == (2, 2, 3, 30, 30) and torch.allclose(pairs.view(4, 3, 30, 30), ref, atol=1e-5)
+    half = normalize_images(pixels, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), ref, atol=2e-2)
     lo = (0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     hi = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    extremes = normalize_images([np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)])
+    extremes = normalize_images(stack_images([np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)]))
     assert torch.allclose(extremes[0, :, 0, 0], lo, atol=1e-6) and torch.allclose(extremes[1, :, 0, 0], hi, atol=1e-6)
     with pytest.raises(ValueError, match="image 1: expected a 30x30x3 uint8"):
-        normalize_images([imgs[0], imgs[1][:20]])
+        stack_images([imgs[0], imgs[1][:20]])
+    with pytest.raises(ValueError, match=r"expected uint8 pixels \(..., H, W, 3\)"):
+        normalize_images(ref)
 
 
 def test_randaugment_op_list_and_magnitudes_are_official():
@@ -114,6 +123,14 @@ def test_geometric_ops_are_the_official_opencv_warps(sign):
         assert np.array_equal(tx[:, 7:], img[:, : w - 7]) and (tx[:, :7] == 128).all()
         assert np.array_equal(ty[7:], img[: h - 7]) and (ty[:7] == 128).all()
     assert ra.apply("Identity", img) is img
+    # whole-pixel translations take a copy path: the same pixels as OpenCV's warp, at any magnitude
+    for magnitude in (7, 3, 0, 10):
+        ra = RandAugment(magnitude=magnitude)
+        m = sign * magnitude
+        assert np.array_equal(ra.apply("TranslateX", img, sign), warp([[1, 0, -m], [0, 1, 0]]))
+        assert np.array_equal(ra.apply("TranslateY", img, sign), warp([[1, 0, 0], [0, 1, -m]]))
+    ra = RandAugment(magnitude=7, max_level=4)  # a fractional shift (17.5 px) still warps
+    assert np.array_equal(ra.apply("TranslateX", img, sign), warp([[1, 0, -sign * 17.5], [0, 1, 0]]))
 
 
 def test_enhance_ops_match_pil_definitions():

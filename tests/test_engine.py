@@ -182,7 +182,7 @@ def test_world_size_two_equals_single_process_reference(world_shards, tmp_path):
     """Two gloo ranks vs one process computing both ranks' half batches with the same weights and queue."""
     from albef.checkpoint import load_pretrained
     from albef.config import load_config
-    from albef.data import build_pretrain_loader
+    from albef.data import build_pretrain_loader, normalize_images
     from albef.engine.optim import build_optimizer
     from albef.tasks.pretrain import PretrainConfig
     from albef.tokenizer import Tokenizer
@@ -221,7 +221,8 @@ def test_world_size_two_equals_single_process_reference(world_shards, tmp_path):
                 model.image_queue.copy_(queues_before[0]), model.text_queue.copy_(queues_before[1])
                 model.queue_ptr.copy_(queues_before[2])
             torch.manual_seed(step_seed(t.seed, r, step))
-            out = model(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha, return_details=True)
+            out = model(normalize_images(batch["image"]), batch["input_ids"], batch["attention_mask"], alpha=alpha,
+                        return_details=True)  # fmt: skip
             model.zero_grad()
             (out["loss_mlm"] + out["loss_ita"] + out["loss_itm"]).backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -19,12 +19,12 @@ from albef.data.samples import REASONS, BadSample, collate, make_sample, sample_
 from albef.data.shards import Shard, expand_dataset, iter_shard, load_manifest
 from albef.data.transforms import (CLIP_MEAN, CLIP_STD, FINETUNE_SCALE, PRETRAIN_SCALE, RANDAUG_OPS, ImageTransform,
                                    RandAugment, finetune_transform, normalize_images, pretrain_transform,
-                                   random_resized_crop_params, test_transform)
+                                   random_resized_crop_params, stack_images, test_transform)
 
 __all__ = [
     "DataConfig", "PretrainLoader", "build_pretrain_loader", "shuffle_events", "worker_batch_counts",
     "JsonCaptionDataset", "load_json_entries", "REASONS", "BadSample", "collate", "make_sample", "sample_from_shard",
     "Shard", "expand_dataset", "iter_shard", "load_manifest", "CLIP_MEAN", "CLIP_STD", "FINETUNE_SCALE",
     "PRETRAIN_SCALE", "RANDAUG_OPS", "ImageTransform", "RandAugment", "finetune_transform", "normalize_images",
-    "pretrain_transform", "random_resized_crop_params", "test_transform",
+    "pretrain_transform", "random_resized_crop_params", "stack_images", "test_transform",
 ]

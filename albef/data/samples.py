@@ -4,8 +4,8 @@ A training sample is ``{"image": res x res x 3 uint8 RGB array, "caption": str (
 produced from a tar sample (``sample_from_shard``) or an official JSON entry (``JsonCaptionDataset``). A sample
 that cannot be used raises ``BadSample`` with one of the reasons below; the loader counts and logs it by reason.
 
-``collate`` makes the batch the training engine consumes, in the loader worker: ``image`` float32
-``(B, 3, res, res)`` CLIP-normalised, ``input_ids``/``attention_mask`` int64 ``(B, L)`` from the ALBEF tokenizer
+``collate`` makes the batch the training engine consumes, in the loader worker: ``image`` uint8 ``(B, res, res, 3)``
+RGB pixels (``stack_images``; the engine normalises them on its device with ``normalize_images``), ``input_ids``/``attention_mask`` int64 ``(B, L)`` from the ALBEF tokenizer
 (padding to the longest caption, at most ``max_text_len`` tokens, as the official ``Pretrain.py``), plus the
 ``caption`` and ``key`` lists.
 """
@@ -16,11 +16,9 @@ import random
 from typing import Dict, List, Sequence
 
 import cv2
-import torch
-from torch.utils.data import get_worker_info
 
 from albef.data.shards import Missing, RawSample
-from albef.data.transforms import ImageDecodeError, ImageTransform, normalize_images
+from albef.data.transforms import ImageDecodeError, ImageTransform, stack_images
 from albef.tokenizer import pre_caption
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -80,14 +78,10 @@ def sample_from_shard(item, transform: ImageTransform, rng: random.Random, max_w
 
 def collate(samples: Sequence[Dict], tokenizer, max_text_len: int) -> Dict:
     """Training samples -> the batch dict (see the module docstring)."""
-    res = samples[0]["image"].shape[:2]
-    out = torch.empty((len(samples), 3) + tuple(res), dtype=torch.float32)
-    if get_worker_info() is not None:
-        out.share_memory_()  # the batch goes to the main process without another copy
     captions = [s["caption"] for s in samples]
     text = tokenizer(captions, max_length=max_text_len)
     return {
-        "image": normalize_images([s["image"] for s in samples], out=out),
+        "image": stack_images([s["image"] for s in samples]),
         "input_ids": text["input_ids"],
         "attention_mask": text["attention_mask"],
         "caption": captions,

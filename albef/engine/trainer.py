@@ -26,18 +26,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
 import yaml
 
+from albef.data.transforms import normalize_images
 from albef.engine import checkpointing, dist, signals
 from albef.engine.flops import measured_matmul_peak
 from albef.engine.metrics import MetricsLogger
@@ -68,6 +68,16 @@ def resolve_ds_config(path: str) -> Path:
     if (REPO_ROOT / p).is_file():
         return REPO_ROOT / p
     raise FileNotFoundError(f"train.ds_config={path}: not found (also tried {REPO_ROOT / p})")
+
+
+def to_device(value, device: torch.device, dtype: torch.dtype):
+    """One batch entry onto the training device: uint8 tensors are image pixels ``(..., H, W, 3)``, normalised
+    there (``normalize_images``: a quarter of the bytes cross to the GPU); other floats take the training dtype."""
+    if not torch.is_tensor(value):
+        return value
+    if value.dtype == torch.uint8:
+        return normalize_images(value.to(device, non_blocking=True), dtype)
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
 
 
 def ds_config_for(path: str, micro: int, global_batch: int, world: int) -> Dict:
@@ -245,8 +255,7 @@ class Trainer:
                     window["data"] += t_compute - t_data
                     torch.manual_seed(step_seed(t.seed, env.rank, state["micro_step"]))
                     state["micro_step"] += 1
-                    batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-                             if torch.is_tensor(v) else v for k, v in batch.items()}  # fmt: skip
+                    batch = {k: to_device(v, device, dtype) for k, v in batch.items()}
                     lr = self._set_lr(optimizer, state["step"], steps_per_epoch, total_steps)
                     progress = Progress(state["step"], state["epoch"],
                                         alpha_at(state["step"], steps_per_epoch, t.alpha, t.alpha_warmup_epochs))

@@ -57,7 +57,8 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from albef.data.transforms import AugmentConfig, ImageTransform, normalize_images, read_image_header, test_transform
+from albef.data.transforms import (AugmentConfig, ImageTransform, normalize_images, read_image_header, stack_images,
+                                   test_transform)
 from albef.eval.grounding import (
     GRADCAM_MODES, centre_choice, check_block, box_iou, gradcam, ground, random_choice_accuracy, upsample_map,
 )  # fmt: skip
@@ -254,7 +255,7 @@ class GroundingEvalSet:
 
 
 def _collate(batch):
-    return normalize_images([b[0] for b in batch]), [b[1] for b in batch]
+    return stack_images([b[0] for b in batch]), [b[1] for b in batch]
 
 
 # ------------------------------------------------------------------------------------------------------- task
@@ -303,7 +304,7 @@ class GroundingTask(RetrievalTask):
         rows, examples = [], []
         for images, indices in loader:
             text = self._tokenizer([ds.items[i].text for i in indices], max_length=max_len)
-            cams = gradcam(model, images.to(device, dtype), text["input_ids"].to(device),
+            cams = gradcam(model, normalize_images(images.to(device), dtype), text["input_ids"].to(device),
                            text["attention_mask"].to(device), e.mode, e.block_num)  # fmt: skip
             for cam, i in zip(cams, indices):
                 item = ds.items[i]

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from albef.data.finetune import MapLoader
 from albef.data.samples import BadSample
-from albef.data.transforms import AugmentConfig, ImageDecodeError, ImageTransform, normalize_images, test_transform
+from albef.data.transforms import (AugmentConfig, ImageDecodeError, ImageTransform, normalize_images, stack_images,
+                                   test_transform)
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
 from albef.data.json_dataset import read_json_list
@@ -166,10 +167,10 @@ class ClassifierTask(Task):
 
     def collate(self, tokenizer):
         def collate(samples: List[Dict]) -> Dict:
-            n = len(samples[0]["images"])
-            images = [normalize_images([s["images"][j] for s in samples]) for j in range(n)]
+            pixels = stack_images([img for s in samples for img in s["images"]])  # (B * n, H, W, 3)
             text = tokenizer([s["sentence"] for s in samples], max_length=None)
-            return {"images": torch.stack(images, dim=1), **text, "label": torch.tensor([s["label"] for s in samples])}
+            return {"images": pixels.view(len(samples), -1, *pixels.shape[1:]), **text,
+                    "label": torch.tensor([s["label"] for s in samples])}  # fmt: skip
 
         return collate
 
@@ -202,7 +203,7 @@ class ClassifierTask(Task):
                             collate_fn=self.collate(self._tokenizer))  # fmt: skip
         correct = 0
         for batch in loader:
-            images = [x.to(device, dtype) for x in batch["images"].unbind(1)]
+            images = list(normalize_images(batch["images"].to(device), dtype).unbind(1))
             logits = model.logits(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
             correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
         correct, total = sum_over_ranks([correct, len(subset)], device)

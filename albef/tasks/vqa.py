@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from albef.data.finetune import MapLoader
-from albef.data.transforms import AugmentConfig, normalize_images, test_transform
+from albef.data.transforms import AugmentConfig, normalize_images, stack_images, test_transform
 from albef.eval.vqa import load_vqa_answers, vqa_accuracy
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
@@ -172,7 +172,7 @@ class VQATask(Task):
         def collate(samples: List[Dict]) -> Dict:
             q = tokenizer([s["question"] for s in samples], max_length=d.max_question_len)
             a = tokenizer([a for s in samples for a in s["answers"]], max_length=None)
-            return {"image": normalize_images([s["image"] for s in samples]),
+            return {"image": stack_images([s["image"] for s in samples]),
                     "question_ids": q["input_ids"], "question_mask": q["attention_mask"],
                     "answer_ids": a["input_ids"], "answer_mask": a["attention_mask"],
                     "weights": torch.tensor([w for s in samples for w in s["weights"]]),
@@ -208,7 +208,7 @@ class VQATask(Task):
         for images, questions, qids, indices in loader:
             q = self._tokenizer(list(questions), max_length=None)
             q_ids, q_mask = q["input_ids"].to(device), q["attention_mask"].to(device)
-            states = model.encode_question(normalize_images(list(images)).to(device, dtype), q_ids, q_mask)
+            states = model.encode_question(normalize_images(stack_images(images).to(device), dtype), q_ids, q_mask)
             best, _, _ = model.rank_answer(states, q_mask, answer_ids, answer_mask, self.cfg.eval.k_test)
             mine += [(i, qid, answers[b]) for i, qid, b in zip(indices, qids, best.tolist())]
         results = [{"question_id": qid, "answer": a} for _, qid, a in sorted(gather_over_ranks(mine))]
