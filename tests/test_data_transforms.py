@@ -253,6 +253,14 @@ def test_crop_decoding_is_bit_identical_to_a_full_decode():
     data = encode(photo(64, 48))
     with pytest.raises(ValueError, match="outside the 64x48 image"):
         decode_jpeg_crop(data, 40, 0, 9, 10)
+    with pytest.raises(ValueError, match="outside the 64x48 image"):  # no unsigned wrap-around
+        decode_jpeg_crop(data, 0, 2**32 - 8, 4, 16)
+    # a header promising more pixels than Pillow accepts is refused before anything is allocated
+    bomb = bytearray(encode(photo(16, 16)))
+    sof = bomb.index(b"\xff\xc0")
+    bomb[sof + 5:sof + 9] = (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big")
+    with pytest.raises(ValueError, match="decompression bomb"):
+        test_transform(32)(bytes(bomb), random.Random(0))
     for garbage in (b"\xff\xd8 not a jpeg", data[:60]):
         with pytest.raises(ValueError, match="JPEG"):
             test_transform(32)(garbage, random.Random(0))

@@ -100,8 +100,8 @@ static int decode_region(const unsigned char *data, size_t len, unsigned int top
             cinfo.scale_num = 1;
             cinfo.scale_denom = denom;
             jpeg_start_decompress(&cinfo);
-            if (width == 0 || height == 0 || left + width > cinfo.output_width ||
-                top + height > cinfo.output_height) {
+            if (width == 0 || height == 0 || (unsigned long long)left + width > cinfo.output_width ||
+                (unsigned long long)top + height > cinfo.output_height) {
                 snprintf(err->message, JMSG_LENGTH_MAX, "crop %ux%u at (%u, %u) outside the %ux%u image", width,
                          height, left, top, cinfo.output_width, cinfo.output_height);
                 failed = 1;

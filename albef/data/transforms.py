@@ -129,6 +129,9 @@ def _probe(data: bytes) -> Tuple[int, int, str, bool]:
             width, height, _, space = _jpegcrop.header(data)
         except ValueError as e:
             raise ImageDecodeError(str(e)) from None
+        if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:  # what Pillow refuses
+            raise ImageDecodeError(f"{width}x{height} pixels exceeds the decompression bomb limit "
+                                   f"(2 x PIL.Image.MAX_IMAGE_PIXELS = {2 * Image.MAX_IMAGE_PIXELS})")
         return width, height, "JPEG", space not in _CMYK_SPACES
     try:
         with Image.open(io.BytesIO(data)) as im:
