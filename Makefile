@@ -40,7 +40,7 @@ demo: $(STAMP)
 	$(VPY) -m albef.demo
 
 test: $(STAMP) system
-	$(VPY) -m pytest tests -q
+	$(VPY) -m pytest tests -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
