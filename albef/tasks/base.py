@@ -107,9 +107,12 @@ class Task:
         return build_model(self.cfg.model, self.model_kind)
 
     def build_train_loader(self, tokenizer, rank: int, world_size: int, micro_batch_size: int, seed: int):
+        """A loader with ``len``, ``set_epoch``, ``state_dict``/``load_state_dict`` yielding dict batches; images as
+        uint8 pixels ``(..., H, W, 3)`` (``stack_images``): the engine normalises every uint8 tensor on its device."""
         raise NotImplementedError
 
     def training_step(self, model, batch: Dict, progress: Progress) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The loss of one batch already on the device (images normalised, floats in the training dtype)."""
         raise NotImplementedError
 
     def evaluate(self, model, split: str, device: torch.device, dtype: torch.dtype) -> Dict[str, float]:
