@@ -114,6 +114,8 @@ def resize_bicubic(img: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 _JPEG_SOI = b"\xff\xd8"
+# Pillow's default refusal limit (2 x its default MAX_IMAGE_PIXELS), fixed here: data_prep lifts Pillow's global
+MAX_JPEG_PIXELS = 2 * 89_478_485
 _CMYK_SPACES = (4, 5)  # libjpeg's JCS_CMYK, JCS_YCCK
 
 
@@ -129,9 +131,9 @@ def _probe(data: bytes) -> Tuple[int, int, str, bool]:
             width, height, _, space = _jpegcrop.header(data)
         except ValueError as e:
             raise ImageDecodeError(str(e)) from None
-        if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:  # what Pillow refuses
-            raise ImageDecodeError(f"{width}x{height} pixels exceeds the decompression bomb limit "
-                                   f"(2 x PIL.Image.MAX_IMAGE_PIXELS = {2 * Image.MAX_IMAGE_PIXELS})")
+        if width * height > MAX_JPEG_PIXELS:
+            raise ImageDecodeError(f"{width}x{height} pixels exceeds the decompression bomb limit of "
+                                   f"{MAX_JPEG_PIXELS} pixels")
         return width, height, "JPEG", space not in _CMYK_SPACES
     try:
         with Image.open(io.BytesIO(data)) as im:
