@@ -60,7 +60,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     a = p.parse_args(argv)
 
     from albef.checkpoint import QUEUE_KEYS, load_pretrained, read_state_dict
-    from albef.data.transforms import normalize_images, stack_images, test_transform
+    from albef.data.transforms import stack_images, test_transform, to_device
     from albef.eval.grounding import box_iou, check_block, gradcam, select_box, upsample_map
     from albef.models import build_model, model_config
     from albef.tokenizer import Tokenizer, pre_caption
@@ -79,7 +79,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     model.to(device).eval()
 
     data = Path(a.image).read_bytes()
-    pixels = normalize_images(stack_images([test_transform(res)(data, None)]).to(device))
+    pixels = to_device(stack_images([test_transform(res)(data, None)]), device, torch.float32)
     text = pre_caption(a.text)
     tokens = Tokenizer()([text], max_length=cfg.text.max_position_embeddings)
     cam = gradcam(model, pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device), a.mode,

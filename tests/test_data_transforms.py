@@ -17,8 +17,8 @@ from torchvision.transforms import functional as tvf
 
 from albef.data import (CLIP_MEAN, CLIP_STD, RANDAUG_OPS, ImageTransform, RandAugment, finetune_transform,
                         normalize_images, pretrain_transform, random_resized_crop_params, stack_images, test_transform)
-from albef.data.transforms import (CROP_RATIO, _draft_factor, _normalize_torch, crop_decoder_available, decode_bgr, decode_jpeg_crop,
-                                   read_image_header, resize_bicubic)
+from albef.data.transforms import (CROP_RATIO, _draft_factor, _normalize_torch, crop_decoder_available, decode_bgr,
+                                   decode_jpeg_crop, read_image_header, resize_bicubic, to_device)
 
 OFFICIAL_OPS = ["Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
                 "TranslateY", "Rotate"]
@@ -53,6 +53,12 @@ def test_normalisation_constants_and_normalize_images_equal_totensor_normalize()
         assert torch.allclose(ours, ref, atol=1e-5)
         pairs = normalize(pixels.view(2, 2, 30, 30, 3))  # leading dimensions (NLVR2/VE image pairs)
         assert pairs.shape == (2, 2, 3, 30, 30) and torch.allclose(pairs.view(4, 3, 30, 30), ref, atol=1e-5)
+    # the engine's batch move: uint8 = pixels (normalised), other floats take the dtype, integers and the rest as is
+    cpu = torch.device("cpu")
+    assert torch.equal(to_device(pixels, cpu, torch.float32), normalize_images(pixels))
+    assert to_device(torch.ones(2, dtype=torch.float64), cpu, torch.bfloat16).dtype == torch.bfloat16
+    assert to_device(torch.ones(2, dtype=torch.int64), cpu, torch.bfloat16).dtype == torch.int64
+    assert to_device(["a caption"], cpu, torch.float32) == ["a caption"]
     half = normalize_images(pixels, torch.bfloat16)
     assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), ref, atol=2e-2)
     lo = (0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)

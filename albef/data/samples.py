@@ -5,7 +5,8 @@ produced from a tar sample (``sample_from_shard``) or an official JSON entry (``
 that cannot be used raises ``BadSample`` with one of the reasons below; the loader counts and logs it by reason.
 
 ``collate`` makes the batch the training engine consumes, in the loader worker: ``image`` uint8 ``(B, res, res, 3)``
-RGB pixels (``stack_images``; the engine normalises them on its device with ``normalize_images``), ``input_ids``/``attention_mask`` int64 ``(B, L)`` from the ALBEF tokenizer
+RGB pixels (``stack_images``; the engine's ``to_device`` normalises them on its device), ``input_ids`` /
+``attention_mask`` int64 ``(B, L)`` from the ALBEF tokenizer
 (padding to the longest caption, at most ``max_text_len`` tokens, as the official ``Pretrain.py``), plus the
 ``caption`` and ``key`` lists.
 """

@@ -41,6 +41,7 @@ position (exact resume).
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -307,13 +308,9 @@ def _sharpen(img: np.ndarray, factor: float) -> np.ndarray:
     return out
 
 
-_warned = False
-
-
+@functools.cache
 def _warn_if_no_crop_decoder() -> None:
-    global _warned
-    if _jpegcrop is None and not _warned:
-        _warned = True
+    if _jpegcrop is None:
         log.warning("albef.data._jpegcrop is not built (it needs gcc and libjpeg-turbo's headers, Debian: "
                     "libjpeg62-turbo-dev, then `pip install -e .`): JPEGs are decoded whole with OpenCV, same "
                     "pixels, about a third slower at 640x480")
@@ -432,6 +429,16 @@ def normalize_images(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -
         for c, channel in enumerate(cv2.split(src[i])):
             cv2.addWeighted(channel, _SCALE[c], channel, 0.0, _BIAS[c], dst=planes[i, c], dtype=cv2.CV_32F)
     return out.to(dtype)
+
+
+def to_device(value, device: torch.device, dtype: torch.dtype):
+    """One batch entry onto the model's device: uint8 tensors are image pixels ``(..., H, W, 3)``, normalised there
+    (``normalize_images``: a quarter of the bytes cross to the GPU); other floats take ``dtype``; the rest as is."""
+    if not torch.is_tensor(value):
+        return value
+    if value.dtype == torch.uint8:
+        return normalize_images(value.to(device, non_blocking=True), dtype)
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
 
 
 def _normalize_torch(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import yaml
 
-from albef.data.transforms import normalize_images
+from albef.data.transforms import to_device
 from albef.engine import checkpointing, dist, signals
 from albef.engine.flops import measured_matmul_peak
 from albef.engine.metrics import MetricsLogger
@@ -68,16 +68,6 @@ def resolve_ds_config(path: str) -> Path:
     if (REPO_ROOT / p).is_file():
         return REPO_ROOT / p
     raise FileNotFoundError(f"train.ds_config={path}: not found (also tried {REPO_ROOT / p})")
-
-
-def to_device(value, device: torch.device, dtype: torch.dtype):
-    """One batch entry onto the training device: uint8 tensors are image pixels ``(..., H, W, 3)``, normalised
-    there (``normalize_images``: a quarter of the bytes cross to the GPU); other floats take the training dtype."""
-    if not torch.is_tensor(value):
-        return value
-    if value.dtype == torch.uint8:
-        return normalize_images(value.to(device, non_blocking=True), dtype)
-    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
 
 
 def ds_config_for(path: str, micro: int, global_batch: int, world: int) -> Dict:

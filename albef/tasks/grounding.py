@@ -57,8 +57,8 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from albef.data.transforms import (AugmentConfig, ImageTransform, normalize_images, read_image_header, stack_images,
-                                   test_transform)
+from albef.data.transforms import (AugmentConfig, ImageTransform, read_image_header, stack_images, test_transform,
+                                   to_device)
 from albef.eval.grounding import (
     GRADCAM_MODES, centre_choice, check_block, box_iou, gradcam, ground, random_choice_accuracy, upsample_map,
 )  # fmt: skip
@@ -304,7 +304,7 @@ class GroundingTask(RetrievalTask):
         rows, examples = [], []
         for images, indices in loader:
             text = self._tokenizer([ds.items[i].text for i in indices], max_length=max_len)
-            cams = gradcam(model, normalize_images(images.to(device), dtype), text["input_ids"].to(device),
+            cams = gradcam(model, to_device(images, device, dtype), text["input_ids"].to(device),
                            text["attention_mask"].to(device), e.mode, e.block_num)  # fmt: skip
             for cam, i in zip(cams, indices):
                 item = ds.items[i]

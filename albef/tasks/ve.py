@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from albef.data.finetune import MapLoader
 from albef.data.samples import BadSample
-from albef.data.transforms import (AugmentConfig, ImageDecodeError, ImageTransform, normalize_images, stack_images,
-                                   test_transform)
+from albef.data.transforms import (AugmentConfig, ImageDecodeError, ImageTransform, stack_images, test_transform,
+                                   to_device)
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
 from albef.data.json_dataset import read_json_list
@@ -203,7 +203,7 @@ class ClassifierTask(Task):
                             collate_fn=self.collate(self._tokenizer))  # fmt: skip
         correct = 0
         for batch in loader:
-            images = list(normalize_images(batch["images"].to(device), dtype).unbind(1))
+            images = list(to_device(batch["images"], device, dtype).unbind(1))
             logits = model.logits(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
             correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
         correct, total = sum_over_ranks([correct, len(subset)], device)

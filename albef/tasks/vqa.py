@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from albef.data.finetune import MapLoader
-from albef.data.transforms import AugmentConfig, normalize_images, stack_images, test_transform
+from albef.data.transforms import AugmentConfig, stack_images, test_transform, to_device
 from albef.eval.vqa import load_vqa_answers, vqa_accuracy
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
@@ -138,6 +138,12 @@ class VQAEvalSet(Dataset):
         return read_image(path, self.transform, None), question, qid, index
 
 
+def _eval_collate(samples):
+    """``VQAEvalSet`` items -> (uint8 pixels, questions, question ids, indices)."""
+    images, questions, qids, indices = zip(*samples)
+    return stack_images(images), questions, qids, indices
+
+
 def read_answer_list(path: str) -> List[str]:
     if not path:
         raise ValueError("data.answer_list is empty: VQA evaluation ranks the answers of answer_list.json")
@@ -203,12 +209,12 @@ class VQATask(Task):
         ds, (answers, answer_tokens) = self._eval_data(split)
         answer_ids, answer_mask = answer_tokens["input_ids"].to(device), answer_tokens["attention_mask"].to(device)
         loader = DataLoader(torch.utils.data.Subset(ds, rank_indices(len(ds))), batch_size=self.cfg.eval.batch_size,
-                            num_workers=self.cfg.data.num_workers, collate_fn=lambda s: list(zip(*s)))  # fmt: skip
+                            num_workers=self.cfg.data.num_workers, collate_fn=_eval_collate)  # fmt: skip
         mine = []
         for images, questions, qids, indices in loader:
             q = self._tokenizer(list(questions), max_length=None)
             q_ids, q_mask = q["input_ids"].to(device), q["attention_mask"].to(device)
-            states = model.encode_question(normalize_images(stack_images(images).to(device), dtype), q_ids, q_mask)
+            states = model.encode_question(to_device(images, device, dtype), q_ids, q_mask)
             best, _, _ = model.rank_answer(states, q_mask, answer_ids, answer_mask, self.cfg.eval.k_test)
             mine += [(i, qid, answers[b]) for i, qid, b in zip(indices, qids, best.tolist())]
         results = [{"question_id": qid, "answer": a} for _, qid, a in sorted(gather_over_ranks(mine))]
