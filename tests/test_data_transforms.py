@@ -113,11 +113,17 @@ def test_geometric_ops_are_the_official_opencv_warps(sign):
     h, w = img.shape[:2]
 
     def warp(matrix):
-        return cv2.warpAffine(img, np.float32(matrix), (w, h), flags=cv2.INTER_LINEAR, borderValue=(128, 128, 128))
+        # the official calls, matrix dtype included: shears and translations build np.float32 matrices, Rotate passes
+        # getRotationMatrix2D's float64 one (OpenCV 5 rounds the two differently, so the dtype is part of the op)
+        return cv2.warpAffine(img, matrix, (w, h), flags=cv2.INTER_LINEAR, borderValue=(128, 128, 128))
 
-    assert np.array_equal(ra.apply("ShearX", img, sign), warp([[1, sign * 0.21, 0], [0, 1, 0]]))
-    assert np.array_equal(ra.apply("ShearY", img, sign), warp([[1, 0, 0], [sign * 0.21, 1, 0]]))
+    def f32(rows):
+        return np.float32(rows)
+
+    assert np.array_equal(ra.apply("ShearX", img, sign), warp(f32([[1, sign * 0.21, 0], [0, 1, 0]])))
+    assert np.array_equal(ra.apply("ShearY", img, sign), warp(f32([[1, 0, 0], [sign * 0.21, 1, 0]])))
     rot = cv2.getRotationMatrix2D((w / 2, h / 2), sign * 21, 1)
+    assert rot.dtype == np.float64
     assert np.array_equal(ra.apply("Rotate", img, sign), warp(rot))
     # translation by exactly 7 pixels, the rest filled with 128 (independent of OpenCV)
     tx = ra.apply("TranslateX", img, sign)
@@ -133,10 +139,10 @@ def test_geometric_ops_are_the_official_opencv_warps(sign):
     for magnitude in (7, 3, 0, 10):
         ra = RandAugment(magnitude=magnitude)
         m = sign * magnitude
-        assert np.array_equal(ra.apply("TranslateX", img, sign), warp([[1, 0, -m], [0, 1, 0]]))
-        assert np.array_equal(ra.apply("TranslateY", img, sign), warp([[1, 0, 0], [0, 1, -m]]))
+        assert np.array_equal(ra.apply("TranslateX", img, sign), warp(f32([[1, 0, -m], [0, 1, 0]])))
+        assert np.array_equal(ra.apply("TranslateY", img, sign), warp(f32([[1, 0, 0], [0, 1, -m]])))
     ra = RandAugment(magnitude=7, max_level=4)  # a fractional shift (17.5 px) still warps
-    assert np.array_equal(ra.apply("TranslateX", img, sign), warp([[1, 0, -sign * 17.5], [0, 1, 0]]))
+    assert np.array_equal(ra.apply("TranslateX", img, sign), warp(f32([[1, 0, -sign * 17.5], [0, 1, 0]])))
 
 
 def test_enhance_ops_match_pil_definitions():
