@@ -26,6 +26,16 @@ def test_quick_demo_learns(tmp_path):
                        capture_output=True, text=True, timeout=1500)  # fmt: skip
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert "ALBEF offline demo: summary" in p.stdout
+    # readable console: compact stage lines with rate, ETA, MFU and memory; the whole lines are in the stage logs
+    from albef.demo.__main__ import WIDTH
+
+    shown = [x for x in p.stdout.splitlines() if not x.startswith("$ ")]
+    assert all(len(x) <= WIDTH + 2 for x in shown), max(shown, key=len)
+    pretrain = [x for x in shown if x.startswith("  pretrain step ")]
+    assert len(pretrain) >= 5 and all("pairs/s" in x and "MFU" in x and "RSS" in x for x in pretrain), pretrain
+    assert all("ETA" in x for x in pretrain[1:]), pretrain
+    assert any(x.startswith("  fine-tune step ") and "r_mean" in x for x in shown), shown
+    assert "perf/max_rss_mb=" in (tmp_path / "pretrain.log").read_text()
     s = json.loads((tmp_path / "summary.json").read_text())
     # pretraining learned: MLM well below its start (ln 30522 = 10.3), ITC well below ln(32 keys) = 3.47
     rows = [json.loads(x) for x in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
@@ -46,3 +56,21 @@ def test_quick_demo_learns(tmp_path):
     # the web crawl went through extraction and download
     assert json.loads((tmp_path / "shards_web" / "manifest.json").read_text())["num_samples"] >= 15
     assert any((tmp_path / "pretrain" / "wandb").glob("offline-run-*"))
+
+
+def test_stage_progress_line_has_rate_eta_mfu_and_memory():
+    from albef.demo.__main__ import StageProgress
+
+    times = iter([100.0, 160.0])
+    progress = StageProgress("pretrain", 400, clock=lambda: next(times))
+    row = ("step 40 train/loss_ita=3.412 train/loss_itm=0.6371 train/loss_mlm=7.123 train/loss=11.17 train/lr=0.0003 "
+           "train/alpha=0.4 train/epoch=0 train/samples=2560 perf/samples_per_s=105.3 time/data_s=0.01 "
+           "time/compute_s=0.6 perf/max_rss_mb=1234.4 train/temp=0.07 train/grad_norm=3.2 perf/mfu=0.0912")  # fmt: skip
+    assert progress.format(row) == "pretrain step 40/400  10% | itc 3.41 itm 0.637 mlm 7.12 | 105 pairs/s | MFU 9% | RSS 1234 MB"
+    # 40 steps took 60 s, so the 320 steps left take 8 minutes
+    assert progress.format(row.replace("step 40 ", "step 80 ")).endswith("RSS 1234 MB | ETA 8m00s")
+    assert progress.format("step 80 test/txt_r1=21.9 test/img_r1=5.0 test/r_mean=40.2 time/eval_test_s=3.0") == (
+        "pretrain step 80 eval: test/txt_r1 21.9, test/img_r1 5, test/r_mean 40.2")
+    summary = 'run summary: {"exit_code": 0, "steps": 400, "samples": 25600, "train_seconds": 241.2}'
+    assert progress.format(summary) == "pretrain done: 400 steps, 25600 pairs in 4m01s, exit 0"
+    assert progress.format("[2026-12-06 11:00:00] some library warning") is None

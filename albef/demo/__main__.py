@@ -37,17 +37,90 @@ SIZES = {  # world images and training steps; "quick" is what CI runs
 }
 
 
-def run(cmd, log: Path, env=None) -> float:
-    """Run one stage's command, teeing to its log; returns seconds; exits with the log's tail on failure."""
+WIDTH = 110  # the longest console line a stage prints; its log file keeps every line whole
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class StageProgress:
+    """Turns a stage's metric lines (``step N key=value ...``, ``run summary: {...}``) into one compact console line
+    each: progress with ETA, the losses, throughput, MFU and memory; evaluation rows show their headline metrics."""
+
+    EVAL_KEYS = ("r_mean", "txt_r1", "img_r1", "acc", "accuracy")
+
+    def __init__(self, name: str, total_steps: int | None = None, clock=time.time):
+        self.name, self.total, self.clock = name, total_steps, clock
+        self.first = None  # (time, step) of the first training row: the rate and ETA count from there
+
+    @staticmethod
+    def parse(line: str) -> dict:
+        words = line.split()
+        row = {"step": int(words[1])}
+        for word in words[2:]:
+            key, _, value = word.partition("=")
+            try:
+                row[key] = float(value)
+            except ValueError:
+                row[key] = value
+        return row
+
+    def format(self, line: str) -> str | None:
+        if line.startswith("run summary: "):
+            s = json.loads(line[len("run summary: "):])
+            if s.get("evaluate_only"):
+                return self._eval_line("evaluated", s)
+            return (f"{self.name} done: {s['steps']} steps, {s['samples']} pairs in {_duration(s['train_seconds'])}"
+                    f", exit {s['exit_code']}")  # fmt: skip
+        if not line.startswith("step "):
+            return None
+        row = self.parse(line)
+        if "train/loss" not in row:
+            return self._eval_line(f"step {row['step']} eval", row)
+        now, step = self.clock(), row["step"]
+        if self.first is None:
+            self.first = (now, step)
+        done = f"step {step}" + (f"/{self.total} {100 * step / self.total:3.0f}%" if self.total else "")
+        losses = {k[len("train/loss_"):]: v for k, v in row.items() if k.startswith("train/loss_")}
+        losses = losses or {"loss": row["train/loss"]}
+        parts = [f"{self.name} {done}", " ".join(f"{'itc' if k == 'ita' else k} {v:.3g}" for k, v in losses.items()),
+                 f"{row.get('perf/samples_per_s', 0):.0f} pairs/s"]  # fmt: skip
+        if "perf/mfu" in row:
+            parts.append(f"MFU {100 * row['perf/mfu']:.0f}%")
+        if "perf/max_rss_mb" in row:
+            parts.append(f"RSS {row['perf/max_rss_mb']:.0f} MB")
+        t0, s0 = self.first
+        if self.total and step > s0 and now > t0:
+            parts.append(f"ETA {_duration((self.total - step) * (now - t0) / (step - s0))}")
+        return " | ".join(parts)
+
+    def _eval_line(self, what: str, row: dict) -> str:
+        shown = [f"{k} {v:.3g}" for k, v in row.items()
+                 if isinstance(v, float) and k.rsplit("/", 1)[-1] in self.EVAL_KEYS]  # fmt: skip
+        return f"{self.name} {what}: " + (", ".join(shown) if shown else "no metrics")
+
+
+def run(cmd, log: Path, env=None, name: str | None = None, total_steps: int | None = None) -> float:
+    """Run one stage's command with every line in its log file; the console gets the command, a compact line per
+    metric row (``StageProgress``), the data_prep/crawl reports and errors. Returns seconds; exits with the log's
+    tail on failure."""
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    print(f"  (full output: {log})", flush=True)
+    progress = StageProgress(name or log.stem, total_steps)
     t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=env)  # fmt: skip
         for line in proc.stdout:
             f.write(line)
-            if line.startswith(("step ", "run summary", "data_prep", "crawl")) or "error" in line.lower():
-                print("  " + line.rstrip()[:160], flush=True)
+            shown = progress.format(line)
+            if shown is None and (line.startswith(("data_prep", "crawl")) or "error" in line.lower()):
+                shown = line.rstrip()
+            if shown is not None:
+                print("  " + (shown if len(shown) <= WIDTH or "error" in shown.lower() else shown[: WIDTH - 3] + "..."),
+                      flush=True)  # fmt: skip
         code = proc.wait()
     if code != 0:
         print(f"stage failed (exit {code}); last lines of {log}:", file=sys.stderr)
@@ -124,7 +197,7 @@ def main() -> None:
     times["pretrain"] = run(torchrun(a.nproc) + ["pretrain.train", "pretrain/configs/demo.yaml",
                             f"data.shards=[{shards},{web_shards}]", f"train.output_dir={pre}",
                             f"train.max_steps={size['pretrain_steps']}", f"train.num_threads={threads}"],
-                            out / "pretrain.log", env)  # fmt: skip
+                            out / "pretrain.log", env, "pretrain", size["pretrain_steps"])  # fmt: skip
     print(f"[4/5] pretraining done: {pre / 'final.pth'}", flush=True)
 
     # 5. retrieval: zero-shot, then fine-tuned
@@ -135,11 +208,11 @@ def main() -> None:
     times["zero-shot eval"] = run([sys.executable, "-m", "finetune.retrieval", "finetune/configs/demo_retrieval.yaml",
                                    *data, f"init.checkpoint={pre / 'final.pth'}", "train.evaluate_only=true",
                                    f"train.output_dir={zs}", f"train.num_threads={os.cpu_count() or 2}"],
-                                  out / "zeroshot.log", env)  # fmt: skip
+                                  out / "zeroshot.log", env, "zero-shot")  # fmt: skip
     times["retrieval fine-tune"] = run(torchrun(a.nproc) + ["finetune.retrieval", "finetune/configs/demo_retrieval.yaml",
                                        *data, f"init.checkpoint={pre / 'final.pth'}", f"train.output_dir={ft}",
                                        "train.epochs=100", f"train.max_steps={size['finetune_steps']}", f"train.num_threads={threads}"],
-                                       out / "retrieval.log", env)  # fmt: skip
+                                       out / "retrieval.log", env, "fine-tune", size["finetune_steps"])  # fmt: skip
     print("[5/5] retrieval evaluated", flush=True)
 
     summarize(out, world, times, time.time() - t_all)
@@ -165,6 +238,11 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
     lines = ["", "=" * 78, "ALBEF offline demo: summary", "=" * 78,
              f"pretraining: {pre_sum['steps']} steps, {pre_sum['samples']} image-text pairs, "
              f"{pre_sum['train_seconds']:.0f} s, {sum(speeds) / max(1, len(speeds)):.1f} pairs/s"]  # fmt: skip
+    mfu = [r["perf/mfu"] for r in pre_rows[len(pre_rows) // 2 :] if "perf/mfu" in r]
+    rss = max((r["perf/max_rss_mb"] for r in pre_rows if "perf/max_rss_mb" in r), default=None)
+    if mfu or rss:
+        lines.append("  " + ", ".join(([f"MFU {100 * sum(mfu) / len(mfu):.1f}%"] if mfu else [])
+                                      + ([f"peak RSS {rss:.0f} MB (rank 0)"] if rss else [])))  # fmt: skip
     for key in ("train/loss_mlm", "train/loss_ita", "train/loss_itm"):
         f, l = first_last(key)
         lines.append(f"  {key[6:]:<9} {f:7.3f} -> {l:7.3f}")
