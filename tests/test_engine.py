@@ -325,3 +325,16 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(world_shards, tmp_path):
     assert summary(tmp_path / "skip")[-1]["nonfinite_skipped"] == 2 and summary(tmp_path / "skip")[-1]["steps"] == 4
     code, out = run("2,3,4", "stop")
     assert code != 0 and "3 non-finite losses in a row" in out
+
+
+def test_matmul_peak_measurement_is_bounded_in_time():
+    """The MFU denominator is measured at start-up; on a CPU without bf16 units (AVX2 only) the old fixed 2048^3 bf16
+    GEMMs took minutes per run. Here it must take about its half-second budget, for both dtypes."""
+    import time
+
+    from albef.engine.flops import measured_matmul_peak
+
+    for dtype in (torch.float32, torch.bfloat16):
+        t0 = time.perf_counter()
+        peak = measured_matmul_peak(dtype, torch.device("cpu"))
+        assert peak > 1e8 and time.perf_counter() - t0 < 5.0, (dtype, peak, time.perf_counter() - t0)

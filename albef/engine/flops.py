@@ -39,20 +39,32 @@ def pretrain_step_flops(cfg: ModelConfig, batch: int, text_len: int, masked_per_
 
 
 def measured_matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 0.5) -> float:
-    """Peak matmul FLOP/s of this device and dtype (n x n GEMMs, best of a short run)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
-    best = 0.0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    """Peak matmul FLOP/s of this device and dtype (best of a short run of n x n GEMMs).
+
+    The size grows from 256 up to ``n`` only while one GEMM takes under 20 ms, so the measurement stays within about
+    ``seconds`` everywhere: on a CPU without bf16 units (AVX2 only) a 2048^3 bf16 GEMM takes half a minute."""
+
+    def timed(a, b, reps: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(4):
+        for _ in range(reps):
             a @ b
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
-    return best
+        return (time.perf_counter() - t0) / reps
+
+    size = min(256, n)
+    while True:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        a @ b  # warm-up
+        if size >= n or timed(a, b, 1) > 0.02:
+            break
+        size *= 2
+    best = 0.0
+    end = time.perf_counter() + seconds
+    while True:
+        best = max(best, 2 * size**3 / timed(a, b, 2))
+        if time.perf_counter() >= end:
+            return best
