@@ -52,3 +52,44 @@ def test_a_config_error_is_a_message_not_a_traceback(tmp_path):
     code, out = launch(["train.max_steps=2", "train.lr=[1e-4"], config=CONFIG)
     assert code == 2 and "config error: override 'train.lr=[1e-4': not valid YAML" in out
     assert "Traceback" not in out
+
+
+# ------------------------------------------------------------------------------------------------ safe loads (1)
+
+
+class _Payload:
+    """Unpickling this runs code: it opens (creates) a file. A weights-only load must refuse it."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_cannot_run_code(world_shards, tmp_path):
+    """Each .pt file of a run checkpoint replaced by a pickle that runs code: resuming and exporting refuse it, name
+    the checkpoint, and the code never runs."""
+    import shutil
+
+    from albef.engine import checkpointing
+
+    clean = tmp_path / "clean"
+    code, out = launch(base_overrides(world_shards, clean, **{"train.max_steps": 1}))
+    assert code == 0, out[-3000:]
+    tag_dir = clean / "checkpoints" / "step000000001"
+    files = sorted(p.name for p in tag_dir.glob("*.pt"))
+    assert "mp_rank_00_model_states.pt" in files and any("optim_states" in f for f in files), files
+    assert not any(p.suffix == ".pt" and p.name.startswith("rank") for p in tag_dir.iterdir()), "no pickled RNG state"
+    for name in files:
+        run = tmp_path / name
+        shutil.copytree(clean, run)
+        marker = tmp_path / f"ran-{name}"
+        torch.save({"module": _Payload(marker)}, run / "checkpoints" / "step000000001" / name)
+        code, out = launch(base_overrides(world_shards, run, **{"train.max_steps": 2}))
+        assert code != 0 and "cannot load this checkpoint safely" in out and "step000000001" in out, out[-3000:]
+        assert not marker.exists(), f"unpickling {name} ran code"
+        with pytest.raises(RuntimeError, match="cannot load this checkpoint safely"):
+            checkpointing.consolidate(run / "checkpoints")
+        assert not marker.exists(), f"consolidating {name} ran code"

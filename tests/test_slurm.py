@@ -216,11 +216,9 @@ def _check_resumed_run(run_dir: Path, total_steps: int, world: int):
     assert final["exit_code"] == 0 and final["steps"] == final["total_steps"] == total_steps
     assert final["samples"] == total_steps * GLOBAL_BATCH  # the plan, nothing lost
     # Per rank, the loader's own count of delivered samples (restored from the checkpoint, then continued).
-    import torch
-
     tag = (run_dir / "checkpoints" / "latest_complete").read_text().strip()
     for rank in range(world):
-        state = torch.load(run_dir / "checkpoints" / tag / f"rank{rank:05d}_state.pt", weights_only=False)
+        state = json.loads((run_dir / "checkpoints" / tag / f"rank{rank:05d}_state.json").read_text())
         assert state["loader"]["stats"]["samples"] == total_steps * GLOBAL_BATCH // world
     # One W&B run: the requeued part resumed the id stored in the checkpoint (offline, each part writes its own
     # offline-run-<time>-<id> folder; `wandb sync` merges them into that run).
@@ -290,7 +288,7 @@ def test_pretrain_two_nodes_gloo(cluster, shards, tmp_path):
     assert tag == f"step{STEPS_PER_EPOCH:09d}"
     assert json.loads((ckpt / tag / "COMPLETE").read_text())["world_size"] == 2
     assert (run_dir / "final.pth").is_file()
-    assert sorted(p.name for p in (ckpt / tag).glob("rank*_state.pt")) == ["rank00000_state.pt", "rank00001_state.pt"]
+    assert sorted(p.name for p in (ckpt / tag).glob("rank*_state.*")) == ["rank00000_state.json", "rank00001_state.json"]
 
     # The W&B offline run.
     from wandb_records import history, run_id

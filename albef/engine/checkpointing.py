@@ -3,16 +3,19 @@
 Layout of ``<run>/checkpoints/``::
 
     step000001000/                  DeepSpeed files (mp_rank_00_model_states.pt, *optim_states.pt)
-        rank00000_state.pt          per-rank state: data-loader position, RNG states
+        rank00000_state.json        per-rank state: the data loader's position (the RNG is re-seeded every
+                                    micro-step from (seed, rank, micro-step), so there is no RNG state to keep)
         COMPLETE                    written by rank 0 after every rank finished writing
     latest_complete                 the tag of the newest complete checkpoint (atomic rename)
 
 A checkpoint counts only when its ``COMPLETE`` marker exists, so a job killed while saving resumes from the
-previous good one. ``consolidate`` turns any of them (ZeRO-partitioned or not) into one float32 state dict in the
+previous good one. Every load is a weights-only unpickling (``safe_loads``): a tampered checkpoint file cannot run
+code, it fails to load with the file's name. ``consolidate`` turns any of them (ZeRO-partitioned or not) into one float32 state dict in the
 official ALBEF layout (``pretrain/export.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +32,33 @@ log = logging.getLogger(__name__)
 _TAG = re.compile(r"^step(\d{9})$")
 LATEST = "latest_complete"
 BEST = "best.json"
+
+
+@contextlib.contextmanager
+def safe_loads():
+    """Every ``torch.load`` inside (DeepSpeed's own included, which pass ``weights_only=False``) unpickles weights
+    only: tensors, containers, numbers, strings, plus DeepSpeed's loss-scaler records (plain attributes) its ZeRO stage enum and
+    its fragment addresses (two integers)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if old is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def _load_error(tag_dir: Path, e: Exception) -> RuntimeError:
+    return RuntimeError(f"{tag_dir}: cannot load this checkpoint safely ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}). Its files hold something other than weights "
+                        "and plain data (tampered, or not written by this code), or they are damaged.")
 
 
 def tag_for(step: int) -> str:
@@ -66,9 +96,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: Dict, rank_state: Dict
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
     tag_dir = ckpt_dir / tag
-    tmp = tag_dir / f"rank{rank:05d}_state.pt.tmp"
-    torch.save(rank_state, tmp)
-    os.replace(tmp, tag_dir / f"rank{rank:05d}_state.pt")
+    _atomic_write(tag_dir / f"rank{rank:05d}_state.json", json.dumps(rank_state))
     dist.barrier()
     if rank == 0:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -109,10 +137,14 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int) -> Tuple[Dict, Dict]:
             "is partitioned per rank. Resume with the same number of ranks, or start a new run from the "
             "consolidated weights (python -m pretrain.export, then init.checkpoint=...)."
         )
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    try:
+        with safe_loads():
+            _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler or DeepSpeed raised, say which checkpoint
+        raise _load_error(ckpt_dir / tag, e) from e
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    rank_state = torch.load(ckpt_dir / tag / f"rank{rank:05d}_state.pt", map_location="cpu", weights_only=False)
+    rank_state = json.loads((ckpt_dir / tag / f"rank{rank:05d}_state.json").read_text())
     return client_state, rank_state
 
 
@@ -127,12 +159,15 @@ def consolidate(ckpt_dir: Path, tag: Optional[str] = None) -> Dict[str, torch.Te
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
     tag_dir = ckpt_dir / tag
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    sd = dict(states["module"])
-    if list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        with safe_loads():
+            sd = dict(torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"])
+            if list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+                sd.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+    except Exception as e:  # noqa: BLE001
+        raise _load_error(tag_dir, e) from e
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 

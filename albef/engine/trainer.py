@@ -26,14 +26,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict
 
-import numpy as np
 import torch
 import yaml
 
@@ -93,13 +91,6 @@ def ds_config_for(path: str, micro: int, global_batch: int, world: int) -> Dict:
     cfg.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=micro,
                gradient_accumulation_steps=global_batch // (micro * world))  # fmt: skip
     return cfg
-
-
-def _rng_state() -> Dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 class Trainer:
@@ -218,7 +209,7 @@ class Trainer:
             if half:
                 client["momentum_fp32"] = model.momentum_state_fp32()
             checkpointing.save(engine, ckpt_root, state["step"], client,
-                               {"loader": loader.state_dict(), "rng": _rng_state()}, env.rank, t.keep_last)  # fmt: skip
+                               {"loader": loader.state_dict()}, env.rank, t.keep_last)  # fmt: skip
 
         def evaluate() -> None:
             results = self._run_eval(model, device, dtype)
