@@ -93,3 +93,56 @@ def test_checkpoint_loads_cannot_run_code(world_shards, tmp_path):
         with pytest.raises(RuntimeError, match="cannot load this checkpoint safely"):
             checkpointing.consolidate(run / "checkpoints")
         assert not marker.exists(), f"consolidating {name} ran code"
+
+
+# ------------------------------------------------------------------------------------------------ complete checkpoints (2)
+
+
+def _mtimes(tag_dir: Path):
+    return {p.name: p.stat().st_mtime_ns for p in tag_dir.iterdir()}
+
+
+@pytest.mark.slow
+def test_a_complete_checkpoint_is_never_rewritten_and_a_damaged_one_is_skipped(world_shards, tmp_path):
+    run = tmp_path / "run"
+    common = {"train.max_steps": 4, "train.save_every": 2}
+    code, out = launch(base_overrides(world_shards, run, **common))
+    assert code == 0, out[-3000:]
+    final = run / "checkpoints" / "step000000004"
+    before = _mtimes(final)
+    # the same job again (a requeue after it finished): nothing to train, and the final checkpoint is left alone
+    code, out = launch(base_overrides(world_shards, run, **common))
+    assert code == 0 and summary(run)[-1]["steps"] == 4, out[-3000:]
+    assert _mtimes(final) == before, "a complete checkpoint was written into again"
+    # a damaged newest checkpoint (a file cut short): the run resumes from the previous one, with a warning
+    model_states = final / "mp_rank_00_model_states.pt"
+    model_states.write_bytes(model_states.read_bytes()[:1000])
+    code, out = launch(base_overrides(world_shards, run, **{**common, "train.max_steps": 6}))
+    assert code == 0, out[-3000:]
+    assert "step000000004" in out and "damaged" in out and "resumed from" in out and "step000000002" in out, out[-3000:]
+    assert summary(run)[-1]["steps"] == 6 and (run / "checkpoints" / "step000000006" / "COMPLETE").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ epoch boundary (3)
+
+
+@pytest.mark.slow
+def test_resume_from_an_epochs_last_batch_continues_with_the_next_epoch(world_shards, tmp_path):
+    """192 samples, 16 per step: 12 steps per epoch. A run stopped with its checkpoint at step 12 (the last batch
+    of epoch 0) and resumed must train epochs 1 and 2 as the uninterrupted run does, not replay epoch 1."""
+    common = {"train.max_steps": 26, "data.num_workers": 1}
+    code, out = launch(base_overrides(world_shards, tmp_path / "straight", **common))
+    assert code == 0, out[-3000:]
+    straight = losses(tmp_path / "straight")
+    run = tmp_path / "resumed"
+    code, out = launch(base_overrides(world_shards, run, **{**common, "train.max_steps": 12}))
+    assert code == 0, out[-3000:]
+    code, out = launch(base_overrides(world_shards, run, **common))
+    assert code == 0 and "step000000012" in out, out[-3000:]
+    resumed = losses(run)
+    assert sorted(resumed) == sorted(straight) == list(range(1, 27))
+    for step in range(13, 27):
+        assert resumed[step]["train/epoch"] == straight[step]["train/epoch"], step
+        for k in ("train/loss", "train/loss_mlm", "train/loss_ita", "train/loss_itm"):
+            assert resumed[step][k] == pytest.approx(straight[step][k], rel=1e-6, abs=1e-7), (step, k)
+    assert summary(run)[-1]["samples"] == 26 * 16

@@ -8,8 +8,9 @@ Layout of ``<run>/checkpoints/``::
         COMPLETE                    written by rank 0 after every rank finished writing
     latest_complete                 the tag of the newest complete checkpoint (atomic rename)
 
-A checkpoint counts only when its ``COMPLETE`` marker exists, so a job killed while saving resumes from the
-previous good one. Every load is a weights-only unpickling (``safe_loads``): a tampered checkpoint file cannot run
+A checkpoint counts only when its ``COMPLETE`` marker exists (it lists every file with its size), so a job killed
+while saving resumes from the previous good one, and so does a job whose newest checkpoint was damaged later. A
+complete checkpoint is never written into again. Every load is a weights-only unpickling (``safe_loads``): a tampered checkpoint file cannot run
 code, it fails to load with the file's name. ``consolidate`` turns any of them (ZeRO-partitioned or not) into one float32 state dict in the
 official ALBEF layout (``pretrain/export.py``).
 """
@@ -81,26 +82,50 @@ def complete_tags(ckpt_dir: Path) -> List[str]:
     return sorted(tags)
 
 
+def damage(tag_dir: Path) -> Optional[str]:
+    """Why the complete checkpoint ``tag_dir`` cannot be loaded (a file missing or of another size than when it
+    was marked complete), or None. Markers written before the file list existed are taken as they are."""
+    try:
+        files = json.loads((tag_dir / "COMPLETE").read_text()).get("files", {})
+    except (OSError, ValueError) as e:
+        return f"unreadable COMPLETE marker ({e})"
+    for name, size in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when it was written"
+    return None
+
+
 def find_latest(ckpt_dir: Path) -> Optional[str]:
-    """The newest complete checkpoint tag, or None."""
-    marker = ckpt_dir / LATEST
-    if marker.is_file():
-        tag = marker.read_text().strip()
-        if (ckpt_dir / tag / "COMPLETE").is_file():
+    """The newest complete checkpoint tag that is not damaged (newer damaged ones are skipped with a warning), or
+    None."""
+    for tag in reversed(complete_tags(ckpt_dir)):
+        problem = damage(ckpt_dir / tag)
+        if problem is None:
             return tag
-    tags = complete_tags(ckpt_dir)
-    return tags[-1] if tags else None
+        log.warning("checkpoint %s is damaged (%s): falling back to the previous complete one", ckpt_dir / tag,
+                    problem)  # fmt: skip
+    return None
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: Dict, rank_state: Dict, rank: int, keep_last: int) -> str:
+    """Write the checkpoint of ``step`` on every rank, then mark it complete. A checkpoint that is already complete
+    is never written into (a kill during the rewrite would leave a damaged checkpoint marked complete): it holds
+    this very step already, so it is kept as it is."""
     tag = tag_for(step)
+    if (ckpt_dir / tag / "COMPLETE").is_file():
+        log.info("checkpoint %s is already complete: not written again", ckpt_dir / tag)
+        return tag
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
     tag_dir = ckpt_dir / tag
     _atomic_write(tag_dir / f"rank{rank:05d}_state.json", json.dumps(rank_state))
     dist.barrier()
     if rank == 0:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        _atomic_write(tag_dir / "COMPLETE", json.dumps({"step": step, "world_size": world}))
+        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
+        _atomic_write(tag_dir / "COMPLETE", json.dumps({"step": step, "world_size": world, "files": files}))
         _atomic_write(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep_last, newest=tag)
     dist.barrier()

@@ -195,8 +195,18 @@ class Trainer:
             state.update(client["train_state"])
             loader.load_state_dict(rank_state["loader"])
             log.info("resumed from %s at step %d", ckpt_root / resume_tag, state["step"])
+            best = ckpt_root / checkpointing.BEST  # the best score's one owner (a checkpoint may predate it)
+            if best.is_file():
+                metrics = json.loads(best.read_text())["metrics"]
+                key = f"{self.task.eval_splits[0]}/{self.task.primary_metric}" if self.task.eval_splits else None
+                if key in metrics:
+                    state["best"] = metrics[key]
         else:
             loader.set_epoch(0)
+        # A checkpoint taken on an epoch's last batch restores the loader at the next epoch: that epoch is over
+        # (its end-of-epoch evaluation may still be due).
+        epoch_ended = loader.epoch > state["epoch"]
+        state["epoch"] = loader.epoch
 
         logger = MetricsLogger(run_dir, self.cfg.wandb, asdict(self.cfg), env.is_main, total_steps, state["step"],
                                state["wandb_id"])  # fmt: skip
@@ -225,6 +235,9 @@ class Trainer:
                     checkpointing.mark_best(ckpt_root, checkpointing.tag_for(state["step"]), results)
                 state["last_saved"] = state["step"]
 
+        if epoch_ended and self.task.eval_splits and state["epoch"] % t.eval_every_epochs == 0 \
+                and state.get("evaluated_step") != state["step"]:  # fmt: skip
+            evaluate()
         window = {"loss": 0.0, "n": 0, "data": 0.0, "compute": 0.0, "flops": 0.0, "logs": {}}
         t_start, nonfinite_run = time.time(), 0
         exit_code = 0
