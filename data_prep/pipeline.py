@@ -48,6 +48,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import numpy as np
 from tqdm import tqdm
 
+from albef.fsutil import atomic_write, durable_replace
+
 from data_prep import shards
 
 CONFIG = "data_prep.json"
@@ -214,7 +216,7 @@ class Committer:
             stats["status"]["duplicate_content"] = stats["status"].get("duplicate_content", 0) + len(drop)
         tmp = self.work / f"{i:06d}.kept.tmp.npy"
         np.save(tmp, np.array(kept, np.uint64))
-        os.replace(tmp, _kept_path(self.work, i))
+        durable_replace(tmp, _kept_path(self.work, i))
         if drop:
             with shards.ShardWriter(self.out, i) as writer:
                 for key, members in shards.iter_tar_samples(tar_path):
@@ -461,9 +463,7 @@ def _check_config(out_dir: Path, config: Dict[str, Any]) -> None:
             raise SystemExit(f"{out_dir} was prepared with other settings ({'; '.join(diff)}); "
                              f"use a new output folder, or the same input and settings to resume")
         return
-    tmp = path.with_name(f"{CONFIG}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(config, indent=1, sort_keys=True))
 
 
 def _fmt_status(status: Dict[str, int]) -> str:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
 import time
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+from albef.fsutil import atomic_write, durable_replace
 
 MANIFEST = "manifest.json"
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
@@ -108,7 +109,7 @@ def publish(out_dir: Union[str, Path], index: int, tar_path: Union[str, Path], n
     stats.update(shard=shard_name(index), num_samples=num_samples)
     atomic_write_json(out_dir / stats_name(index), stats)
     path = out_dir / shard_name(index)
-    os.replace(tar_path, path)  # the shard appears under its final name only when complete
+    durable_replace(tar_path, path)  # the shard appears under its final name only when complete, and stays so
     return path
 
 
@@ -130,13 +131,7 @@ def iter_tar_samples(path: Union[str, Path]) -> Iterator[Tuple[str, Dict[str, by
 
 
 def atomic_write_json(path: Union[str, Path], obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def finished_shards(out_dir: Union[str, Path]) -> Dict[int, int]:

@@ -146,3 +146,70 @@ def test_resume_from_an_epochs_last_batch_continues_with_the_next_epoch(world_sh
         for k in ("train/loss", "train/loss_mlm", "train/loss_ita", "train/loss_itm"):
             assert resumed[step][k] == pytest.approx(straight[step][k], rel=1e-6, abs=1e-7), (step, k)
     assert summary(run)[-1]["samples"] == 26 * 16
+
+
+# ------------------------------------------------------------------------------------------------ durability (7)
+
+RECORD_IO = """
+import json, os, runpy, sys
+log = open(os.environ["IO_LOG"], "a", buffering=1)
+fsync, replace = os.fsync, os.replace
+def traced_fsync(fd):
+    fsync(fd)
+    log.write(json.dumps(["fsync", os.readlink(f"/proc/self/fd/{fd}")]) + "\\n")
+def traced_replace(src, dst, **kw):
+    replace(src, dst, **kw)
+    log.write(json.dumps(["replace", os.path.abspath(src), os.path.abspath(dst)]) + "\\n")
+os.fsync, os.replace = traced_fsync, traced_replace
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def _io_events(log: Path):
+    return [tuple(json.loads(x)) for x in log.read_text().splitlines()]
+
+
+def _flushed_before(events, path: Path, index: int) -> bool:
+    """``path``'s data was fsynced before event ``index``: itself, or the temporary file renamed onto it."""
+    names = {str(path)} | {e[1] for e in events[:index] if e[0] == "replace" and e[2] == str(path)}
+    return any(e[0] == "fsync" and e[1] in names for e in events[:index])
+
+
+@pytest.mark.slow
+def test_checkpoints_and_shards_are_flushed_before_they_are_marked_complete(demo_world, world_shards, tmp_path):
+    """A node crash must not leave a truncated file under a complete name: every checkpoint file is fsynced before
+    COMPLETE appears and the directory after; every shard before its rename and the directory after."""
+    import subprocess
+
+    from runs import PY, REPO, run_env
+
+    log = tmp_path / "io.jsonl"
+    run = tmp_path / "run"
+    cmd = [PY, "-c", RECORD_IO, "pretrain.train", CONFIG, *base_overrides(world_shards, run, **{"train.max_steps": 2})]
+    p = subprocess.run(cmd, cwd=REPO, env=run_env(IO_LOG=str(log)), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    events = _io_events(log)
+    tag = run / "checkpoints" / "step000000002"
+    done = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(tag / "COMPLETE"))
+    for f in tag.iterdir():
+        if f.name != "COMPLETE":
+            assert _flushed_before(events, f, done), f"{f.name} was not fsynced before COMPLETE"
+    assert ("fsync", str(tag)) in events[done:], "the checkpoint directory was not fsynced after COMPLETE"
+
+    log.unlink()
+    out = tmp_path / "shards"
+    cmd = [PY, "-c", RECORD_IO, "data_prep.annotations", str(demo_world / "pretrain.json"), "--image-root",
+           str(demo_world / "images"), "--output", str(out), "--shard-size", "48", "--image-size", "64", "--no-progress",
+           "--processes", "1"]  # fmt: skip
+    p = subprocess.run(cmd, cwd=REPO, env=run_env(IO_LOG=str(log)), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    events = _io_events(log)
+    published = [(i, Path(e[1]), Path(e[2])) for i, e in enumerate(events)
+                 if e[0] == "replace" and e[2].endswith(".tar") and Path(e[2]).parent == out]  # fmt: skip
+    assert len(published) == 4  # 192 samples in shards of 48
+    for i, src, dst in published:
+        assert _flushed_before(events, src, i), f"{dst.name} renamed before its data was fsynced"
+        assert ("fsync", str(out)) in events[i + 1:], f"{dst.name}: directory not fsynced after the rename"
+    manifest = max(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out / "manifest.json"))
+    assert ("fsync", str(out)) in events[manifest + 1:]

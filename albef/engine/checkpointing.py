@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from albef.engine import dist
+from albef.fsutil import atomic_write, fsync_path
 
 log = logging.getLogger(__name__)
 _TAG = re.compile(r"^step(\d{9})$")
@@ -64,15 +65,6 @@ def _load_error(tag_dir: Path, e: Exception) -> RuntimeError:
 
 def tag_for(step: int) -> str:
     return f"step{step:09d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_tags(ckpt_dir: Path) -> List[str]:
@@ -120,13 +112,18 @@ def save(engine, ckpt_dir: Path, step: int, client_state: Dict, rank_state: Dict
         return tag
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
     tag_dir = ckpt_dir / tag
-    _atomic_write(tag_dir / f"rank{rank:05d}_state.json", json.dumps(rank_state))
+    atomic_write(tag_dir / f"rank{rank:05d}_state.json", json.dumps(rank_state))
+    # DeepSpeed's torch.save does not fsync: each rank flushes the files it wrote (on a shared filesystem only the
+    # writer's fsync reaches the disk) before rank 0 marks the checkpoint complete
+    mine = [p for p in tag_dir.iterdir() if f"zero_pp_rank_{rank}_" in p.name or (rank == 0 and "model_states" in p.name)]
+    for path in mine:
+        fsync_path(path)
     dist.barrier()
     if rank == 0:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
-        _atomic_write(tag_dir / "COMPLETE", json.dumps({"step": step, "world_size": world, "files": files}))
-        _atomic_write(ckpt_dir / LATEST, tag)
+        atomic_write(tag_dir / "COMPLETE", json.dumps({"step": step, "world_size": world, "files": files}))
+        atomic_write(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep_last, newest=tag)
     dist.barrier()
     return tag
@@ -134,7 +131,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: Dict, rank_state: Dict
 
 def mark_best(ckpt_dir: Path, tag: str, metrics: Dict) -> None:
     """Record ``tag`` as the best checkpoint so far (protected from pruning)."""
-    _atomic_write(ckpt_dir / BEST, json.dumps({"tag": tag, "metrics": metrics}))
+    atomic_write(ckpt_dir / BEST, json.dumps({"tag": tag, "metrics": metrics}))
 
 
 def best_tag(ckpt_dir: Path) -> Optional[str]:
