@@ -310,7 +310,7 @@ def damaged(tmp_path_factory) -> Dict:
 
 
 def test_bad_samples_are_skipped_counted_and_batches_stay_full(damaged, tok):
-    cfg = cfg_for([damaged["dir"]], batch_size=6, num_workers=2)
+    cfg = cfg_for([damaged["dir"]], batch_size=6, num_workers=2, max_bad_fraction=0.5)
     loader = build_pretrain_loader(cfg, tok, 0, 1, seed=0)
     batches = run_epoch(loader)
     assert len(batches) == len(loader) == 6 and all(len(b["key"]) == 6 for b in batches)
@@ -326,8 +326,28 @@ def test_bad_samples_are_skipped_counted_and_batches_stay_full(damaged, tok):
     assert resumed.stats() == stats
 
 
+def test_too_many_bad_samples_are_an_error_not_endless_repeats(damaged, uneven, tok, tmp_path):
+    """A worker whose bad samples pass data.max_bad_fraction of its epoch stops with a clear error (default 0.1),
+    instead of back-filling its batches with repeats: the damaged set has 13 bad of 36."""
+    with pytest.raises(RuntimeError, match=r"bad samples of the 36.*data.max_bad_fraction=0.1"):
+        run_epoch(build_pretrain_loader(cfg_for([damaged["dir"]], batch_size=6, num_workers=0), tok, 0, 1, seed=0))
+    # shards that disappear mid-epoch (deleted after the first batch)
+    import shutil
+
+    data = tmp_path / "vanishing"
+    shutil.copytree(uneven["dir"], data)
+    loader = build_pretrain_loader(cfg_for([data], num_workers=0, shuffle_buffer=0), tok, 0, 1, seed=0)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    next(batches)
+    for shard in sorted(data.glob("*.tar"))[2:]:
+        shard.unlink()
+    with pytest.raises(RuntimeError, match=r"data.max_bad_fraction=0.1"):
+        list(batches)
+
+
 def test_bad_samples_are_logged_with_key_and_shard(damaged, tok, caplog):
-    cfg = cfg_for([damaged["dir"]], batch_size=6, num_workers=0)
+    cfg = cfg_for([damaged["dir"]], batch_size=6, num_workers=0, max_bad_fraction=0.5)
     with caplog.at_level(logging.WARNING, logger="albef.data"):
         run_epoch(build_pretrain_loader(cfg, tok, 0, 1, seed=0))
     text = caplog.text
@@ -343,7 +363,7 @@ def test_a_worker_without_any_good_sample_raises(tmp_path, tok):
     write_dataset(tmp_path, [4, 4], "z")
     for name in ("000000.tar", "000001.tar"):
         (tmp_path / name).write_bytes(b"not a tar")
-    loader = build_pretrain_loader(cfg_for([tmp_path], num_workers=0), tok, 0, 1, seed=0)
+    loader = build_pretrain_loader(cfg_for([tmp_path], num_workers=0, max_bad_fraction=1.0), tok, 0, 1, seed=0)
     with pytest.raises(RuntimeError, match="no readable sample"):
         run_epoch(loader)
 

@@ -51,6 +51,9 @@ class DataConfig:
     draft: bool = True
     # Bad samples logged at WARNING per worker and epoch before the rest go to DEBUG (all are counted).
     log_bad_samples: int = 20
+    # A worker whose bad samples (undecodable, missing, lost with a truncated or vanished shard) pass this fraction
+    # of its epoch's samples stops the run with an error instead of filling its batches with repeats (1.0: never).
+    max_bad_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -62,6 +65,8 @@ class DataConfig:
         for name in ("num_workers", "shuffle_buffer", "samples_per_epoch", "log_bad_samples"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise bad("max_bad_fraction", "must be in [0, 1]")
         if self.shards and self.json_files:  # neither (the default) is an error only when a loader is built
             raise ValueError(
                 f"data.shards={self.shards!r}, data.json_files={self.json_files!r}: set one of the two, not both")

@@ -34,7 +34,7 @@ Semantics (W = max(1, num_workers) workers per rank, B = batch_size, R = world_s
   unreadable shard) are logged with key and shard, counted by reason (``stats()``) and their slot is filled with
   the next good sample of the same worker (a repeat with its own augmentation; at the end of a slice, the last
   good one of the previous 64 outputs), so batches stay full and batch counts equal. A worker that finds no good
-  sample to fill with raises.
+  sample to fill with raises, and so does one whose bad samples pass ``data.max_bad_fraction`` of its epoch.
 * Resume. ``state_dict()`` = (epoch, batches yielded so far, stats, and what must not change mid-epoch).
   After ``load_state_dict`` the next batch is exactly the one that would have followed, pixels included: each
   worker replays its shuffle buffer on sample indices only (no I/O, no decode) to the resume point, then reads
@@ -215,9 +215,10 @@ class _EpochDataset(IterableDataset):
     """One epoch of one rank; each DataLoader worker runs one logical worker's stream."""
 
     def __init__(self, plan: _EpochPlan, transform: ImageTransform, tokenizer, max_words: int, max_text_len: int,
-                 log_limit: int):
+                 log_limit: int, max_bad_fraction: float = 1.0):
         self.plan, self.transform, self.tokenizer = plan, transform, tokenizer
         self.max_words, self.max_text_len, self.log_limit = max_words, max_text_len, log_limit
+        self.max_bad_fraction = max_bad_fraction
 
     def __iter__(self) -> Iterator[Dict]:
         info = get_worker_info()
@@ -298,6 +299,15 @@ class _WorkerStream:
     def _bad(self, item, error: BadSample) -> None:
         self.stats[error.reason] += 1
         key, shard = self._describe(item)
+        bad = sum(self.stats[r] for r in REASONS)
+        if bad > self.ds.max_bad_fraction * self.n_out:
+            plan = self.ds.plan
+            counts = ", ".join(f"{r} {self.stats[r]}" for r in REASONS if self.stats[r])
+            raise RuntimeError(
+                f"rank {plan.rank} worker {self.worker}, epoch {plan.epoch}: {bad} bad samples of the {self.n_out} "
+                f"this worker reads this epoch ({counts}; the last: key={key} shard={shard}: {error.reason}) is more "
+                f"than data.max_bad_fraction={self.ds.max_bad_fraction}: the data is damaged or gone (a shard "
+                "deleted or unreadable?). Repair or re-prepare it, or raise data.max_bad_fraction.")
         if isinstance(item, Missing):  # the shard reader already logged the whole shard's loss once
             log.debug("skipping lost sample key=%s shard=%s: %s", key, shard, error.reason)
             return
@@ -473,7 +483,7 @@ class PretrainLoader:
             self._batch = 0
         self._fold_stats()
         dataset = _EpochDataset(self._plan(), self.transform, self.tokenizer, self.cfg.max_words,
-                                self.cfg.max_text_len, self.cfg.log_bad_samples)
+                                self.cfg.max_text_len, self.cfg.log_bad_samples, self.cfg.max_bad_fraction)
         if self.cfg.num_workers == 0:
             batches = iter(dataset)
         else:
