@@ -213,3 +213,75 @@ def test_checkpoints_and_shards_are_flushed_before_they_are_marked_complete(demo
         assert ("fsync", str(out)) in events[i + 1:], f"{dst.name}: directory not fsynced after the rename"
     manifest = max(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out / "manifest.json"))
     assert ("fsync", str(out)) in events[manifest + 1:]
+
+
+# ------------------------------------------------------------------------------------------------ non-finite steps (4)
+
+NONFINITE_SCRIPT = """
+import json, sys, torch
+from albef.engine.cli import main
+from albef.tasks.pretrain import PretrainTask
+BAD_LOSS, BAD_GRAD = int(sys.argv[1]), int(sys.argv[2])
+REPORT = open(sys.argv[3], "w", buffering=1)
+
+class NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+def state(model):
+    sd = model.module.state_dict() if hasattr(model, "module") else model.state_dict()
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+class Faulty(PretrainTask):
+    calls, saved = 0, {}
+    def training_step(self, model, batch, progress):
+        Faulty.calls += 1
+        c = Faulty.calls
+        now = state(model)
+        if c in Faulty.saved:
+            when, before = Faulty.saved.pop(c)
+            REPORT.write(json.dumps({"after": when, "call": c, "unchanged": same(before, now)}) + "\\n")
+        if c == BAD_LOSS:  # the state before the bad micro-step, compared with the state after it
+            Faulty.saved[c + 1] = (c, now)
+        if c == BAD_GRAD - 1:  # the state before the bad gradients' optimizer step (two micro-steps)
+            Faulty.saved[c + 2] = (c, now)
+        loss, logs = super().training_step(model, batch, progress)
+        if c == BAD_LOSS:
+            loss = loss * float("nan")
+        if c == BAD_GRAD:
+            loss = NanGrad.apply(loss)
+        return loss, logs
+
+main(Faulty, sys.argv[4:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_skipped_step_changes_no_state(world_shards, tmp_path, stage):
+    """A non-finite loss (micro-step 3) and a finite loss with non-finite gradients (micro-step 7, the second of its
+    optimizer step's two micro-batches 6 and 7) are skipped: weights, momentum encoders, queues and queue pointer are
+    exactly as before them, and both are counted."""
+    import subprocess
+
+    from runs import PY, REPO, run_env
+
+    report = tmp_path / "report.jsonl"
+    cmd = [PY, "-c", NONFINITE_SCRIPT, "3", "7", str(report), CONFIG,
+           *base_overrides(world_shards, tmp_path / "run", **{"train.max_steps": 5,
+                                                               "train.ds_config": f"ds_configs/zero{stage}_fp32.json"})]  # fmt: skip
+    p = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    rows = [json.loads(x) for x in report.read_text().splitlines()]
+    assert {(r["after"], r["call"]) for r in rows} == {(3, 4), (6, 8)}, rows
+    assert all(r["unchanged"] for r in rows), rows
+    s = summary(tmp_path / "run")[-1]
+    assert s["nonfinite_skipped"] == 2 and s["steps"] == 5, s
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in losses(tmp_path / "run").values())

@@ -30,5 +30,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float], eps: float):
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite and says so in ``overflow``: the attribute
+    DeepSpeed's engine reads to count a skipped step. DeepSpeed's ZeRO-1/2 optimizers check the gradients
+    themselves before calling this one; without ZeRO nothing else does."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float], eps: float,
+                    check_finite: bool = False):
+    """AdamW over ``param_groups``; ``check_finite``: skip steps with non-finite gradients (``FiniteAdamW``), for
+    engines that do not check (no ZeRO)."""
+    cls = FiniteAdamW if check_finite else torch.optim.AdamW
+    return cls(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)

@@ -18,8 +18,10 @@ What the engine guarantees:
   draws the same hard negatives, masks and dropout as an uninterrupted one.
 * **Checkpoints** every ``save_every`` steps, at the end, and on SIGUSR1/SIGTERM (then the process exits with
   ``EXIT_REQUEUE`` = 75 so that a SLURM script can requeue); ``resume=auto`` continues from the newest complete one.
-* **Non-finite losses** skip the micro-step (no backward), are counted, and stop the run after
-  ``max_nonfinite_steps`` in a row. fp16 gradient overflow is handled by DeepSpeed's dynamic loss scaler.
+* **Non-finite losses** skip the micro-step (no backward), **non-finite gradients** the optimizer step (DeepSpeed's
+  ZeRO optimizers, or ``FiniteAdamW`` without ZeRO); a skip changes no state (the momentum encoders and queues the
+  forward pass moved are put back), is counted, and ``max_nonfinite_steps`` in a row stop the run. fp16 gradient
+  overflow is DeepSpeed's dynamic loss scaler's business (its skipped steps are put back too, not counted).
 """
 from __future__ import annotations
 
@@ -173,7 +175,8 @@ class Trainer:
         if t.evaluate_only:
             return self._evaluate_only(model, env, device, dtype, run_dir)
         momentum_fp32 = model.momentum_state_fp32() if half else None
-        optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps)
+        stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+        optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, check_finite=stage == 0)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         if half:
             model.keep_momentum_fp32(momentum_fp32)
@@ -238,6 +241,25 @@ class Trainer:
         if epoch_ended and self.task.eval_splits and state["epoch"] % t.eval_every_epochs == 0 \
                 and state.get("evaluated_step") != state["step"]:  # fmt: skip
             evaluate()
+        # A skipped micro-step or optimizer step changes no state: what the forward pass mutates (momentum encoders,
+        # queues, queue pointer: the frozen parameters and the buffers) is copied before each micro-step, and before
+        # each optimizer step's first micro-step, and put back when the micro-step or the step is skipped.
+        def forward_state():
+            return [p.data for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+
+        before_micro = [torch.empty_like(x) for x in forward_state()]
+        before_step = [torch.empty_like(x) for x in forward_state()] if gas > 1 else before_micro
+        window_micro = 0  # good micro-steps so far in this optimizer step
+
+        def nonfinite(what: str) -> None:
+            nonlocal nonfinite_run
+            nonfinite_run += 1
+            state["nonfinite_total"] += 1
+            log.warning("non-finite %s at step %d (%d in a row): skipped, no state changed", what, state["step"],
+                        nonfinite_run)  # fmt: skip
+            if nonfinite_run >= t.max_nonfinite_steps:
+                raise FloatingPointError(f"{nonfinite_run} non-finite losses in a row (train.max_nonfinite_steps)")
+
         window = {"loss": 0.0, "n": 0, "data": 0.0, "compute": 0.0, "flops": 0.0, "logs": {}}
         t_start, nonfinite_run = time.time(), 0
         exit_code = 0
@@ -253,18 +275,27 @@ class Trainer:
                     lr = self._set_lr(optimizer, state["step"], steps_per_epoch, total_steps)
                     progress = Progress(state["step"], state["epoch"],
                                         alpha_at(state["step"], steps_per_epoch, t.alpha, t.alpha_warmup_epochs))
+                    if window_micro == 0 and gas > 1:
+                        torch._foreach_copy_(before_step, forward_state())
+                    torch._foreach_copy_(before_micro, forward_state())
                     loss, logs = self.task.training_step(engine, batch, progress)
                     flags = dist.all_reduce_max(float(not math.isfinite(loss.item())) + 2.0 * (signals.received() is not None))
                     if flags % 2 >= 1:
-                        nonfinite_run += 1
-                        state["nonfinite_total"] += 1
-                        log.warning("non-finite loss at step %d (%d in a row): micro-step skipped", state["step"], nonfinite_run)
-                        if nonfinite_run >= t.max_nonfinite_steps:
-                            raise FloatingPointError(f"{nonfinite_run} non-finite losses in a row (train.max_nonfinite_steps)")
+                        torch._foreach_copy_(forward_state(), before_micro)
+                        nonfinite("loss")
                     else:
-                        nonfinite_run = 0
                         engine.backward(loss)
+                        skipped = engine.skipped_steps
                         engine.step()
+                        window_micro += 1
+                        if engine.global_steps > state["step"]:  # an optimizer step boundary
+                            window_micro = 0
+                            if engine.skipped_steps > skipped:  # non-finite gradients (fp16: loss-scale overflow)
+                                torch._foreach_copy_(forward_state(), before_step)
+                                if not engine.fp16_enabled():
+                                    nonfinite("gradients")
+                            else:
+                                nonfinite_run = 0
                         window["loss"] += loss.item()
                         for k, v in logs.items():
                             window["logs"][k] = window["logs"].get(k, 0.0) + float(v)
