@@ -285,3 +285,45 @@ def test_a_skipped_step_changes_no_state(world_shards, tmp_path, stage):
     s = summary(tmp_path / "run")[-1]
     assert s["nonfinite_skipped"] == 2 and s["steps"] == 5, s
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in losses(tmp_path / "run").values())
+
+
+# ------------------------------------------------------------------------------------------------ failed saves (6)
+
+DISK_FULL_SCRIPT = """
+import errno, os, sys, torch
+from albef.engine.cli import main
+from albef.tasks.pretrain import PretrainTask
+save = torch.save
+def full_disk(obj, f, *a, **kw):
+    if os.environ.get("RANK") == "1" and "step000000004" in str(f):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    return save(obj, f, *a, **kw)
+torch.save = full_disk
+main(PretrainTask, sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_on_one_rank_stops_every_rank_with_the_reason(world_shards, tmp_path):
+    """Rank 1's disk is full at the step-4 checkpoint: both ranks exit promptly naming rank 1's error (no barrier
+    waits forever), the step-2 checkpoint stays the newest complete one, and a rerun resumes from it."""
+    import subprocess
+    import time
+
+    from runs import PY, REPO, run_env
+
+    run = tmp_path / "run"
+    common = {"train.max_steps": 6, "train.save_every": 2, "train.collective_timeout_s": 120}
+    cmd = [str(Path(PY).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python", PY, "-c",
+           DISK_FULL_SCRIPT, CONFIG, *base_overrides(world_shards, run, **common)]  # fmt: skip
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and time.time() - t0 < 300, out[-3000:]
+    assert out.count("checkpoint step000000004 failed on rank 1: OSError") >= 2, out[-4000:]  # said by both ranks
+    assert "No space left on device" in out
+    ckpt = run / "checkpoints"
+    assert (ckpt / "step000000002" / "COMPLETE").is_file() and not (ckpt / "step000000004" / "COMPLETE").exists()
+    code, out = launch(base_overrides(world_shards, run, **common), nproc=2)
+    assert code == 0 and "step000000002" in out, out[-3000:]
+    assert summary(run)[-1]["steps"] == 6

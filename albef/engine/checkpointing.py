@@ -63,6 +63,10 @@ def _load_error(tag_dir: Path, e: Exception) -> RuntimeError:
                         "and plain data (tampered, or not written by this code), or they are damaged.")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written on some rank (raised on every rank, with every rank's reason)."""
+
+
 def tag_for(step: int) -> str:
     return f"step{step:09d}"
 
@@ -110,15 +114,28 @@ def save(engine, ckpt_dir: Path, step: int, client_state: Dict, rank_state: Dict
     if (ckpt_dir / tag / "COMPLETE").is_file():
         log.info("checkpoint %s is already complete: not written again", ckpt_dir / tag)
         return tag
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
     tag_dir = ckpt_dir / tag
-    atomic_write(tag_dir / f"rank{rank:05d}_state.json", json.dumps(rank_state))
-    # DeepSpeed's torch.save does not fsync: each rank flushes the files it wrote (on a shared filesystem only the
-    # writer's fsync reaches the disk) before rank 0 marks the checkpoint complete
-    mine = [p for p in tag_dir.iterdir() if f"zero_pp_rank_{rank}_" in p.name or (rank == 0 and "model_states" in p.name)]
-    for path in mine:
-        fsync_path(path)
-    dist.barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+    except Exception as e:  # noqa: BLE001 - e.g. a full disk: every rank must hear of it
+        error = e
+        dist.barrier()  # the barrier that ends save_checkpoint, where the other ranks wait
+    if error is None:
+        try:
+            atomic_write(tag_dir / f"rank{rank:05d}_state.json", json.dumps(rank_state))
+            # DeepSpeed's torch.save does not fsync: each rank flushes the files it wrote (on a shared filesystem
+            # only the writer's fsync reaches the disk) before rank 0 marks the checkpoint complete
+            for path in tag_dir.iterdir():
+                if f"zero_pp_rank_{rank}_" in path.name or (rank == 0 and "model_states" in path.name):
+                    fsync_path(path)
+        except Exception as e:  # noqa: BLE001
+            error = e
+    failures = [(r, m) for r, m in enumerate(dist.gather_objects(None if error is None else
+                                                                  f"{type(error).__name__}: {error}")) if m]  # fmt: skip
+    if failures:
+        raise CheckpointError("; ".join(f"checkpoint {tag} failed on rank {r}: {m}" for r, m in failures) +
+                              f" ({tag_dir} is incomplete; the previous complete checkpoint is kept)") from error
     if rank == 0:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}

@@ -7,6 +7,7 @@ master) and SLURM_JOB_ID (the port), which the official ALBEF code never did (it
 """
 from __future__ import annotations
 
+import datetime
 import importlib
 import os
 import re
@@ -77,8 +78,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(env: DistEnv) -> torch.device:
-    """Export the launcher variables, pick the device, start the process group (a no-op at world size 1)."""
+def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
+    """Export the launcher variables, pick the device, start the process group (a no-op at world size 1). A
+    collective that waits more than ``timeout_s`` (a rank died or hangs) raises instead of waiting forever."""
     for k, v in dict(RANK=env.rank, WORLD_SIZE=env.world_size, LOCAL_RANK=env.local_rank,
                      MASTER_ADDR=env.master_addr, MASTER_PORT=env.master_port).items():  # fmt: skip
         os.environ[k] = str(v)
@@ -95,8 +97,18 @@ def init(env: DistEnv) -> torch.device:
     import deepspeed
 
     if env.world_size > 1 or env.launcher != "none":
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
     return device
+
+
+def gather_objects(obj) -> List:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

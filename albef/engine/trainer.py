@@ -151,7 +151,7 @@ class Trainer:
 
         t = self.train
         env = dist.detect()
-        device = dist.init(env)
+        device = dist.init(env, t.collective_timeout_s)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         run_dir = Path(t.output_dir)

@@ -53,6 +53,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
     peak_tflops: float = 0.0  # device matmul peak for MFU in the training dtype (0: measured at start)
     num_threads: int = 0  # torch intra-op threads per rank (0: torch's default)
+    collective_timeout_s: int = 1800  # a collective (all-reduce, barrier) that waits longer fails the run
     eval_every_epochs: int = 1  # evaluate the task's splits every this many epochs (tasks with an evaluation)
     evaluate_only: bool = False  # evaluate init.checkpoint on the task's splits and exit, no training
     export_final: bool = True  # write final.pth (and best.pth) in the official layout at the end (rank 0)
@@ -61,7 +62,8 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"train.betas={self.betas}: expected two numbers in [0, 1), AdamW's (beta1, beta2)")
         for key, low in (("log_every", 1), ("eval_every_epochs", 1), ("max_nonfinite_steps", 1), ("epochs", 1),
-                         ("save_every", 0), ("max_steps", 0), ("keep_last", 0), ("warmup_granularity", 1)):
+                         ("save_every", 0), ("max_steps", 0), ("keep_last", 0), ("warmup_granularity", 1),
+                         ("collective_timeout_s", 1)):
             if getattr(self, key) < low:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must be >= {low}")
         if self.schedule not in ("albef", "cosine"):
