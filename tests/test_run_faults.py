@@ -327,3 +327,81 @@ def test_a_save_that_fails_on_one_rank_stops_every_rank_with_the_reason(world_sh
     code, out = launch(base_overrides(world_shards, run, **common), nproc=2)
     assert code == 0 and "step000000002" in out, out[-3000:]
     assert summary(run)[-1]["steps"] == 6
+
+
+# ------------------------------------------------------------------------------------------------ signals (8)
+
+SLOW_EVAL_SCRIPT = """
+import os, signal, sys, time
+from albef.engine.cli import main
+from albef.engine.signals import until_stop
+from albef.tasks.pretrain import PretrainTask
+MODE, MARKER = os.environ["EVAL_MODE"], os.environ["EVAL_MARKER"]
+
+class SlowEval(PretrainTask):
+    eval_splits, primary_metric = ("val",), "score"
+    def evaluate(self, model, split, device, dtype):
+        open(MARKER, "w").close()
+        n = 0
+        for _ in until_stop(range(240 if MODE == "slow" else 2)):
+            time.sleep(0.25)
+            n += 1
+        if MODE == "signal-after":  # the evaluation is over; the export comes next
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return {"score": float(n)}
+
+main(SlowEval, sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_during_evaluation_or_export_checkpoints_and_exits_75(world_shards, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from runs import PY, REPO, run_env
+
+    def start(run, mode, **kw):
+        marker = tmp_path / f"{run.name}-{mode}.started"
+        cmd = [PY, "-c", SLOW_EVAL_SCRIPT, CONFIG, *base_overrides(world_shards, run, **{"train.max_steps": 4, **kw})]
+        env = run_env(EVAL_MODE=mode, EVAL_MARKER=str(marker))
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True), marker  # fmt: skip
+
+    def signal_when_started(proc, marker):
+        end = time.time() + 300
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < end, proc.stdout.read()[-3000:]
+            time.sleep(0.1)
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+        return out, time.time() - t0
+
+    # a requeue during the final evaluation (a minute long): checkpoint at step 4, exit 75 within seconds
+    run = tmp_path / "eval"
+    out, took = signal_when_started(*start(run, "slow"))
+    assert "exiting with 75" in out and took < 20, (took, out[-3000:])
+    assert summary(run)[-1]["exit_code"] == 75 and (run / "checkpoints" / "step000000004" / "COMPLETE").is_file()
+    proc, _ = start(run, "quick", **{"train.export_final": "true"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and (run / "final.pth").is_file(), out[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val/score"] for r in rows if "val/score" in r] == [2.0]  # evaluated once, whole, after the requeue
+
+    # ... during evaluate_only: exit 75, nothing to keep
+    only = tmp_path / "only"
+    out, took = signal_when_started(*start(only, "slow", **{"train.evaluate_only": "true"}))
+    assert "exiting with 75" in out and took < 20, (took, out[-3000:])
+    assert '"exit_code": 75' in out
+
+    # ... before the export: the final checkpoint is kept, final.pth is left to the rerun
+    export = tmp_path / "export"
+    proc, _ = start(export, "signal-after", **{"train.export_final": "true"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 75 and not (export / "final.pth").exists(), out[-3000:]
+    assert (export / "checkpoints" / "step000000004" / "COMPLETE").is_file()
+    proc, _ = start(export, "quick", **{"train.export_final": "true"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and (export / "final.pth").is_file(), out[-3000:]

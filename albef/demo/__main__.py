@@ -97,15 +97,20 @@ class StageProgress:
         return " | ".join(parts)
 
     def _eval_line(self, what: str, row: dict) -> str:
-        shown = [f"{k} {v:.3g}" for k, v in row.items()
-                 if isinstance(v, float) and k.rsplit("/", 1)[-1] in self.EVAL_KEYS]  # fmt: skip
-        return f"{self.name} {what}: " + (", ".join(shown) if shown else "no metrics")
+        splits: dict = {}  # "test/txt_r1" -> splits["test"] = ["txt_r1 21.9", ...], in EVAL_KEYS order
+        for key in self.EVAL_KEYS:
+            for k, v in row.items():
+                split, _, name = k.rpartition("/")
+                if name == key and isinstance(v, float):
+                    splits.setdefault(split, []).append(f"{name} {v:.3g}")
+        shown = " | ".join(f"{split} {' '.join(parts)}".strip() for split, parts in splits.items())
+        return f"{self.name} {what}: " + (shown or "no metrics")
 
 
 def run(cmd, log: Path, env=None, name: str | None = None, total_steps: int | None = None) -> float:
     """Run one stage's command with every line in its log file; the console gets the command, a compact line per
-    metric row (``StageProgress``), the data_prep/crawl reports and errors. Returns seconds; exits with the log's
-    tail on failure."""
+    metric row (``StageProgress``), the data_prep reports and errors. Returns seconds; exits with the log's tail on
+    failure."""
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
     print(f"  (full output: {log})", flush=True)
     progress = StageProgress(name or log.stem, total_steps)
@@ -116,11 +121,13 @@ def run(cmd, log: Path, env=None, name: str | None = None, total_steps: int | No
         for line in proc.stdout:
             f.write(line)
             shown = progress.format(line)
-            if shown is None and (line.startswith(("data_prep", "crawl")) or "error" in line.lower()):
-                shown = line.rstrip()
             if shown is not None:
-                print("  " + (shown if len(shown) <= WIDTH or "error" in shown.lower() else shown[: WIDTH - 3] + "..."),
-                      flush=True)  # fmt: skip
+                print("  " + shown, flush=True)
+            elif line.startswith("data_prep"):  # a tool's report: each " | " part on a line of its own
+                for i, part in enumerate(line.rstrip().split(" | ")):
+                    print(("  " if i == 0 else "      ") + part, flush=True)
+            elif "error" in line.lower():
+                print("  " + line.rstrip(), flush=True)
         code = proc.wait()
     if code != 0:
         print(f"stage failed (exit {code}); last lines of {log}:", file=sys.stderr)

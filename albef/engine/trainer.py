@@ -17,7 +17,9 @@ What the engine guarantees:
 * **Reproducibility**: the RNG is re-seeded before every micro-step from (seed, rank, micro-step), so a resumed run
   draws the same hard negatives, masks and dropout as an uninterrupted one.
 * **Checkpoints** every ``save_every`` steps, at the end, and on SIGUSR1/SIGTERM (then the process exits with
-  ``EXIT_REQUEUE`` = 75 so that a SLURM script can requeue); ``resume=auto`` continues from the newest complete one.
+  ``EXIT_REQUEUE`` = 75 so that a SLURM script can requeue), also when the signal comes during an evaluation
+  (its loops stop at the next batch, ``signals.until_stop``), ``evaluate_only`` or the final export;
+  ``resume=auto`` continues from the newest complete one.
 * **Non-finite losses** skip the micro-step (no backward), **non-finite gradients** the optimizer step (DeepSpeed's
   ZeRO optimizers, or ``FiniteAdamW`` without ZeRO); a skip changes no state (the momentum encoders and queues the
   forward pass moved are put back), is counted, and ``max_nonfinite_steps`` in a row stop the run. fp16 gradient
@@ -39,6 +41,7 @@ import yaml
 
 from albef.data.transforms import to_device
 from albef.engine import checkpointing, dist, signals
+from albef.engine.signals import StopRequested
 from albef.engine.flops import measured_matmul_peak
 from albef.engine.metrics import MetricsLogger
 from albef.engine.optim import build_optimizer
@@ -47,10 +50,6 @@ from albef.tasks.base import Progress, Task
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again later": the job saved a checkpoint and wants to be requeued
-
-
-class StopRequested(Exception):
-    """Raised after a checkpoint was saved in response to SIGUSR1/SIGTERM."""
 
 
 def step_seed(seed: int, rank: int, micro_step: int) -> int:
@@ -238,9 +237,6 @@ class Trainer:
                     checkpointing.mark_best(ckpt_root, checkpointing.tag_for(state["step"]), results)
                 state["last_saved"] = state["step"]
 
-        if epoch_ended and self.task.eval_splits and state["epoch"] % t.eval_every_epochs == 0 \
-                and state.get("evaluated_step") != state["step"]:  # fmt: skip
-            evaluate()
         # A skipped micro-step or optimizer step changes no state: what the forward pass mutates (momentum encoders,
         # queues, queue pointer: the frozen parameters and the buffers) is copied before each micro-step, and before
         # each optimizer step's first micro-step, and put back when the micro-step or the step is skipped.
@@ -264,6 +260,9 @@ class Trainer:
         t_start, nonfinite_run = time.time(), 0
         exit_code = 0
         try:
+            if epoch_ended and self.task.eval_splits and state["epoch"] % t.eval_every_epochs == 0 \
+                    and state.get("evaluated_step") != state["step"]:  # fmt: skip
+                evaluate()
             while state["step"] < total_steps:
                 t_data = time.perf_counter()
                 for batch in loader:
@@ -311,7 +310,6 @@ class Trainer:
                             self._log(logger, engine, model, state, window, lr, progress.alpha, peak, env.world_size)
                             window = {"loss": 0.0, "n": 0, "data": 0.0, "compute": 0.0, "flops": 0.0, "logs": {}}
                         if flags >= 2:
-                            checkpoint()
                             raise StopRequested()
                         if t.save_every and state["step"] % t.save_every == 0:
                             checkpoint()
@@ -329,11 +327,17 @@ class Trainer:
             if state.get("last_saved") != state["step"]:
                 checkpoint()
             if t.export_final and env.is_main:
-                checkpointing.export_official_file(run_dir, run_dir / "final.pth")
                 best = checkpointing.best_tag(ckpt_root)
-                if best:
-                    checkpointing.export_official_file(run_dir, run_dir / "best.pth", best)
+                for name, tag in (("final.pth", None), ("best.pth", best)) if best else (("final.pth", None),):
+                    if signals.received() is not None:  # the checkpoint is saved: a rerun exports
+                        raise StopRequested()
+                    checkpointing.export_official_file(run_dir, run_dir / name, tag)
         except StopRequested:
+            # every rank is here together: at a step boundary (flags all-reduced), or leaving an evaluation
+            # (signals.until_stop); an export is rank 0's alone and comes after the final checkpoint
+            if state.get("last_saved") != state["step"]:
+                checkpoint()
+                state["last_saved"] = state["step"]
             exit_code = EXIT_REQUEUE
             log.warning("checkpoint saved at step %d after signal %s; exiting with %d for requeue",
                         state["step"], signals.received(), EXIT_REQUEUE)  # fmt: skip
@@ -366,7 +370,14 @@ class Trainer:
         if not self.cfg.init.checkpoint:
             log.warning("train.evaluate_only without init.checkpoint: evaluating randomly initialised weights")
         model.to(device=device, dtype=dtype)
-        results = self._run_eval(model, device, dtype)
+        try:
+            results = self._run_eval(model, device, dtype)
+        except StopRequested:  # nothing to keep: the rerun evaluates again
+            log.warning("evaluation stopped by signal %s; exiting with %d for requeue", signals.received(), EXIT_REQUEUE)
+            summary = {"exit_code": EXIT_REQUEUE, "evaluate_only": True}
+            if env.is_main:
+                print("run summary: " + json.dumps(summary), flush=True)
+            return summary
         summary = {"exit_code": 0, "evaluate_only": True, **results}
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from albef.engine.signals import until_stop
+
 
 @torch.no_grad()
 def encode_texts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 256):
@@ -67,7 +69,7 @@ def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, 
 
     def run(queries: range, k: int, topk_of, pair_of, out, filled) -> None:
         per = max(1, pair_batch // k)
-        for start in range(queries.start, queries.stop, per):
+        for start in until_stop(range(queries.start, queries.stop, per)):  # a stop request ends it on every rank
             q = torch.arange(start, min(start + per, queries.stop), device=sims.device)
             cand = topk_of(q, k)  # (Q, k)
             t_idx, i_idx = pair_of(q, cand)

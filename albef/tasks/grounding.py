@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, Subset
 
 from albef.data.transforms import (AugmentConfig, ImageTransform, read_image_header, stack_images, test_transform,
                                    to_device)
+from albef.engine.signals import until_stop
 from albef.eval.grounding import (
     GRADCAM_MODES, centre_choice, check_block, box_iou, gradcam, ground, random_choice_accuracy, upsample_map,
 )  # fmt: skip
@@ -302,7 +303,7 @@ class GroundingTask(RetrievalTask):
                             collate_fn=_collate)  # fmt: skip
         max_len = self.cfg.model.text.max_position_embeddings  # official: no length limit at evaluation
         rows, examples = [], []
-        for images, indices in loader:
+        for images, indices in until_stop(loader):
             text = self._tokenizer([ds.items[i].text for i in indices], max_length=max_len)
             cams = gradcam(model, to_device(images, device, dtype), text["input_ids"].to(device),
                            text["attention_mask"].to(device), e.mode, e.block_num)  # fmt: skip

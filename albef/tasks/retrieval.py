@@ -30,6 +30,7 @@ from albef.data.finetune import MapLoader
 from albef.data.json_dataset import read_json_list
 from albef.data.samples import BadSample, make_sample
 from albef.data.transforms import AugmentConfig, stack_images, test_transform, to_device
+from albef.engine.signals import until_stop
 from albef.eval.retrieval import encode_images, encode_texts, ground_truth, itm_rerank, recall_metrics
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
@@ -166,7 +167,7 @@ class RetrievalTask(Task):
         ids, mask = text["input_ids"].to(device), text["attention_mask"].to(device)
         loader = DataLoader(ds, batch_size=e.image_batch_size, num_workers=self.cfg.data.num_workers,
                             collate_fn=stack_images)  # fmt: skip
-        image_embeds, image_feat = encode_images(model, (to_device(b, device, dtype) for b in loader))
+        image_embeds, image_feat = encode_images(model, (to_device(b, device, dtype) for b in until_stop(loader)))
         text_embeds, text_feat = encode_texts(model, ids, mask, e.text_batch_size)
         sims = image_feat.float() @ text_feat.float().t()
         score_i2t, score_t2i = itm_rerank(model, sims, image_embeds, text_embeds, mask, e.k_test, e.pair_batch_size)

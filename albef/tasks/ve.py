@@ -30,6 +30,7 @@ from albef.data.finetune import MapLoader
 from albef.data.samples import BadSample
 from albef.data.transforms import (AugmentConfig, ImageDecodeError, ImageTransform, stack_images, test_transform,
                                    to_device)
+from albef.engine.signals import until_stop
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
 from albef.data.json_dataset import read_json_list
@@ -202,7 +203,7 @@ class ClassifierTask(Task):
         loader = DataLoader(subset, batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.data.num_workers,
                             collate_fn=self.collate(self._tokenizer))  # fmt: skip
         correct = 0
-        for batch in loader:
+        for batch in until_stop(loader):
             images = list(to_device(batch["images"], device, dtype).unbind(1))
             logits = model.logits(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
             correct += int((logits.argmax(1).cpu() == batch["label"]).sum())

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from albef.data.finetune import MapLoader
 from albef.data.transforms import AugmentConfig, stack_images, test_transform, to_device
+from albef.engine.signals import until_stop
 from albef.eval.vqa import load_vqa_answers, vqa_accuracy
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
@@ -211,7 +212,7 @@ class VQATask(Task):
         loader = DataLoader(torch.utils.data.Subset(ds, rank_indices(len(ds))), batch_size=self.cfg.eval.batch_size,
                             num_workers=self.cfg.data.num_workers, collate_fn=_eval_collate)  # fmt: skip
         mine = []
-        for images, questions, qids, indices in loader:
+        for images, questions, qids, indices in until_stop(loader):
             q = self._tokenizer(list(questions), max_length=None)
             q_ids, q_mask = q["input_ids"].to(device), q["attention_mask"].to(device)
             states = model.encode_question(to_device(images, device, dtype), q_ids, q_mask)
