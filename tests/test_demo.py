@@ -29,8 +29,9 @@ def test_quick_demo_learns(tmp_path):
     # readable console: compact stage lines with rate, ETA, MFU and memory; the whole lines are in the stage logs
     from albef.demo.__main__ import WIDTH
 
-    shown = [x for x in p.stdout.splitlines() if not x.startswith("$ ")]
+    shown = [x for x in p.stdout.splitlines() if not x.startswith(("$ ", "      ", "  data_prep"))]  # commands, reports
     assert all(len(x) <= WIDTH + 2 for x in shown), max(shown, key=len)
+    assert "      status: success=" in p.stdout  # the data_prep reports are whole, one part per line
     pretrain = [x for x in shown if x.startswith("  pretrain step ")]
     assert len(pretrain) >= 5 and all("pairs/s" in x and "MFU" in x and "RSS" in x for x in pretrain), pretrain
     assert all("ETA" in x for x in pretrain[1:]), pretrain
@@ -69,8 +70,9 @@ def test_stage_progress_line_has_rate_eta_mfu_and_memory():
     assert progress.format(row) == "pretrain step 40/400  10% | itc 3.41 itm 0.637 mlm 7.12 | 105 pairs/s | MFU 9% | RSS 1234 MB"
     # 40 steps took 60 s, so the 320 steps left take 8 minutes
     assert progress.format(row.replace("step 40 ", "step 80 ")).endswith("RSS 1234 MB | ETA 8m00s")
-    assert progress.format("step 80 test/txt_r1=21.9 test/img_r1=5.0 test/r_mean=40.2 time/eval_test_s=3.0") == (
-        "pretrain step 80 eval: test/txt_r1 21.9, test/img_r1 5, test/r_mean 40.2")
+    assert progress.format("step 80 val/txt_r1=20.3 val/r_mean=41.5 test/txt_r1=21.9 test/img_r1=5.0 test/r_mean=40.2 "
+                           "time/eval_test_s=3.0") == (
+        "pretrain step 80 eval: val r_mean 41.5 txt_r1 20.3 | test r_mean 40.2 txt_r1 21.9 img_r1 5")
     summary = 'run summary: {"exit_code": 0, "steps": 400, "samples": 25600, "train_seconds": 241.2}'
     assert progress.format(summary) == "pretrain done: 400 steps, 25600 pairs in 4m01s, exit 0"
     assert progress.format("[2026-12-06 11:00:00] some library warning") is None
