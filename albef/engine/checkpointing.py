@@ -167,24 +167,78 @@ def _prune(ckpt_dir: Path, keep_last: int, newest: str) -> None:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path, tag: str, rank: int) -> Tuple[Dict, Dict]:
-    info = json.loads((ckpt_dir / tag / "COMPLETE").read_text())
+def saved_world_size(ckpt_dir: Path, tag: str) -> int:
+    return int(json.loads((ckpt_dir / tag / "COMPLETE").read_text())["world_size"])
+
+
+def is_partitioned(tag_dir: Path) -> bool:
+    """ZeRO-1/2 checkpoints hold the optimizer state in one partition file per rank."""
+    return any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+UNIVERSAL = "universal"
+
+
+def prepare_universal(ckpt_dir: Path, tag: str, rank: int) -> None:
+    """DeepSpeed's universal checkpoint of ``tag`` (``ds_to_universal``: one file per parameter, optimizer moments
+    included, loadable at any number of ranks), made once by rank 0 in ``<tag>/universal`` (renamed there when
+    whole). The checkpoint's own files are left as they are."""
+    tag_dir = ckpt_dir / tag
+    if rank == 0 and not (tag_dir / UNIVERSAL).is_dir():
+        import argparse
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = tag_dir / f"{UNIVERSAL}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)  # fmt: skip
+        log.info("converting %s to a universal checkpoint (it was written by %d ranks)", tag_dir,
+                 saved_world_size(ckpt_dir, tag))  # fmt: skip
+        try:
+            with safe_loads():
+                ds_to_universal.main(args)
+        except Exception as e:  # noqa: BLE001
+            raise _load_error(tag_dir, e) from e
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                fsync_path(path)
+        os.replace(tmp, tag_dir / UNIVERSAL)
+        fsync_path(tag_dir)
+    dist.barrier()
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int, model=None) -> Tuple[Dict, Optional[Dict]]:
+    """Load ``tag`` into ``engine``. Returns (client state, this rank's state, None when the checkpoint was written
+    by another number of ranks). At another world size a ZeRO-1/2 checkpoint loads from its universal form
+    (``prepare_universal``; the engine must be built with ``checkpoint.load_universal``), and ``model``'s frozen
+    parameters and buffers (momentum encoders, queues: outside the optimizer, whole on every rank) from the
+    checkpoint's module state."""
+    tag_dir = ckpt_dir / tag
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if info["world_size"] != world:
-        raise RuntimeError(
-            f"{ckpt_dir / tag} was written by {info['world_size']} ranks, this job has {world}: the optimizer state "
-            "is partitioned per rank. Resume with the same number of ranks, or start a new run from the "
-            "consolidated weights (python -m pretrain.export, then init.checkpoint=...)."
-        )
+    same_world = saved_world_size(ckpt_dir, tag) == world
+    universal = not same_world and is_partitioned(tag_dir)
     try:
         with safe_loads():
-            _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            if universal:
+                _, client_state = engine.load_checkpoint(str(tag_dir), tag=UNIVERSAL)
+                module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+                trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+                rest = {k: v for k, v in module["module"].items() if k not in trainable}
+                missing = [k for k in model.state_dict() if k not in trainable and k not in rest]
+                if missing:
+                    raise KeyError(f"frozen parameters/buffers missing from the checkpoint: {missing[:5]}")
+                model.load_state_dict(rest, strict=False)
+            else:
+                _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     except Exception as e:  # noqa: BLE001 - whatever the unpickler or DeepSpeed raised, say which checkpoint
-        raise _load_error(ckpt_dir / tag, e) from e
+        raise _load_error(tag_dir, e) from e
     if client_state is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    rank_state = json.loads((ckpt_dir / tag / f"rank{rank:05d}_state.json").read_text())
-    return client_state, rank_state
+        raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
+    if not same_world:
+        return client_state, None
+    return client_state, json.loads((tag_dir / f"rank{rank:05d}_state.json").read_text())
 
 
 def consolidate(ckpt_dir: Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:

@@ -176,6 +176,12 @@ class Trainer:
         momentum_fp32 = model.momentum_state_fp32() if half else None
         stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
         optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, check_finite=stage == 0)
+        saved_world = checkpointing.saved_world_size(ckpt_root, resume_tag) if resume_tag else env.world_size
+        if saved_world != env.world_size and checkpointing.is_partitioned(ckpt_root / resume_tag):
+            # another number of ranks: ZeRO's per-rank optimizer partitions are re-cut by DeepSpeed's universal
+            # checkpoint, which the engine must be told about when it is built
+            checkpointing.prepare_universal(ckpt_root, resume_tag, env.rank)
+            ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         if half:
             model.keep_momentum_fp32(momentum_fp32)
@@ -191,12 +197,16 @@ class Trainer:
 
         state = {"step": 0, "micro_step": 0, "epoch": 0, "samples": 0, "nonfinite_total": 0, "wandb_id": None}
         if resume_tag is not None:
-            client, rank_state = checkpointing.load(engine, ckpt_root, resume_tag, env.rank)
+            client, rank_state = checkpointing.load(engine, ckpt_root, resume_tag, env.rank, model)
             if half:  # the checkpoint holds the momentum weights in float32; DeepSpeed's load may have cast them
                 model.keep_momentum_fp32(client["momentum_fp32"])
             state.update(client["train_state"])
-            loader.load_state_dict(rank_state["loader"])
-            log.info("resumed from %s at step %d", ckpt_root / resume_tag, state["step"])
+            if rank_state is not None:
+                loader.load_state_dict(rank_state["loader"])
+            else:
+                self._resume_data_on_new_world(loader, ckpt_root / resume_tag, saved_world, env.world_size)
+            log.info("resumed from %s at step %d (written by %d ranks, now %d)", ckpt_root / resume_tag,
+                     state["step"], saved_world, env.world_size)  # fmt: skip
             best = ckpt_root / checkpointing.BEST  # the best score's one owner (a checkpoint may predate it)
             if best.is_file():
                 metrics = json.loads(best.read_text())["metrics"]
@@ -351,6 +361,25 @@ class Trainer:
         if env.is_main:
             print("run summary: " + json.dumps(summary), flush=True)
         return summary
+
+    @staticmethod
+    def _resume_data_on_new_world(loader, tag_dir: Path, saved_world: int, world: int) -> None:
+        """The data position after a change of world size: the next epoch boundary. A mid-epoch position is a
+        per-rank, per-worker cut of the epoch (with shuffle buffers), which is not re-split over other ranks yet:
+        the rest of that epoch is skipped, and the log says how much."""
+        state = json.loads((tag_dir / "rank00000_state.json").read_text())["loader"]
+        epoch, done = state["epoch"], state.get("batch", state.get("position", 0))
+        total = state.get("num_batches", len(loader) if saved_world == world else None)
+        if done:
+            epoch += 1
+            per_batch = saved_world * state["batch_size"]
+            left = f"{(total - done) * per_batch} of its {total * per_batch} samples" if total else "the rest"
+            if total is None or done < total:
+                log.warning("resuming on %d ranks from a checkpoint written by %d ranks in the middle of epoch %d: "
+                            "%s are skipped and training continues with epoch %d (a mid-epoch data position "
+                            "cannot be moved to another number of ranks yet)", world, saved_world, epoch - 1, left,
+                            epoch)  # fmt: skip
+        loader.set_epoch(epoch)
 
     def _run_eval(self, model, device, dtype) -> Dict[str, float]:
         if not self.task.eval_splits:
