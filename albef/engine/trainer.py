@@ -368,17 +368,17 @@ class Trainer:
         per-rank, per-worker cut of the epoch (with shuffle buffers), which is not re-split over other ranks yet:
         the rest of that epoch is skipped, and the log says how much."""
         state = json.loads((tag_dir / "rank00000_state.json").read_text())["loader"]
+        # the shard loader's (epoch, batch, num_batches), the fine-tuning loader's (epoch, position, num_samples)
         epoch, done = state["epoch"], state.get("batch", state.get("position", 0))
-        total = state.get("num_batches", len(loader) if saved_world == world else None)
+        total = state.get("num_batches") or state["num_samples"] // state["world_size"] // state["batch_size"]
         if done:
             epoch += 1
-            per_batch = saved_world * state["batch_size"]
-            left = f"{(total - done) * per_batch} of its {total * per_batch} samples" if total else "the rest"
-            if total is None or done < total:
+            if done < total:
+                per_batch = saved_world * state["batch_size"]
                 log.warning("resuming on %d ranks from a checkpoint written by %d ranks in the middle of epoch %d: "
-                            "%s are skipped and training continues with epoch %d (a mid-epoch data position "
-                            "cannot be moved to another number of ranks yet)", world, saved_world, epoch - 1, left,
-                            epoch)  # fmt: skip
+                            "%d of its %d samples are skipped and training continues with epoch %d (a mid-epoch "
+                            "data position cannot be moved to another number of ranks yet)", world, saved_world,
+                            epoch - 1, (total - done) * per_batch, total * per_batch, epoch)  # fmt: skip
         loader.set_epoch(epoch)
 
     def _run_eval(self, model, device, dtype) -> Dict[str, float]:
