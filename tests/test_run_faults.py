@@ -86,7 +86,12 @@ def test_checkpoint_loads_cannot_run_code(world_shards, tmp_path):
         run = tmp_path / name
         shutil.copytree(clean, run)
         marker = tmp_path / f"ran-{name}"
-        torch.save({"module": _Payload(marker)}, run / "checkpoints" / "step000000001" / name)
+        tampered = run / "checkpoints" / "step000000001" / name
+        torch.save({"module": _Payload(marker)}, tampered)
+        complete = tampered.parent / "COMPLETE"  # whoever can write the file can fix the size list too
+        info = json.loads(complete.read_text())
+        info["files"][name] = tampered.stat().st_size
+        complete.write_text(json.dumps(info))
         code, out = launch(base_overrides(world_shards, run, **{"train.max_steps": 2}))
         assert code != 0 and "cannot load this checkpoint safely" in out and "step000000001" in out, out[-3000:]
         assert not marker.exists(), f"unpickling {name} ran code"
@@ -104,6 +109,8 @@ def _mtimes(tag_dir: Path):
 
 @pytest.mark.slow
 def test_a_complete_checkpoint_is_never_rewritten_and_a_damaged_one_is_skipped(world_shards, tmp_path):
+    from albef.engine import checkpointing
+
     run = tmp_path / "run"
     common = {"train.max_steps": 4, "train.save_every": 2}
     code, out = launch(base_overrides(world_shards, run, **common))
@@ -121,6 +128,11 @@ def test_a_complete_checkpoint_is_never_rewritten_and_a_damaged_one_is_skipped(w
     assert code == 0, out[-3000:]
     assert "step000000004" in out and "damaged" in out and "resumed from" in out and "step000000002" in out, out[-3000:]
     assert summary(run)[-1]["steps"] == 6 and (run / "checkpoints" / "step000000006" / "COMPLETE").is_file()
+    # every complete checkpoint damaged: an error, not a silent fresh start
+    for tag in checkpointing.complete_tags(run / "checkpoints"):
+        (run / "checkpoints" / tag / "mp_rank_00_model_states.pt").write_bytes(b"cut")
+    code, out = launch(base_overrides(world_shards, run, **{**common, "train.max_steps": 8}))
+    assert code != 0 and "every complete checkpoint is damaged" in out, out[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------ epoch boundary (3)

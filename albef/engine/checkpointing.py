@@ -96,13 +96,18 @@ def damage(tag_dir: Path) -> Optional[str]:
 
 def find_latest(ckpt_dir: Path) -> Optional[str]:
     """The newest complete checkpoint tag that is not damaged (newer damaged ones are skipped with a warning), or
-    None."""
-    for tag in reversed(complete_tags(ckpt_dir)):
+    None when there is no complete checkpoint. Complete checkpoints that are all damaged are an error: a run must
+    not start over silently."""
+    tags = complete_tags(ckpt_dir)
+    for tag in reversed(tags):
         problem = damage(ckpt_dir / tag)
         if problem is None:
             return tag
         log.warning("checkpoint %s is damaged (%s): falling back to the previous complete one", ckpt_dir / tag,
                     problem)  # fmt: skip
+    if tags:
+        raise RuntimeError(f"{ckpt_dir}: every complete checkpoint is damaged ({', '.join(tags)}; see the warnings "
+                           "above); repair one, or start a new run in another train.output_dir")
     return None
 
 
