@@ -5,14 +5,17 @@ Layout of ``<run>/checkpoints/``::
     step000001000/                  DeepSpeed files (mp_rank_00_model_states.pt, *optim_states.pt)
         rank00000_state.json        per-rank state: the data loader's position (the RNG is re-seeded every
                                     micro-step from (seed, rank, micro-step), so there is no RNG state to keep)
-        COMPLETE                    written by rank 0 after every rank finished writing
+        COMPLETE                    written by rank 0 after every rank finished writing: step, world size, files
+        universal/                  made on demand when a run resumes on another number of ranks
     latest_complete                 the tag of the newest complete checkpoint (atomic rename)
 
 A checkpoint counts only when its ``COMPLETE`` marker exists (it lists every file with its size), so a job killed
 while saving resumes from the previous good one, and so does a job whose newest checkpoint was damaged later. A
-complete checkpoint is never written into again. Every load is a weights-only unpickling (``safe_loads``): a tampered checkpoint file cannot run
-code, it fails to load with the file's name. ``consolidate`` turns any of them (ZeRO-partitioned or not) into one float32 state dict in the
-official ALBEF layout (``pretrain/export.py``).
+complete checkpoint is never written into again. Every load is a weights-only unpickling (``safe_loads``): a
+tampered checkpoint file cannot run code, it fails to load with the checkpoint's name. A checkpoint written by
+another number of ranks loads through DeepSpeed's universal checkpoint (``prepare_universal``). ``consolidate``
+turns any of them (ZeRO-partitioned or not) into one float32 state dict in the official ALBEF layout
+(``pretrain/export.py``).
 """
 from __future__ import annotations
 
@@ -39,8 +42,8 @@ BEST = "best.json"
 @contextlib.contextmanager
 def safe_loads():
     """Every ``torch.load`` inside (DeepSpeed's own included, which pass ``weights_only=False``) unpickles weights
-    only: tensors, containers, numbers, strings, plus DeepSpeed's loss-scaler records (plain attributes) its ZeRO stage enum and
-    its fragment addresses (two integers)."""
+    only: tensors, containers, numbers, strings, plus DeepSpeed's loss-scaler records (plain attributes), its ZeRO
+    stage enum and its fragment addresses (two integers)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
