@@ -248,7 +248,7 @@ def test_resampled_weights_set_the_dataset_mix(tmp_path, tok):
     assert keys_of(run_epoch(build_pretrain_loader(cfg, tok, 0, 2, seed=0), 1)) != keys_of(batches)
 
 
-def test_mid_epoch_state_rejects_a_changed_setup(uneven, tok):
+def test_mid_epoch_state_rejects_changed_data_and_accepts_a_changed_setup(uneven, tmp_path, tok):
     cfg = cfg_for([uneven["dir"]])
     loader = build_pretrain_loader(cfg, tok, 0, 2, seed=5)
     it = iter(loader)
@@ -256,15 +256,100 @@ def test_mid_epoch_state_rejects_a_changed_setup(uneven, tok):
     state = loader.state_dict()
     del it
     assert state["batch"] == 1 and state["epoch"] == 0 and state["stats"]["samples"] == 4
+    write_dataset(tmp_path, [7, 13, 5, 11, 9, 3, 9], "u")  # one more sample in the last shard
+    with pytest.raises(ValueError, match=r"mid-epoch \(epoch 0, batch 1\) but fingerprint"):
+        build_pretrain_loader(cfg_for([tmp_path]), tok, 0, 2, seed=5).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"seed 5 -> 6"):
+        build_pretrain_loader(cfg, tok, 0, 2, seed=6).load_state_dict(state)
     other = build_pretrain_loader(cfg_for([uneven["dir"]], num_workers=1), tok, 0, 2, seed=5)
-    with pytest.raises(ValueError, match=r"num_workers 2 -> 1"):
-        other.load_state_dict(state)
     with pytest.raises(ValueError, match="version"):
         other.load_state_dict({"epoch": 0})
-    # at an epoch boundary the setup may change: the next epoch starts at batch 0
+    other.load_state_dict(state)  # another number of workers: the rest of the epoch is re-split
+    assert other.epoch == 0 and other.batches_this_epoch == 6 and len(other) == 7
+    # at an epoch boundary anything may change: the next epoch starts at batch 0
     done = dict(state, batch=state["num_batches"])
     other.load_state_dict(done)
-    assert other.epoch == 1 and other.state_dict()["batch"] == 0
+    assert other.epoch == 1 and other.state_dict()["batch"] == 0 and other.batches_this_epoch == 7
+
+
+def ranks_run(cfg, tok, world, stop_after=None, state=None, seed=5):
+    """Every rank of a ``world``-rank job (restored from ``state`` if given) runs ``stop_after`` batches (or to the end
+    of the epoch): their keys, and rank 0's state at the stop as it would be saved."""
+    keys, saved = [], None
+    for rank in range(world):
+        loader = build_pretrain_loader(cfg, tok, rank, world, seed)
+        if state is not None:
+            loader.load_state_dict(state)
+            loader.set_epoch(state["epoch"])
+        else:
+            loader.set_epoch(0)
+        for i, batch in enumerate(loader, start=1):
+            keys += batch["key"]
+            if i == stop_after:
+                break
+        if rank == 0:
+            saved = json.loads(json.dumps(loader.state_dict()))
+    return keys, saved
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_a_changed_world_size_re_splits_the_rest_of_the_epoch(uneven, tok, caplog):
+    """2 ranks x 2 workers stop after 3 of 7 batches; 1 rank x 2 workers finishes the epoch: together they deliver
+    exactly the samples of the uninterrupted 2-rank epoch, each once. Then 2 -> 3 ranks (batch 3, 1 worker) -> 1
+    rank, a second change inside the re-split: nothing repeats, and what is lost is only each phase's last partial
+    global batch, as the log says."""
+    cfg = cfg_for([uneven["dir"]])
+    straight, _ = ranks_run(cfg, tok, 2)
+    assert sorted(straight) == sorted(uneven["keys"])
+    first, state = ranks_run(cfg, tok, 2, stop_after=3)
+    assert len(first) == 24 and state["batch"] == 3
+    caplog.set_level(logging.WARNING, "albef.data.loader")
+    rest, end = ranks_run(cfg, tok, 1, state=state)
+    assert "the 32 sample(s) of the epoch not yet delivered are re-split over them, 8 batch(es) per rank" in caplog.text
+    assert len(rest) == 32 and sorted(first + rest) == sorted(straight)
+    assert end["epoch"] == 0 and end["batch"] == end["num_batches"] == 8 and len(end["phases"]) == 1
+    # the same restored state on one rank, interrupted again at the same setup: exact mid-phase resume
+    one = cfg_for([uneven["dir"]])
+    resumed = build_pretrain_loader(one, tok, 0, 1, seed=5)
+    resumed.load_state_dict(state)
+    head, _ = [], None
+    for batch in resumed:
+        head.append(batch)
+        if len(head) == 3:
+            mid = json.loads(json.dumps(resumed.state_dict()))
+            break
+    again = build_pretrain_loader(one, tok, 0, 1, seed=5)
+    again.load_state_dict(mid)
+    assert keys_of(head) + keys_of(list(again)) == rest
+
+    caplog.clear()
+    three = cfg_for([uneven["dir"]], num_workers=1, batch_size=3)
+    second, state3 = ranks_run(three, tok, 3, stop_after=1, state=state)
+    assert "the 32 sample(s)" in caplog.text and "3 batch(es) per rank; the last 5" in caplog.text
+    assert len(second) == 9 and len(state3["phases"]) == 1 and state3["phases"][0]["world_size"] == 2
+    caplog.clear()
+    third, end = ranks_run(cfg_for([uneven["dir"]], num_workers=0), tok, 1, state=state3)
+    assert "the 18 sample(s)" in caplog.text and len(third) == 16  # 18 -> 4 batches of 4; 2 dropped
+    seen = first + second + third
+    assert len(seen) == len(set(seen)) == 49 and set(seen) < set(straight)
+    assert [p["world_size"] for p in end["phases"]] == [2, 3]
+
+
+def test_json_and_resampled_epochs_re_split_on_another_world_size(official_json, tmp_path, tok):
+    files, root = official_json["files"], official_json["root"]
+    cfg = DataConfig(json_files=files, image_root=str(root), image_res=RES, batch_size=3, num_workers=1,
+                     pin_memory=False)
+    straight, _ = ranks_run(cfg, tok, 2)
+    first, state = ranks_run(cfg, tok, 2, stop_after=1)
+    rest, _ = ranks_run(cfg, tok, 3, state=state)
+    assert len(rest) == 18 and sorted(first + rest) == sorted(straight) == sorted(official_json["paths"])
+    # resampled: no fixed set of samples, but the epoch's count carries over: 6 of 12 batches of 4 done on 2
+    # ranks leave 6 x 8 = 48 samples, 4 batches of 4 on each of 3 ranks
+    write_dataset(tmp_path / "a", [6, 9, 5], "a", seed=1)
+    res = cfg_for([tmp_path / "a"], resampled=True, samples_per_epoch=96, num_workers=1)
+    first, state = ranks_run(res, tok, 2, stop_after=6)
+    rest, end = ranks_run(res, tok, 3, state=state)
+    assert len(rest) == 48 and end["batch"] == end["num_batches"] == 4
 
 
 # ---- bad samples -------------------------------------------------------------------------------------------------
@@ -435,6 +520,24 @@ def test_iter_shard_positions_are_stable(uneven):
     assert [type(s).__name__ for s in short[-3:]] == ["RawSample", "Missing", "Missing"]
 
 
+def test_positions_agree_with_an_explicit_list():
+    from albef.data.loader import Positions
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        explicit = rng.permutation(60)[: rng.integers(1, 60)]
+        explicit = np.concatenate([np.sort(explicit[: len(explicit) // 2]), explicit[len(explicit) // 2:]])
+        runs = Positions.of(explicit)
+        assert len(runs) == len(explicit) and list(runs.iter_from(0)) == explicit.tolist()
+        lo = int(rng.integers(0, len(explicit)))
+        n = int(rng.integers(0, len(explicit) - lo + 1))
+        assert list(runs.slice(lo, n).iter_from(0)) == explicit[lo:lo + n].tolist()
+        index = np.sort(rng.choice(len(explicit), size=min(5, len(explicit)), replace=False))
+        assert runs.at(index).tolist() == explicit[index].tolist()
+        both = Positions.concat([runs.slice(0, lo), runs.slice(lo, len(explicit) - lo)])
+        assert list(both.iter_from(lo)) == explicit[lo:].tolist()
+
+
 def test_shuffle_events_are_a_permutation_and_replayable():
     for size in (0, 1, 4, 50):
         events = list(shuffle_events(30, size, random.Random(0)))
@@ -553,3 +656,52 @@ def test_data_config_validation_names_field_and_value():
             from_dict(DataConfig, data, "train.yaml:data")
     with pytest.raises(ValueError, match="both empty"):
         build_pretrain_loader(DataConfig(), None, 0, 1, 0)
+
+
+# ---- the fine-tuning tasks' loader (map-style datasets) -----------------------------------------------------------
+class _Indices:
+    """A map-style dataset whose samples are their own index (and the augmentation draw they got)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load(self, index: int, rng: random.Random) -> Dict:
+        return {"i": index, "draw": rng.random()}
+
+
+def _map_run(world, batch, stop_after=None, state=None, n=50):
+    from albef.data.finetune import MapLoader
+
+    seen, saved = [], None
+    for rank in range(world):
+        loader = MapLoader(_Indices(n), lambda s: {"i": [x["i"] for x in s], "draw": [x["draw"] for x in s]},
+                           batch, rank, world, seed=4)
+        if state is not None:
+            loader.load_state_dict(state)
+        for k, b in enumerate(loader, start=1):
+            seen += list(zip(b["i"], b["draw"]))
+            if k == stop_after:
+                break
+        if rank == 0:
+            saved = json.loads(json.dumps(loader.state_dict()))
+    return seen, saved
+
+
+def test_map_loader_resumes_exactly_and_re_splits_on_another_world_size(caplog):
+    straight, end = _map_run(2, 4)  # 50 samples: 6 batches of 4 per rank, 2 dropped
+    assert len(straight) == len({i for i, _ in straight}) == 48 and end["position"] == 6
+    first, state = _map_run(2, 4, stop_after=2)
+    same, _ = _map_run(2, 4, state=state)
+    assert sorted(first + same) == sorted(straight)  # same world: exact, augmentation draws included
+    caplog.set_level(logging.WARNING, "albef.data.finetune")
+    rest, after = _map_run(3, 2, state=state)  # 32 left -> 5 batches of 2 on each of 3 ranks, 2 dropped
+    assert "the 32 sample(s) of the epoch not yet delivered are re-split" in caplog.text and "the last 2" in caplog.text
+    assert len(rest) == 30 and len(set(first + rest)) == 46 and set(first + rest) < set(straight)
+    assert after["phases"] == [{"world_size": 2, "batch_size": 4, "batches": 2}] and after["position"] == 5
+    # a state saved after the epoch's last batch resumes at the next epoch, on any world size
+    for world in (2, 1):
+        nxt, _ = _map_run(world, 4, stop_after=1, state=end)
+        assert {i for i, _ in nxt} and set(nxt).isdisjoint(straight)  # epoch 1's draws, not epoch 0's

@@ -3,10 +3,12 @@ safe checkpoint loads, never rewriting a complete checkpoint, resuming at an epo
 use the real engine (DeepSpeed, the demo world's shards made by data_prep)."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Dict, List
 
 import pytest
 import torch
@@ -422,7 +424,7 @@ def test_a_signal_during_evaluation_or_export_checkpoints_and_exits_75(world_sha
 # ------------------------------------------------------------------------------------------------ elastic resume
 
 DUMP_STATE_SCRIPT = """
-import sys, torch
+import json, os, sys, torch
 from albef.engine.cli import main
 from albef.tasks.pretrain import PretrainTask
 
@@ -434,9 +436,13 @@ class Dumping(PretrainTask):
             opt = model.optimizer
             inner = getattr(opt, "optimizer", opt)
             moments = [v["exp_avg"].clone() for v in inner.state.values() if "exp_avg" in v]
-            torch.save({"module": {k: v.detach().float().clone() for k, v in model.module.state_dict().items()},
-                        "adam_steps": [int(v["step"]) for v in inner.state.values() if "step" in v],
-                        "exp_avg_norm": float(sum(m.float().norm() ** 2 for m in moments) ** 0.5)}, sys.argv[1])
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                torch.save({"module": {k: v.detach().float().clone() for k, v in model.module.state_dict().items()},
+                            "adam_steps": [int(v["step"]) for v in inner.state.values() if "step" in v],
+                            "exp_avg_norm": float(sum(m.float().norm() ** 2 for m in moments) ** 0.5)}, sys.argv[1])
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        with open(f"{sys.argv[1]}.keys{rank}", "a") as f:  # the samples of each optimizer step, per rank
+            f.write(json.dumps({"step": progress.step + 1, "keys": batch["key"]}) + "\\n")
         return super().training_step(model, batch, progress)
 
 main(Dumping, sys.argv[2:])
@@ -450,49 +456,77 @@ def _same_start(start: dict, expected: dict) -> None:
         assert torch.equal(start[k], v) or torch.equal(start[k], v.bfloat16().float()), k
 
 
+def _keys_by_step(dump: Path) -> Dict[int, List[str]]:
+    steps: Dict[int, List[str]] = collections.defaultdict(list)
+    for path in sorted(dump.parent.glob(dump.name + ".keys*")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            steps[row["step"]] += row["keys"]
+    return steps
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["zero2_fp32", "zero1_bf16"])
 def test_a_run_resumes_on_another_number_of_ranks(world_shards, tmp_path, ds_config):
-    """An epoch (12 steps) on 2 ranks, then on 1 rank: the resumed run starts from exactly the checkpoint's
-    weights, momentum encoders and queues, with Adam's moments and step count carried over (DeepSpeed's universal
-    checkpoint), continues the losses and the step count, and trains the next epoch on every sample."""
+    """An epoch is 12 steps of 16 samples. Interrupted after step 6 on 2 ranks, continued on 1 rank to step 9, and
+    finished on 2 ranks again: each resumed run starts from exactly the checkpoint's weights, momentum encoders and
+    queues, with Adam's moments and step count carried over (DeepSpeed's universal checkpoint); the losses and the
+    step count continue; and the three runs together train on exactly the samples of the uninterrupted epoch, each
+    once (the loader re-splits the rest of the epoch over the new ranks)."""
+    import shutil
     import subprocess
 
     from albef.engine import checkpointing
     from runs import PY, REPO, run_env
 
-    run = tmp_path / "run"
-    common = {"train.save_every": 12, "train.ds_config": f"ds_configs/{ds_config}.json"}
-    code, out = launch(base_overrides(world_shards, run, **{**common, "train.max_steps": 12}), nproc=2)
-    assert code == 0, out[-3000:]
-    tag = run / "checkpoints" / "step000000012"
-    expected = checkpointing.consolidate(run / "checkpoints", "step000000012")
-    dump = tmp_path / "start.pt"
-    cmd = [PY, "-c", DUMP_STATE_SCRIPT, str(dump), CONFIG, *base_overrides(world_shards, run, **{**common, "train.max_steps": 16})]
-    p = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0 and "written by 2 ranks, now 1" in out, out[-3000:]
-    assert (tag / "universal").is_dir() and checkpointing.damage(tag) is None  # the checkpoint itself untouched
-    start = torch.load(dump, weights_only=True)
-    _same_start(start["module"], expected)
-    assert set(start["adam_steps"]) == {12} and start["exp_avg_norm"] > 0
-    rows = losses(run)
-    assert sorted(rows) == list(range(1, 17))
-    assert rows[13]["train/epoch"] == 1 and rows[16]["train/samples"] == 16 * 16
-    # the losses continue: step 13 is near step 12 and far below the untrained start
-    assert abs(rows[13]["train/loss_mlm"] - rows[12]["train/loss_mlm"]) < 0.5 < rows[1]["train/loss_mlm"] - rows[13]["train/loss_mlm"]
-    assert summary(run)[-1]["steps"] == 16
+    def dumping(run, dump, nproc, max_steps):
+        overrides = base_overrides(world_shards, run, **{**common, "train.max_steps": max_steps})
+        cmd = [PY, "-c", DUMP_STATE_SCRIPT, str(dump), CONFIG, *overrides]
+        if nproc > 1:
+            cmd = [str(Path(PY).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "--no-python", *cmd]
+        p = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+        return p.returncode, p.stdout + p.stderr
 
-    # ... and back on 2 ranks from step 16, in the middle of epoch 1: the same exact start, and the log says that
-    # the rest of epoch 1 is skipped (a mid-epoch data position is not moved across world sizes yet)
-    expected = checkpointing.consolidate(run / "checkpoints", "step000000016")
-    cmd = [str(Path(PY).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python", PY, "-c",
-           DUMP_STATE_SCRIPT, str(dump), CONFIG, *base_overrides(world_shards, run, **{**common, "train.max_steps": 18})]  # fmt: skip
-    p = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0 and "written by 1 ranks, now 2" in out, out[-3000:]
-    assert "in the middle of epoch 1: 128 of its 192 samples are skipped and training continues with epoch 2" in out
-    start = torch.load(dump, weights_only=True)
+    common = {"train.save_every": 3, "train.keep_last": 0, "train.ds_config": f"ds_configs/{ds_config}.json"}
+    straight = tmp_path / "straight"
+    code, out = dumping(straight, tmp_path / "straight.pt", 2, 12)
+    assert code == 0, out[-3000:]
+    epoch = _keys_by_step(tmp_path / "straight.pt")
+    assert sorted(epoch) == list(range(1, 13)) and len({k for v in epoch.values() for k in v}) == 192
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step000000006", run / "checkpoints" / "step000000006")
+    lines = (straight / "metrics.jsonl").read_text().splitlines()  # the interrupted run's log up to its checkpoint
+    (run / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x).get("step", 99) <= 6))
+    expected = checkpointing.consolidate(run / "checkpoints", "step000000006")
+    code, out = dumping(run, tmp_path / "one.pt", 1, 9)
+    assert code == 0 and "written by 2 ranks, now 1" in out, out[-3000:]
+    assert "the 96 sample(s) of the epoch not yet delivered are re-split over them, 12 batch(es) per rank" in out
+    tag = run / "checkpoints" / "step000000006"
+    assert (tag / "universal").is_dir() and checkpointing.damage(tag) is None  # the checkpoint itself untouched
+    start = torch.load(tmp_path / "one.pt", weights_only=True)
     _same_start(start["module"], expected)
+    assert set(start["adam_steps"]) == {6} and start["exp_avg_norm"] > 0
     rows = losses(run)
-    assert sorted(rows) == list(range(1, 19)) and rows[17]["train/epoch"] == 2
+    assert sorted(rows) == list(range(1, 10)) and rows[9]["train/samples"] == 9 * 16 and rows[9]["train/epoch"] == 0
+    # the losses continue: steps 7-9 (other batches than the uninterrupted run's, so not the same numbers) are near
+    # the uninterrupted run's and well below the untrained start, where a restart would be
+    mlm = [rows[s]["train/loss_mlm"] for s in (7, 8, 9)]
+    reference = [losses(straight)[s]["train/loss_mlm"] for s in (7, 8, 9)]
+    assert abs(sum(mlm) - sum(reference)) / 3 < 0.2 and sum(mlm) / 3 < rows[1]["train/loss_mlm"] - 0.3, (mlm, reference)
+
+    # ... and back on 2 ranks from step 9, a second change in the same epoch
+    expected = checkpointing.consolidate(run / "checkpoints", "step000000009")
+    code, out = dumping(run, tmp_path / "two.pt", 2, 12)
+    assert code == 0 and "written by 1 ranks, now 2" in out, out[-3000:]
+    assert "the 48 sample(s) of the epoch not yet delivered are re-split over them, 3 batch(es) per rank" in out
+    _same_start(torch.load(tmp_path / "two.pt", weights_only=True)["module"], expected)
+    rows = losses(run)
+    assert sorted(rows) == list(range(1, 13)) and summary(run)[-1]["steps"] == 12
+
+    one, two = _keys_by_step(tmp_path / "one.pt"), _keys_by_step(tmp_path / "two.pt")
+    assert sorted(one) == [7, 8, 9] and sorted(two) == [10, 11, 12]
+    interrupted = [k for s in range(1, 7) for k in epoch[s]] + [k for s in one for k in one[s]] + \
+        [k for s in two for k in two[s]]  # fmt: skip
+    assert sorted(interrupted) == sorted(k for v in epoch.values() for k in v)  # the same samples, each once

@@ -11,6 +11,9 @@ Semantics (the same contract as ``PretrainLoader``, which the engine relies on):
 * Sample ``i`` of epoch ``e`` draws its augmentation from ``(seed, e, i)``, whatever worker loads it, so a run
   resumed from ``state_dict()`` (epoch and batches already yielded) yields exactly the batches an uninterrupted run
   would have yielded next.
+* Resume on another world size or batch size (a new *phase* of the epoch): the indices no rank has delivered yet
+  (each old rank's list after its ``position`` batches, in rank order) are dealt over the new ranks in the same
+  strided way; only the new phase's last partial global batch is dropped.
 * A sample whose file is missing or undecodable (``BadSample``) is replaced by the next index of the dataset that
   loads, and counted by reason in ``stats()``; the batch keeps its size, so ranks stay in step (the queue's
   all-gather needs equal batch sizes).
@@ -19,6 +22,7 @@ A dataset implements ``__len__`` and ``load(index, rng) -> dict``; ``collate_fn(
 """
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from typing import Callable, Dict, Iterator, List
@@ -30,6 +34,7 @@ from albef.data.loader import ignore_stop_signals, iterate_workers
 from albef.data.samples import BadSample, derive_seed
 
 MAX_REPLACEMENTS = 16
+log = logging.getLogger(__name__)
 
 
 class _EpochView(Dataset):
@@ -65,18 +70,35 @@ class MapLoader:
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world_size, seed
         self.num_workers, self.shuffle = num_workers, shuffle
         self.epoch, self.position = 0, 0
+        self.phases: List[Dict] = []  # earlier phases of this epoch: {"world_size", "batch_size", "batches"}
         self._stats: Counter = Counter()
 
     def __len__(self) -> int:
+        """Batches per rank of a whole epoch (after a mid-epoch re-split: ``batches_this_epoch``)."""
         return (len(self.dataset) // self.world) // self.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = epoch, 0
+    @property
+    def batches_this_epoch(self) -> int:
+        return (len(self._phase_indices()) // self.world) // self.batch_size
 
-    def _indices(self) -> np.ndarray:
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position, self.phases = epoch, 0, []
+
+    @staticmethod
+    def _split(indices: np.ndarray, world: int, batch: int) -> List[np.ndarray]:
+        per_rank = (len(indices) // world) // batch * batch
+        return [indices[r::world][:per_rank] for r in range(world)]
+
+    def _phase_indices(self) -> np.ndarray:
         n = len(self.dataset)
         order = np.random.default_rng(derive_seed(self.seed, self.epoch)).permutation(n) if self.shuffle else np.arange(n)
-        return order[self.rank :: self.world][: len(self) * self.batch_size]
+        for phase in self.phases:
+            parts = self._split(order, phase["world_size"], phase["batch_size"])
+            order = np.concatenate([p[phase["batches"] * phase["batch_size"]:] for p in parts])
+        return order
+
+    def _indices(self) -> np.ndarray:
+        return self._split(self._phase_indices(), self.world, self.batch_size)[self.rank]
 
     def _collate(self, samples: List[Dict]) -> Dict:
         bad = [r for s in samples for r in s.pop("_bad")]
@@ -86,7 +108,8 @@ class MapLoader:
 
     def __iter__(self) -> Iterator[Dict]:
         idx = self._indices()
-        batches = [idx[b * self.batch_size : (b + 1) * self.batch_size].tolist() for b in range(self.position, len(self))]
+        batches = [idx[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+                   for b in range(self.position, len(idx) // self.batch_size)]  # fmt: skip
         loader = DataLoader(_EpochView(self.dataset, self.seed, self.epoch), batch_sampler=batches,
                             collate_fn=self._collate, num_workers=self.num_workers,
                             worker_init_fn=ignore_stop_signals if self.num_workers else None)  # fmt: skip
@@ -97,15 +120,39 @@ class MapLoader:
 
     def state_dict(self) -> Dict:
         return {"epoch": self.epoch, "position": self.position, "num_samples": len(self.dataset),
-                "world_size": self.world, "batch_size": self.batch_size}  # fmt: skip
+                "world_size": self.world, "batch_size": self.batch_size,
+                "num_batches": self.batches_this_epoch, "phases": [dict(p) for p in self.phases],
+                "stats": dict(self._stats)}  # fmt: skip
 
     def load_state_dict(self, state: Dict) -> None:
-        mine = self.state_dict()
-        for key in ("num_samples", "world_size", "batch_size"):
-            if state[key] != mine[key]:
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this run has {mine[key]}: "
-                                 "the sample order would differ, so mid-epoch resume is not exact")  # fmt: skip
+        """Continue where ``state`` (any rank's) left off; another world size or batch size mid-epoch re-splits
+        the rest of the epoch (see the module docstring). The dataset must be the same."""
+        if state["num_samples"] != len(self.dataset):
+            raise ValueError(f"loader state was saved with num_samples={state['num_samples']}, this run has "
+                             f"{len(self.dataset)}: another dataset, so the position in the epoch is meaningless")
         self.epoch, self.position = state["epoch"], state["position"]
+        self.phases = [dict(p) for p in state.get("phases") or []]
+        self._stats = Counter(state.get("stats") or {})
+        saved = {"world_size": state["world_size"], "batch_size": state["batch_size"]}
+        total = state.get("num_batches", (state["num_samples"] // saved["world_size"]) // saved["batch_size"])
+        if self.position >= total:  # that epoch is complete
+            self.epoch, self.position, self.phases = self.epoch + 1, 0, []
+            return
+        if saved == {"world_size": self.world, "batch_size": self.batch_size} or (self.position == 0 and not self.phases):
+            return
+        if self.position:
+            self.phases.append({**saved, "batches": self.position})
+        self.position = 0
+        remaining = len(self._phase_indices())
+        left = self.batches_this_epoch
+        log.warning("data: resuming in the middle of epoch %d (batch %d of %d per rank with world_size %d, "
+                    "batch_size %d) on %d rank(s), batch size %d: the %d sample(s) of the epoch not yet delivered "
+                    "are re-split over them, %d batch(es) per rank%s", self.epoch, state["position"], total,
+                    saved["world_size"], saved["batch_size"], self.world, self.batch_size, remaining, left,
+                    f"; the last {remaining - left * self.world * self.batch_size} (less than one global batch) "
+                    "are dropped" if remaining > left * self.world * self.batch_size else "")  # fmt: skip
+        if left == 0:
+            self.epoch, self.phases = self.epoch + 1, []
 
     def stats(self) -> Dict[str, int]:
         return dict(self._stats)

@@ -41,9 +41,17 @@ Semantics (W = max(1, num_workers) workers per rank, B = batch_size, R = world_s
   from the oldest sample still buffered there (shards before it are skipped unopened; typically a few buffer
   lengths are re-read), keeps the buffered ones, and continues; the DataLoader's worker order is rotated so the
   round-robin continues at worker k % W. So a resumed epoch delivers exactly the samples the uninterrupted epoch
-  would have delivered after batch k: no sample repeated or skipped. A mid-epoch state needs the same seed, world size,
-  workers, batch size, shuffle buffer and data (shard names and sizes; the paths may change); at an epoch
-  boundary any of these may change. A state saved after the last batch of epoch e resumes at epoch e + 1.
+  would have delivered after batch k: no sample repeated or skipped. A state saved after the last batch of epoch e
+  resumes at epoch e + 1.
+* Resume on another setup (world size, workers, batch size or shuffle buffer changed mid-epoch): the epoch gets a
+  new *phase*. ``epoch_remainder`` replays every old (rank, worker)'s buffer on indices to the saved batch and keeps
+  what it had not emitted (the buffered samples, then the unread rest of its slice), in (rank, worker) order; that
+  sequence of positions (``Positions``: runs, so it stays small) is cut over the new ranks and workers exactly like
+  a phase-0 epoch, with seeds derived from (seed, epoch, phase). Every sample of the epoch is delivered once; only
+  the new phase's last partial global batch is dropped (logged). The earlier phases are part of the state, so a
+  second change (or an exact same-setup resume) within the phase works too. Data, seed and ``resampled`` must not
+  change mid-epoch; at an epoch boundary anything may. Resampled epochs have no fixed sample set: the new phase
+  draws the epoch's remaining sample count afresh.
 * ``set_epoch(e)`` with a different epoch starts it at batch 0; with the restored state's epoch it keeps the
   restored position. Iterating a finished epoch again restarts it. Workers are started per epoch (their state is
   the epoch's plan), so ``persistent_workers`` is not used.
@@ -54,6 +62,7 @@ import atexit
 import bisect
 import collections
 import hashlib
+import json
 import logging
 import os
 import random
@@ -112,6 +121,107 @@ def worker_batch_counts(num_batches: int, num_workers: int) -> List[int]:
     return [len(range(w, num_batches, num_workers)) for w in range(num_workers)]
 
 
+def replay_buffer(events: Iterator[Tuple[int, int]], n_out: int, on_out=None) -> Tuple[set, int]:
+    """Advance ``shuffle_events`` until ``n_out`` samples are emitted: (the raw indices still buffered, the next
+    raw index to read). ``on_out(r)`` sees every emitted index."""
+    in_buffer, next_raw, emitted = set(), 0, 0
+    while emitted < n_out:
+        op, r = next(events)
+        if op == _ADD:
+            in_buffer.add(r)
+            next_raw = r + 1
+        else:
+            in_buffer.discard(r)
+            emitted += 1
+            if on_out is not None:
+                on_out(r)
+    return in_buffer, next_raw
+
+
+class Positions:
+    """A sequence of sample positions (into an epoch's permuted shard concatenation or JSON permutation), kept as
+    runs ``(start, length)``. An epoch starts as one run; what is left of it after a change of world size is a run
+    per reader plus the samples its shuffle buffer held, so the sequence stays small however large the epoch."""
+
+    def __init__(self, starts, lengths):
+        starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+        keep = lengths > 0
+        self.starts, self.lengths = starts[keep], lengths[keep]
+        self.cum = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+
+    @classmethod
+    def range(cls, n: int) -> "Positions":
+        return cls([0], [n])
+
+    @classmethod
+    def of(cls, positions: np.ndarray) -> "Positions":
+        positions = np.asarray(positions, np.int64)
+        if len(positions) == 0:
+            return cls([], [])
+        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+        first = np.concatenate([[0], breaks])
+        return cls(positions[first], np.diff(np.concatenate([first, [len(positions)]])))
+
+    @classmethod
+    def concat(cls, parts: Sequence["Positions"]) -> "Positions":
+        if not parts:
+            return cls([], [])
+        return cls(np.concatenate([p.starts for p in parts]), np.concatenate([p.lengths for p in parts]))
+
+    def __len__(self) -> int:
+        return int(self.cum[-1])
+
+    def slice(self, lo: int, n: int) -> "Positions":
+        """Items [lo, lo + n)."""
+        if n <= 0:
+            return Positions([], [])
+        i = int(np.searchsorted(self.cum, lo, "right")) - 1
+        j = int(np.searchsorted(self.cum, lo + n, "left")) - 1
+        starts, lengths = self.starts[i:j + 1].copy(), self.lengths[i:j + 1].copy()
+        head = lo - int(self.cum[i])
+        starts[0] += head
+        lengths[0] -= head
+        lengths[-1] -= int(self.cum[j + 1]) - (lo + n)
+        return Positions(starts, lengths)
+
+    def at(self, index: np.ndarray) -> np.ndarray:
+        """The positions of items ``index``."""
+        index = np.asarray(index, np.int64)
+        run = np.searchsorted(self.cum, index, "right") - 1
+        return self.starts[run] + index - self.cum[run]
+
+    def iter_from(self, start: int) -> Iterator[int]:
+        rest = self.slice(start, len(self) - start)
+        for s, n in zip(rest.starts.tolist(), rest.lengths.tolist()):
+            yield from range(s, s + n)
+
+
+def phase_key(seed: int, epoch: int, phase: int) -> Tuple:
+    """The seed prefix of one phase of an epoch (phase 0 keeps the original (seed, epoch))."""
+    return (seed, epoch) if phase == 0 else (seed, epoch, f"phase{phase}")
+
+
+def epoch_remainder(positions: Positions, phase: Dict, key: Tuple, buffered: bool) -> Positions:
+    """What a phase of an epoch left unread: for every (rank, worker) of that phase in order, the samples still in
+    its shuffle buffer (in position order), then the ones it had not read yet. The phase's tail (the positions past
+    its last whole global batch) was never going to be read in that epoch and is not part of the remainder."""
+    R, W, B, done = phase["world_size"], phase["num_workers"], phase["batch_size"], phase["batches"]
+    size = phase["shuffle_buffer"] if buffered else 0
+    K = len(positions) // (R * B)
+    counts = worker_batch_counts(K, W)
+    parts = []
+    for r in range(R):
+        for w in range(W):
+            n_out = counts[w] * B
+            lo = (r * K + sum(counts[:w])) * B
+            events = shuffle_events(n_out, size, random.Random(derive_seed(*key, r, w, "buffer")))
+            in_buffer, next_raw = replay_buffer(events, len(range(w, done, W)) * B)
+            mine = positions.slice(lo, n_out)
+            parts.append(Positions.of(mine.at(np.array(sorted(in_buffer), np.int64))))
+            parts.append(mine.slice(next_raw, n_out - next_raw))
+    return Positions.concat(parts)
+
+
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader worker init: SLURM sends SIGTERM/SIGUSR1 to every process of a job; the workers must leave them to
     the main process, which checkpoints and stops them itself (else the main process dies on 'worker killed').
@@ -145,21 +255,31 @@ def iterate_workers(loader: DataLoader) -> Iterator:
 
 
 class _ShardSlice:
-    """Raw samples [lo, lo + n) of the epoch's permuted shard concatenation."""
+    """The raw samples at ``positions`` of the epoch's permuted shard concatenation (``offsets``: each shard's
+    first position). Consecutive positions in one shard are read in one pass; a shard is re-opened only to go back."""
 
-    def __init__(self, shards: Sequence[Shard], offsets: Sequence[int], lo: int, n: int):
-        self.shards, self.offsets, self.lo, self.num_raw = shards, offsets, lo, n
+    def __init__(self, shards: Sequence[Shard], offsets: Sequence[int], positions: Positions):
+        self.shards, self.offsets, self.positions = shards, offsets, positions
+        self.num_raw = len(positions)
 
     def items(self, start: int) -> Iterator:
-        pos, end = self.lo + start, self.lo + self.num_raw
-        i = bisect.bisect_right(self.offsets, pos) - 1
-        while pos < end:
-            for item in iter_shard(self.shards[i], pos - self.offsets[i]):
-                yield item
-                pos += 1
-                if pos >= end:
-                    return
-            i += 1
+        reader, current, cursor = None, -1, 0
+        try:
+            for pos in self.positions.iter_from(start):
+                i = bisect.bisect_right(self.offsets, pos) - 1
+                offset = pos - self.offsets[i]
+                if i != current or offset < cursor:
+                    if reader is not None:
+                        reader.close()
+                    reader, current, cursor = iter_shard(self.shards[i], offset), i, offset
+                while cursor < offset:  # skip samples of this shard that are not ours
+                    next(reader)
+                    cursor += 1
+                yield next(reader)
+                cursor += 1
+        finally:
+            if reader is not None:
+                reader.close()
 
 
 class _ResampledShards:
@@ -183,13 +303,13 @@ class _ResampledShards:
 
 
 class _JsonSlice:
-    """Entries perm[lo:lo + n] of the epoch's permutation of the JSON entries."""
+    """Entries ``perm[p]`` for the positions p of a slice of the epoch's permutation of the JSON entries."""
 
-    def __init__(self, perm: np.ndarray, lo: int, n: int):
-        self.perm, self.lo, self.num_raw = perm, lo, n
+    def __init__(self, perm: np.ndarray, positions: Positions):
+        self.perm, self.positions, self.num_raw = perm, positions, len(positions)
 
     def items(self, start: int) -> Iterator[int]:
-        for p in range(self.lo + start, self.lo + self.num_raw):
+        for p in self.positions.iter_from(start):
             yield int(self.perm[p])
 
 
@@ -197,8 +317,9 @@ class _JsonSlice:
 class _EpochPlan:
     """Everything a worker needs for one epoch (built in the main process, inherited by the workers)."""
     epoch: int
+    phase: int  # > 0 after a change of world size (or workers, batch size, buffer) in the middle of the epoch
     first_batch: int
-    num_batches: int
+    num_batches: int  # of this phase
     rank: int
     num_workers: int  # logical workers (>= 1)
     batch_size: int
@@ -206,6 +327,7 @@ class _EpochPlan:
     shuffle_buffer: int
     shards: Optional[List[Shard]]  # non-resampled: permuted; resampled: all
     offsets: Optional[List[int]]
+    positions: Optional[Positions]  # what this phase reads (non-resampled and JSON)
     cum_weights: Optional[List[float]]
     json: Optional[JsonCaptionDataset]
     perm: Optional[np.ndarray]
@@ -231,25 +353,28 @@ class _EpochDataset(IterableDataset):
         done = len(range(w, plan.first_batch, plan.num_workers))
         n_out = counts[w] * plan.batch_size
         lo = (plan.rank * plan.num_batches + sum(counts[:w])) * plan.batch_size
+        key = phase_key(plan.seed, plan.epoch, plan.phase)
         if plan.json is not None:
-            source, buffer_size = _JsonSlice(plan.perm, lo, n_out), 0
+            source, buffer_size = _JsonSlice(plan.perm, plan.positions.slice(lo, n_out)), 0
         elif plan.cum_weights is not None:
-            seed = derive_seed(plan.seed, plan.epoch, plan.rank, w, "draw")
+            seed = derive_seed(*key, plan.rank, w, "draw")
             source, buffer_size = _ResampledShards(plan.shards, plan.cum_weights, seed), plan.shuffle_buffer
         else:
-            source, buffer_size = _ShardSlice(plan.shards, plan.offsets, lo, n_out), plan.shuffle_buffer
-        yield from _WorkerStream(self, source, buffer_size, w, n_out, done * plan.batch_size).batches()
+            source = _ShardSlice(plan.shards, plan.offsets, plan.positions.slice(lo, n_out))
+            buffer_size = plan.shuffle_buffer
+        yield from _WorkerStream(self, source, buffer_size, w, n_out, done * plan.batch_size, key).batches()
 
 
 class _WorkerStream:
     """One logical worker's epoch: shuffle buffer -> decode (with bad-sample fill) -> batches."""
 
-    def __init__(self, ds: _EpochDataset, source, buffer_size: int, worker: int, n_out: int, first_slot: int):
+    def __init__(self, ds: _EpochDataset, source, buffer_size: int, worker: int, n_out: int, first_slot: int,
+                 key: Tuple):
         plan = ds.plan
         self.ds, self.source, self.worker, self.n_out, self.first_slot = ds, source, worker, n_out, first_slot
-        self.slot_seed = (plan.seed, plan.epoch, plan.rank, worker)
+        self.slot_seed = (*key, plan.rank, worker)
         self.events = shuffle_events(source.num_raw, buffer_size,
-                                     random.Random(derive_seed(plan.seed, plan.epoch, plan.rank, worker, "buffer")))
+                                     random.Random(derive_seed(*key, plan.rank, worker, "buffer")))
         self.stats = collections.Counter({"samples": 0})
         self.logged = 0
         self.history: collections.deque = collections.deque(maxlen=_BACKFILL_WINDOW)
@@ -257,18 +382,7 @@ class _WorkerStream:
     # -- raw samples -------------------------------------------------------------------------------------------
     def _fast_forward(self) -> Tuple[Dict[int, object], Iterator]:
         """Replay the buffer to output ``first_slot``; re-read only the samples still buffered there."""
-        in_buffer = set()
-        next_raw = 0
-        emitted = 0
-        while emitted < self.first_slot:
-            op, r = next(self.events)
-            if op == _ADD:
-                in_buffer.add(r)
-                next_raw = r + 1
-            else:
-                in_buffer.discard(r)
-                self.history.append(r)
-                emitted += 1
+        in_buffer, next_raw = replay_buffer(self.events, self.first_slot, self.history.append)
         start = min(in_buffer) if in_buffer else next_raw
         raw = self.source.items(start)
         store = {}
@@ -437,6 +551,7 @@ class PretrainLoader:
             self._json = JsonCaptionDataset(cfg.json_files, self.transform, cfg.max_words, cfg.image_root, seed)
             self.num_samples = epoch_samples = len(self._json)
             fingerprint_items = [os.path.basename(path) for path in cfg.json_files] + [str(self.num_samples)]
+        self.epoch_samples = epoch_samples
         self.num_batches = epoch_samples // (world_size * cfg.batch_size)
         if self.num_batches == 0:
             raise ValueError(f"{epoch_samples} samples per epoch are fewer than one global batch "
@@ -445,6 +560,8 @@ class PretrainLoader:
                                         .encode()).hexdigest()[:16]
         self._epoch = 0
         self._batch = 0
+        self._phases: List[Dict] = []  # earlier phases of this epoch (see load_state_dict)
+        self._phase_cache: Optional[Tuple] = None
         self._stats_base: collections.Counter = collections.Counter()
         self._worker_stats: Dict[int, Dict[str, int]] = {}
         log.info("data: %d samples in %s; %d batches of %d per rank per epoch (%d ranks x %d workers)",
@@ -452,19 +569,50 @@ class PretrainLoader:
                  "file(s)", self.num_batches, cfg.batch_size, world_size, self.num_workers)
 
     def __len__(self) -> int:
+        """Batches per rank of a whole epoch (the one after a mid-epoch re-split may have fewer:
+        ``batches_this_epoch``)."""
         return self.num_batches
 
     @property
     def epoch(self) -> int:
         return self._epoch
 
+    @property
+    def batches_this_epoch(self) -> int:
+        return self._phase()[2]
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self._epoch:
             self._epoch = epoch
             self._batch = 0
+            self._phases = []
+
+    def _geometry(self) -> Dict:
+        return {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.cfg.batch_size,
+                "shuffle_buffer": self.cfg.shuffle_buffer}
+
+    def _phase(self) -> Tuple[Optional[Positions], int, int]:
+        """This phase's positions (None in resampled mode), their number, and batches per rank, after the earlier
+        phases of the epoch."""
+        cache_key = (self._epoch, json.dumps(self._phases))
+        if self._phase_cache is None or self._phase_cache[0] != cache_key:
+            resampled = self._cum_weights is not None
+            positions = None if resampled else Positions.range(self.epoch_samples)
+            count = self.epoch_samples
+            for i, phase in enumerate(self._phases):
+                per_global = phase["world_size"] * phase["batch_size"]
+                if positions is not None:
+                    positions = epoch_remainder(positions, phase, phase_key(self.seed, self._epoch, i),
+                                                buffered=self._json is None)
+                    count = len(positions)
+                else:
+                    count = (count // per_global - phase["batches"]) * per_global
+            self._phase_cache = (cache_key, positions, count, count // (self.world_size * self.cfg.batch_size))
+        return self._phase_cache[1:]
 
     def _plan(self) -> _EpochPlan:
         shards = offsets = perm = None
+        positions, _, num_batches = self._phase()
         if self._shards is not None and self._cum_weights is None:
             order = list(range(len(self._shards)))
             random.Random(derive_seed(self.seed, self._epoch, "shards")).shuffle(order)
@@ -474,13 +622,14 @@ class PretrainLoader:
             shards = self._shards
         else:
             perm = np.random.default_rng(derive_seed(self.seed, self._epoch, "json")).permutation(len(self._json))
-        return _EpochPlan(self._epoch, self._batch, self.num_batches, self.rank, self.num_workers,
-                          self.cfg.batch_size, self.seed, self.cfg.shuffle_buffer, shards, offsets,
+        return _EpochPlan(self._epoch, len(self._phases), self._batch, num_batches, self.rank, self.num_workers,
+                          self.cfg.batch_size, self.seed, self.cfg.shuffle_buffer, shards, offsets, positions,
                           self._cum_weights, self._json, perm)
 
     def __iter__(self) -> Iterator[Dict]:
-        if self._batch >= self.num_batches:
+        if self._batch >= self.batches_this_epoch:
             self._batch = 0
+            self._phases = []
         self._fold_stats()
         dataset = _EpochDataset(self._plan(), self.transform, self.tokenizer, self.cfg.max_words,
                                 self.cfg.max_text_len, self.cfg.log_bad_samples, self.cfg.max_bad_fraction)
@@ -515,41 +664,69 @@ class PretrainLoader:
         return out
 
     def _identity(self) -> Dict:
-        return {"num_batches": self.num_batches, "batch_size": self.cfg.batch_size, "world_size": self.world_size,
-                "num_workers": self.num_workers, "seed": self.seed, "resampled": self.cfg.resampled,
-                "shuffle_buffer": self.cfg.shuffle_buffer, "fingerprint": self.fingerprint}
+        """What a mid-epoch position depends on and may never change within an epoch."""
+        return {"seed": self.seed, "resampled": self.cfg.resampled, "fingerprint": self.fingerprint}
 
     def state_dict(self) -> Dict:
         stats = self.stats()
         stats.pop("skipped")
-        return {"version": STATE_VERSION, "epoch": self._epoch, "batch": self._batch, "stats": stats,
-                **self._identity()}
+        return {"version": STATE_VERSION, "epoch": self._epoch, "batch": self._batch,
+                "num_batches": self.batches_this_epoch, "phases": [dict(p) for p in self._phases], "stats": stats,
+                **self._geometry(), **self._identity()}
 
     def load_state_dict(self, state: Dict) -> None:
+        """Continue where ``state`` (any rank's ``state_dict()``) left off. Mid-epoch, the same setup continues
+        exactly; a changed world size, ``data.num_workers``, ``data.batch_size`` or ``data.shuffle_buffer`` starts a
+        new *phase* of the epoch: the samples no rank has delivered yet (``epoch_remainder``, computed from the
+        saved position alone) are dealt over this run's ranks and workers, so every sample of the epoch is still
+        delivered once; only the new phase's last partial global batch is dropped (fewer than ranks x batch size
+        samples, as at the end of any epoch). The data, seed and mode must not change mid-epoch."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state: expected a dict with version {STATE_VERSION}, got "
                              f"{state.get('version') if isinstance(state, dict) else type(state).__name__!r}")
-        for key in ("epoch", "batch"):
+        for key in ("epoch", "batch", "num_batches"):
             if not isinstance(state.get(key), int) or state[key] < 0:
                 raise ValueError(f"loader state: {key}={state.get(key)!r} must be an integer >= 0")
-        epoch, batch = state["epoch"], state["batch"]
-        mine = self._identity()
-        changed = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-        if 0 < batch < state.get("num_batches", 0):
-            if changed:
-                raise ValueError(
-                    "loader state is mid-epoch (epoch %d, batch %d) but %s changed; resume with the same data, "
-                    "seed, world size, data.num_workers, data.batch_size and data.shuffle_buffer, or from an "
-                    "epoch-boundary checkpoint" % (epoch, batch, ", ".join(
-                        f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())))
-        else:
-            if changed:
-                log.info("loader state at an epoch boundary; changed since it was saved: %s", changed)
-            if batch >= state.get("num_batches", 0):  # that epoch is complete
-                epoch, batch = epoch + 1, 0
-        self._epoch, self._batch = epoch, batch
+        epoch, batch, phases = state["epoch"], state["batch"], [dict(p) for p in state.get("phases") or []]
+        saved = {k: state.get(k) for k in self._geometry()}
         self._stats_base = collections.Counter(state.get("stats") or {})
         self._worker_stats = {}
+        mid_epoch = batch < state["num_batches"] and (batch > 0 or phases)
+        if not mid_epoch:
+            changed = {k: (state.get(k), v) for k, v in {**self._geometry(), **self._identity()}.items()
+                       if state.get(k) != v}
+            if changed:
+                log.info("loader state at an epoch boundary; changed since it was saved: %s", changed)
+            if batch >= state["num_batches"]:  # that epoch is complete
+                epoch, batch = epoch + 1, 0
+            self._epoch, self._batch, self._phases = epoch, batch, []
+            return
+        changed = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
+        if changed:
+            raise ValueError(
+                "loader state is mid-epoch (epoch %d, batch %d) but %s changed; resume with the same data, seed and "
+                "data.resampled, or from an epoch-boundary checkpoint" % (epoch, batch, ", ".join(
+                    f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())))
+        self._epoch, self._batch, self._phases = epoch, batch, phases
+        if saved == self._geometry():
+            if self.batches_this_epoch != state["num_batches"]:
+                raise ValueError(f"loader state: num_batches={state['num_batches']} but this loader computes "
+                                 f"{self.batches_this_epoch} for epoch {epoch} phase {len(phases)} (corrupt state?)")
+            return
+        if batch > 0:  # else that phase delivered nothing: it is simply replaced
+            self._phases.append({**saved, "batches": batch})
+        self._batch = 0
+        remaining, left = self._phase()[1:]
+        dropped = remaining - left * self.world_size * self.cfg.batch_size
+        log.warning(
+            "data: resuming in the middle of epoch %d (batch %d of %d per rank with %s) on %d rank(s) x %d "
+            "worker(s), batch size %d: the %d sample(s) of the epoch not yet delivered are re-split over them, %d "
+            "batch(es) per rank%s", epoch, batch, state["num_batches"],
+            ", ".join(f"{k} {v}" for k, v in saved.items()), self.world_size, self.num_workers,
+            self.cfg.batch_size, remaining, left,
+            f"; the last {dropped} (less than one global batch) are dropped" if dropped else "")  # fmt: skip
+        if left == 0:
+            self._epoch, self._phases = epoch + 1, []
 
 
 def build_pretrain_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, seed: int) -> PretrainLoader:

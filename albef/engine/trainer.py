@@ -27,6 +27,7 @@ What the engine guarantees:
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -204,7 +205,7 @@ class Trainer:
             if rank_state is not None:
                 loader.load_state_dict(rank_state["loader"])
             else:
-                self._resume_data_on_new_world(loader, ckpt_root / resume_tag, saved_world, env.world_size)
+                self._resume_data_on_new_world(loader, ckpt_root / resume_tag, saved_world, env.rank)
             log.info("resumed from %s at step %d (written by %d ranks, now %d)", ckpt_root / resume_tag,
                      state["step"], saved_world, env.world_size)  # fmt: skip
             best = ckpt_root / checkpointing.BEST  # the best score's one owner (a checkpoint may predate it)
@@ -363,23 +364,18 @@ class Trainer:
         return summary
 
     @staticmethod
-    def _resume_data_on_new_world(loader, tag_dir: Path, saved_world: int, world: int) -> None:
-        """The data position after a change of world size: the next epoch boundary. A mid-epoch position is a
-        per-rank, per-worker cut of the epoch (with shuffle buffers), which is not re-split over other ranks yet:
-        the rest of that epoch is skipped, and the log says how much."""
-        state = json.loads((tag_dir / "rank00000_state.json").read_text())["loader"]
-        # the shard loader's (epoch, batch, num_batches), the fine-tuning loader's (epoch, position, num_samples)
-        epoch, done = state["epoch"], state.get("batch", state.get("position", 0))
-        total = state.get("num_batches") or state["num_samples"] // state["world_size"] // state["batch_size"]
-        if done:
-            epoch += 1
-            if done < total:
-                per_batch = saved_world * state["batch_size"]
-                log.warning("resuming on %d ranks from a checkpoint written by %d ranks in the middle of epoch %d: "
-                            "%d of its %d samples are skipped and training continues with epoch %d (a mid-epoch "
-                            "data position cannot be moved to another number of ranks yet)", world, saved_world,
-                            epoch - 1, (total - done) * per_batch, total * per_batch, epoch)  # fmt: skip
-        loader.set_epoch(epoch)
+    def _resume_data_on_new_world(loader, tag_dir: Path, saved_world: int, rank: int) -> None:
+        """The data position after a change of world size. Every saved rank stopped after the same number of
+        batches of the same epoch, so rank 0's position says where all of them were; the loader deals the samples
+        none of them delivered over this run's ranks (a new phase of the epoch, see the loaders' load_state_dict).
+        The bad-sample counts of all saved ranks go to rank 0, so their sum over ranks stays right."""
+        states = [json.loads((tag_dir / f"rank{r:05d}_state.json").read_text())["loader"] for r in range(saved_world)]
+        state = dict(states[0])
+        stats: collections.Counter = collections.Counter()
+        for s in states:
+            stats.update(s.get("stats") or {})
+        state["stats"] = dict(stats) if rank == 0 else {}
+        loader.load_state_dict(state)
 
     def _run_eval(self, model, device, dtype) -> Dict[str, float]:
         if not self.task.eval_splits:
