@@ -453,6 +453,16 @@ def _image_data(world: Path, **files) -> dict:
             "augment": {"crop_scale": [], "flip": False}, **{k: str(world / v) for k, v in files.items()}}  # fmt: skip
 
 
+def _against_prior(rows: list, split: str) -> dict:
+    """The last evaluation's model and text-only-prior accuracies of ``split``, per type (printed for the log)."""
+    last = [r for r in rows if f"{split}/prior_acc" in r][-1]
+    table = {k[len(split) + 5:]: (last[k], last[f"{split}/prior_{k[len(split) + 1:]}"])
+             for k in last if k.startswith(f"{split}/acc")}  # fmt: skip
+    print(f"\n{split}: model vs text-only prior (%): " + ", ".join(f"{k or 'all'} {m:.1f} vs {p:.1f}"
+                                                         for k, (m, p) in sorted(table.items())))  # fmt: skip
+    return table
+
+
 @pytest.mark.slow
 def test_ve_learns_on_world(world, tmp_path):
     data = _image_data(world, val_file="ve_dev.json", test_file="ve_test.json")
@@ -461,6 +471,7 @@ def test_ve_learns_on_world(world, tmp_path):
     labels = Counter(e["label"] for e in json.loads((world / "ve_dev.json").read_text()))
     majority = 100.0 * max(labels.values()) / sum(labels.values())  # 33.3: one hypothesis per label and image
     assert _last(rows, "val/acc") > majority + 12 and _last(rows, "test/acc") > majority + 12, rows[-1]
+    _against_prior(rows, "val"), _against_prior(rows, "test")
     # the exported best checkpoint is complete (strict load) and reproduces its validation accuracy
     best = tmp_path / "ve" / "best.pth"
     report = load_pretrained(build_model(model_config_of(tmp_path / "ve"), "ve"), str(best))
@@ -490,6 +501,7 @@ def test_vqa_learns_on_world(world, tmp_path):
     truth = load_vqa_answers(str(world / "vqa_test_answers.json"))
     majority = 100.0 * Counter(a[0] for a in truth.values()).most_common(1)[0][1] / len(truth)
     assert _last(rows, "test/acc") > majority + 8 and _last(rows, "val/acc") > majority + 8, (majority, rows[-1])
+    _against_prior(rows, "val"), _against_prior(rows, "test")
     results = json.loads((tmp_path / "vqa" / "vqa_result_test.json").read_text())
     answer_list = set(json.loads((world / "answer_list.json").read_text()))
     assert sorted(str(r["question_id"]) for r in results) == sorted(truth)
@@ -525,3 +537,28 @@ def test_nlvr2_text_assignment_then_finetune_on_world(world, tmp_path):
     labels = Counter(e["label"] for e in json.loads((world / "nlvr_dev.json").read_text()))
     majority = 100.0 * max(labels.values()) / sum(labels.values())  # 50: the labels are balanced
     assert _last(rows, "val/acc") > majority + 6, rows[-1]
+    _against_prior(rows, "val"), _against_prior(rows, "test")
+
+
+def test_text_priors_follow_the_train_file():
+    from albef.eval.priors import TextPrior, compare_with_prior, question_type
+
+    assert question_type("What colour is the small star?") == "what colour"
+    assert question_type("How many red circles are there?") == "how many"
+    train = [("is there a red star", "yes"), ("is there a red star", "yes"), ("is there a red star", "no"),
+             ("is there a blue star", "no"), ("is there a blue star", "no"), ("what colour is the star", "red"), ("what colour is the star", "blue"),
+             ("what colour is the circle", "green"), ("what colour is the circle", "green")]  # fmt: skip
+    prior = TextPrior((q, question_type(q), {a: 1.0}) for q, a in train)
+    assert prior.predict("is there a red star", "is there") == "yes"  # its own question's majority
+    assert prior.predict("what colour is the star", "what colour") == "red"  # a tie: the first in the file
+    assert prior.predict("is there a green square", "is there") == "no"  # unseen: its type's majority (3 no : 2 yes)
+    assert prior.source("is there a green square", "is there") == "type"
+    assert prior.predict("where is the star", "where is") == "no"  # unseen type: the overall majority (3 of 10)
+    # weighted answers (VQA's answer counts) are summed, not counted
+    assert TextPrior([("q", "t", {"a": 0.3, "b": 0.7}), ("q", "t", {"a": 0.3})]).predict("q") == "b"
+    questions = ["is there a red star", "what colour is the circle", "what colour is the star", "is there a cat"]
+    truth = ["no", "green", "blue", "no"]
+    m = compare_with_prior(truth, questions, [question_type(q) for q in questions], ["no", "green", "blue", "yes"],
+                           prior)
+    assert m["acc"] == 75.0 and m["acc_is_there"] == 50.0 and m["acc_what_colour"] == 100.0
+    assert m["prior_acc"] == 50.0 and m["prior_acc_what_colour"] == 50.0 and m["prior_acc_is_there"] == 50.0

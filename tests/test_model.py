@@ -260,3 +260,19 @@ def test_queue_size_zero_uses_the_batch_as_the_only_keys(task):
         expected = (-(F.log_softmax(d["sim_i2t"], 1) * d["sim_i2t_targets"]).sum(1).mean()
                     - (F.log_softmax(d["sim_t2i"], 1) * d["sim_t2i_targets"]).sum(1).mean()) / 2  # fmt: skip
         torch.testing.assert_close(out["loss_ita"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_random_itm_negatives_are_uniform_over_the_other_rows():
+    """``train.itm_random_negative_steps``: the negatives ignore the similarities (and never pick the positive or,
+    for retrieval, another caption of the same image)."""
+    from albef.models.albef import hard_negative_weights
+
+    sim = torch.tensor([[5.0, 1.0, 0.0, -2.0], [0.0, 3.0, 9.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 8.0, 2.0]])
+    w = hard_negative_weights(sim, 4, hard=False)  # (unnormalised, as the official code: multinomial normalises)
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert (w.diagonal() == 0).all() and torch.allclose(w[off], torch.full((12,), w[0, 1].item())) and w[0, 1] > 0
+    hard = hard_negative_weights(sim, 4)
+    assert hard[1, 2] > 0.9  # the default: by similarity
+    idx = torch.tensor([0, 0, 1, 2])
+    w = hard_negative_weights(sim, 4, idx, hard=False)
+    assert w[0, 1] == 0 and w[1, 0] == 0 and w[0, 2] == w[0, 3] > 0 and w[3, 0] == w[3, 1] == w[3, 2] > 0

@@ -91,6 +91,9 @@ def test_finetuning_under_deepspeed_raises_recall(tmp_path):
     _run(common + [f"train.output_dir={tmp_path / 'before'}", "train.evaluate_only=true"], tmp_path)
     before = json.loads((tmp_path / "before" / "eval.json").read_text())
     assert {"val/r_mean", "test/r_mean", "test/txt_r1", "test/img_r10"} <= set(before)
+    # R@1 of the ITC similarities alone beside the ITM re-ranked numbers, and the image-use check of the ITM head
+    assert {"test/itc_txt_r1", "test/itc_img_r1", "test/itc_r_mean", "test/itm_match_acc"} <= set(before)
+    assert 0.0 <= before["test/itm_match_acc"] <= 100.0
     _run(common + [f"train.output_dir={tmp_path / 'after'}", "train.epochs=2", "train.max_steps=300",
                    "train.lr=3e-4", "train.min_lr=3e-4", "train.warmup_steps=50", "train.alpha=0", "train.log_every=50",
                    "wandb.mode=offline", "eval.wandb_queries=6"], tmp_path, wandb_mode="offline")  # fmt: skip
@@ -128,3 +131,26 @@ def test_finetuning_under_deepspeed_raises_recall(tmp_path):
     assert [row[0]["path"] in files for row in table["data"]] == [True] * 6  # the thumbnails are in the artifact
     thumbs = [p for k, p in files.items() if k.endswith(".png")]
     assert len(thumbs) == 6 and all(Image.open(p).size == (48, 48) for p in thumbs)  # 48 px images: no shrink
+
+
+def test_itm_match_accuracy_compares_own_and_next_caption():
+    import torch
+
+    from albef.eval.retrieval import itm_match_accuracy
+    from albef.models import build_model
+
+    model = build_model("tiny", "retrieval", seed=0).eval()
+    torch.manual_seed(1)
+    images = model.encode_image(torch.randn(5, 3, model.cfg.vision.img_size, model.cfg.vision.img_size))
+    ids = torch.randint(1000, 2000, (10, 7))
+    mask = torch.ones_like(ids)
+    texts = model.encode_text(ids, mask)
+    img2txt = [[2 * i, 2 * i + 1] for i in range(5)]  # two captions per image; the first one is used
+    with torch.no_grad():
+        got = itm_match_accuracy(model, images, texts, mask, img2txt, batch_size=2)
+        wins = 0
+        for i in range(5):
+            own, other = img2txt[i][0], img2txt[(i + 1) % 5][0]
+            p = [model.itm_logits(texts[t:t + 1], mask[t:t + 1], images[i:i + 1]).softmax(-1)[0, 1] for t in (own, other)]
+            wins += int(p[0] > p[1])
+    assert got == pytest.approx(100.0 * wins / 5)

@@ -261,6 +261,13 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
         if m:
             lines.append(f"  {name:<22}" + "".join(f"{m[prefix + k]:>{10 if k.endswith('r1') else 7}.1f}" for k in
                          ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")))  # fmt: skip
+    lines.append("does the fusion encoder use the image? ITC: similarities alone; ITM: ITC's top k re-ranked by ITM;")
+    lines.append("  matched-vs-random: ITM prefers an image's own caption to another image's (50% = image-blind)")
+    for name, m, prefix in (("zero-shot (pretrained)", zero, "test/"), ("fine-tuned", ft, "test/")):
+        if m and prefix + "itm_match_acc" in m:
+            lines.append(f"  {name:<22} R@1 TR {m[prefix + 'itc_txt_r1']:.1f} (ITC) -> {m[prefix + 'txt_r1']:.1f} (ITM), "
+                         f"IR {m[prefix + 'itc_img_r1']:.1f} -> {m[prefix + 'img_r1']:.1f}; matched-vs-random "
+                         f"{m[prefix + 'itm_match_acc']:.0f}%")  # fmt: skip
     lines.append("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {total:.0f}")
     lines.append(f"outputs: {out}")
     text = "\n".join(lines)

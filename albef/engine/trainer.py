@@ -284,7 +284,8 @@ class Trainer:
                     batch = {k: to_device(v, device, dtype) for k, v in batch.items()}
                     lr = self._set_lr(optimizer, state["step"], steps_per_epoch, total_steps)
                     progress = Progress(state["step"], state["epoch"],
-                                        alpha_at(state["step"], steps_per_epoch, t.alpha, t.alpha_warmup_epochs))
+                                        alpha_at(state["step"], steps_per_epoch, t.alpha, t.alpha_warmup_epochs),
+                                        state["step"] >= t.itm_random_negative_steps)  # fmt: skip
                     if window_micro == 0 and gas > 1:
                         torch._foreach_copy_(before_step, forward_state())
                     torch._foreach_copy_(before_micro, forward_state())

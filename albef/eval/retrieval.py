@@ -96,6 +96,27 @@ def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, 
     return score_i2t, score_t2i
 
 
+@torch.no_grad()
+def itm_match_accuracy(model, image_embeds, text_embeds, text_mask, img2txt: Sequence[Sequence[int]],
+                       batch_size: int = 128) -> float:  # fmt: skip
+    """Does the fusion encoder look at the image? For every image, the ITM match probability of its own first
+    caption against that of the next image's first caption (a random negative, not a hard one): the percentage of
+    images where its own caption wins. 50 = image-blind (a text-only ITM head scores both captions alike)."""
+    n = len(img2txt)
+    if n < 2:
+        return float("nan")
+    own = torch.tensor([t[0] for t in img2txt], device=text_embeds.device)
+    other = own.roll(-1)
+    wins = 0
+    for lo in range(0, n, batch_size):
+        rows = torch.arange(lo, min(n, lo + batch_size), device=own.device)
+        images = image_embeds[rows].repeat(2, 1, 1)
+        texts = torch.cat([own[rows], other[rows]])
+        p = model.itm_logits(text_embeds[texts], text_mask[texts], images).float().softmax(-1)[:, 1]
+        wins += int((p[: len(rows)] > p[len(rows):]).sum())
+    return 100.0 * wins / n
+
+
 def recall_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, img2txt: Sequence[Sequence[int]],
                    txt2img: Sequence[int]) -> Dict[str, float]:  # fmt: skip
     """Official ``itm_eval``: R@1/5/10 for text retrieval (TR) and image retrieval (IR), their means, r_mean.

@@ -86,13 +86,17 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -torch.sum(F.log_softmax(logits, dim=1) * targets, dim=1).mean()
 
 
-def hard_negative_weights(sim: torch.Tensor, bs: int, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+def hard_negative_weights(sim: torch.Tensor, bs: int, idx: Optional[torch.Tensor] = None,
+                          hard: bool = True) -> torch.Tensor:  # fmt: skip
     """Sampling weights over the local batch: softmax of the similarities with the positives zeroed.
 
     Pretraining zeroes the diagonal; retrieval adds 1e-4 inside the softmax (as the official code does) and zeroes
     every pair of the same image. A row with no negative left (a batch of one image) falls back to uniform
-    weights over the other rows, instead of crashing ``torch.multinomial``.
+    weights over the other rows, instead of crashing ``torch.multinomial``. ``hard=False``: uniform weights over
+    the negatives (random negatives, for ``train.itm_random_negative_steps``; the official recipe is always hard).
     """
+    if not hard:
+        sim = torch.zeros_like(sim)
     if idx is None:
         w = F.softmax(sim[:, :bs], dim=1)
         same = torch.eye(bs, dtype=torch.bool, device=sim.device)
@@ -321,7 +325,7 @@ class ALBEFBase(nn.Module):
         return self.itm_head(self.fuse(text_embeds, attention_mask, image_embeds)[:, 0, :])
 
     # --- the shared ITC / ITM computation -------------------------------------------------------------------
-    def _itc_itm(self, image, input_ids, attention_mask, alpha, idx=None):
+    def _itc_itm(self, image, input_ids, attention_mask, alpha, idx=None, hard_negatives: bool = True):
         """Features, ITC with MoD, enqueue, ITM with hard negatives. Returns (losses, details, tensors)."""
         image_embeds = self.encode_image(image)
         image_feat = self.image_feat(image_embeds)
@@ -357,8 +361,8 @@ class ALBEFBase(nn.Module):
         bs = image.shape[0]
         fused_pos = self.fuse(text_embeds, attention_mask, image_embeds)
         with torch.no_grad():
-            weights_i2t = hard_negative_weights(sim_i2t, bs, idx)
-            weights_t2i = hard_negative_weights(sim_t2i, bs, idx)
+            weights_i2t = hard_negative_weights(sim_i2t, bs, idx, hard_negatives)
+            weights_t2i = hard_negative_weights(sim_t2i, bs, idx, hard_negatives)
             neg_image, neg_text = sample_hard_negatives(weights_t2i, weights_i2t)
         text_embeds_all = torch.cat([text_embeds, text_embeds[neg_text]], dim=0)
         text_mask_all = torch.cat([attention_mask, attention_mask[neg_text]], dim=0)
@@ -405,10 +409,12 @@ class ALBEFPretrain(ALBEFBase):
     def mlm_head(self, hidden: torch.Tensor, momentum: bool = False) -> torch.Tensor:
         return (self.text_encoder_m if momentum else self.text_encoder).cls(hidden)
 
-    def forward(self, image, input_ids, attention_mask, alpha: float = 0.0, return_details: bool = False):
+    def forward(self, image, input_ids, attention_mask, alpha: float = 0.0, return_details: bool = False,
+                hard_negatives: bool = True):  # fmt: skip
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        losses, details, (image_embeds, image_embeds_m) = self._itc_itm(image, input_ids, attention_mask, alpha)
+        losses, details, (image_embeds, image_embeds_m) = self._itc_itm(image, input_ids, attention_mask, alpha,
+                                                                        hard_negatives=hard_negatives)  # fmt: skip
 
         # MLM: a separate full multi-modal pass on the masked text, distilled from the momentum model. The
         # vocabulary projection runs only at the masked positions (about 15% of the tokens): the official code
@@ -441,10 +447,12 @@ class ALBEFRetrieval(ALBEFBase):
     text_encoder_cls = BertModel
     has_idx_queue = True
 
-    def forward(self, image, input_ids, attention_mask, idx, alpha: float = 0.0, return_details: bool = False):
+    def forward(self, image, input_ids, attention_mask, idx, alpha: float = 0.0, return_details: bool = False,
+                hard_negatives: bool = True):  # fmt: skip
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        losses, details, _ = self._itc_itm(image, input_ids, attention_mask, alpha, idx=idx)
+        losses, details, _ = self._itc_itm(image, input_ids, attention_mask, alpha, idx=idx,
+                                           hard_negatives=hard_negatives)  # fmt: skip
         if return_details:
             losses["details"] = details
         return losses

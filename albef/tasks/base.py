@@ -46,6 +46,9 @@ class TrainConfig:
     warmup_granularity: int = 100  # "albef" schedule: the LR changes every this many steps during warmup
     alpha: float = 0.4  # momentum-distillation weight
     alpha_warmup_epochs: float = 1.0  # alpha ramps from 0 over this many epochs (official 1, LAVIS 2)
+    # ITM negatives drawn uniformly from the batch (not by ITC similarity) for the first N steps; official: 0 (always
+    # hard). From random weights, hard negatives from the start leave the fusion encoder image-blind (README, demo)
+    itm_random_negative_steps: int = 0
     log_every: int = 10  # steps between metric rows
     save_every: int = 1000  # steps between checkpoints (0: only at the end and on signals)
     keep_last: int = 3  # complete checkpoints kept
@@ -63,6 +66,7 @@ class TrainConfig:
             raise ValueError(f"train.betas={self.betas}: expected two numbers in [0, 1), AdamW's (beta1, beta2)")
         for key, low in (("log_every", 1), ("eval_every_epochs", 1), ("max_nonfinite_steps", 1), ("epochs", 1),
                          ("save_every", 0), ("max_steps", 0), ("keep_last", 0), ("warmup_granularity", 1),
+                         ("itm_random_negative_steps", 0),
                          ("collective_timeout_s", 1)):
             if getattr(self, key) < low:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must be >= {low}")
@@ -82,6 +86,7 @@ class Progress:
     step: int
     epoch: int
     alpha: float
+    hard_negatives: bool = True  # ITM negatives by similarity (False during train.itm_random_negative_steps)
 
 
 class Task:

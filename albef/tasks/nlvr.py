@@ -53,6 +53,7 @@ class NLVRTask(ClassifierTask):
     name = "nlvr2"
     model_kind = "nlvr"
     reader = staticmethod(read_nlvr)
+    label_names = ("false", "true")
 
 
 @dataclass

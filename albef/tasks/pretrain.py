@@ -34,7 +34,8 @@ class PretrainTask(Task):
         return build_pretrain_loader(data, tokenizer, rank=rank, world_size=world_size, seed=seed)
 
     def training_step(self, model, batch, progress):
-        out = model(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=progress.alpha)
+        out = model(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=progress.alpha,
+                    hard_negatives=progress.hard_negatives)  # fmt: skip
         loss = out["loss_mlm"] + out["loss_ita"] + out["loss_itm"]
         return loss, {k: v.detach() for k, v in out.items()}
 

@@ -31,7 +31,8 @@ from albef.data.json_dataset import read_json_list
 from albef.data.samples import BadSample, make_sample
 from albef.data.transforms import AugmentConfig, stack_images, test_transform, to_device
 from albef.engine.signals import until_stop
-from albef.eval.retrieval import encode_images, encode_texts, ground_truth, itm_rerank, recall_metrics
+from albef.eval.retrieval import (encode_images, encode_texts, ground_truth, itm_match_accuracy, itm_rerank,
+                                  recall_metrics)
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
 from albef.tokenizer import Tokenizer, pre_caption
@@ -149,7 +150,8 @@ class RetrievalTask(Task):
         return MapLoader(dataset, collate, micro_batch_size, rank, world_size, seed, d.num_workers)
 
     def training_step(self, model, batch, progress):
-        out = model(batch["image"], batch["input_ids"], batch["attention_mask"], idx=batch["idx"], alpha=progress.alpha)
+        out = model(batch["image"], batch["input_ids"], batch["attention_mask"], idx=batch["idx"], alpha=progress.alpha,
+                    hard_negatives=progress.hard_negatives)  # fmt: skip
         return out["loss_ita"] + out["loss_itm"], {k: v.detach() for k, v in out.items()}
 
     def _eval_data(self, split: str):
@@ -172,6 +174,11 @@ class RetrievalTask(Task):
         sims = image_feat.float() @ text_feat.float().t()
         score_i2t, score_t2i = itm_rerank(model, sims, image_embeds, text_embeds, mask, e.k_test, e.pair_batch_size)
         metrics = recall_metrics(score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), ds.img2txt, ds.txt2img)
+        # the contrastive similarities alone: ITM re-ranking should beat them (the fusion encoder uses the image)
+        itc = recall_metrics(sims.cpu().numpy(), sims.t().cpu().numpy(), ds.img2txt, ds.txt2img)
+        metrics.update({f"itc_{k}": itc[k] for k in ("txt_r1", "img_r1", "r_mean")})
+        metrics["itm_match_acc"] = itm_match_accuracy(model, image_embeds, text_embeds, mask, ds.img2txt,
+                                                      e.pair_batch_size)  # fmt: skip
         self._write_results(split, ds, score_i2t, score_t2i, metrics)
         return metrics
 

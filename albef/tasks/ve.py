@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from albef.data.samples import BadSample
 from albef.data.transforms import (AugmentConfig, ImageDecodeError, ImageTransform, stack_images, test_transform,
                                    to_device)
 from albef.engine.signals import until_stop
+from albef.eval.priors import TextPrior, compare_with_prior
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
 from albef.data.json_dataset import read_json_list
@@ -156,11 +157,13 @@ class ClassifierTask(Task):
     config_cls = ClassifierConfig
     primary_metric = "acc"
     reader = staticmethod(read_ve)  # (path, image_root, max_words) -> items
+    label_names = ("contradiction", "neutral", "entailment")  # by class index: per-label accuracy in evaluation
 
     def __init__(self, cfg: ClassifierConfig):
         super().__init__(cfg)
         self.eval_splits = tuple(s for s in ("val", "test") if getattr(cfg.data, f"{s}_file"))
         self._eval_sets: Dict[str, ClassifierDataset] = {}
+        self._text_prior: Optional[TextPrior] = None
         self._tokenizer = Tokenizer()
 
     def _items(self, path: str) -> List[tuple]:
@@ -202,13 +205,29 @@ class ClassifierTask(Task):
         subset = torch.utils.data.Subset(ds, rank_indices(len(ds)))
         loader = DataLoader(subset, batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.data.num_workers,
                             collate_fn=self.collate(self._tokenizer))  # fmt: skip
-        correct = 0
+        correct, predictions = 0, []
         for batch in until_stop(loader):
             images = list(to_device(batch["images"], device, dtype).unbind(1))
             logits = model.logits(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
             correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
+            predictions += logits.argmax(1).tolist()
         correct, total = sum_over_ranks([correct, len(subset)], device)
-        return {"acc": 100.0 * correct / total}
+        metrics = {"acc": 100.0 * correct / total}
+        if self.cfg.data.train_files:  # the text-only prior (per sentence), overall and per gold label
+            pairs = sorted(gather_over_ranks(list(zip(subset.indices, predictions))))
+            items = [ds.items[i] for i, _ in pairs]
+            labels = [label for _, _, label in items]
+            metrics.update(compare_with_prior(labels, [sentence for _, sentence, _ in items],
+                                              [self.label_names[y] for y in labels], [p for _, p in pairs],
+                                              self._prior()))  # fmt: skip
+        return metrics
+
+    def _prior(self) -> TextPrior:
+        """Most frequent label of each train sentence (hypothesis, statement), else of the whole train set."""
+        if self._text_prior is None:
+            items = [item for path in self.cfg.data.train_files for item in self._items(path)]
+            self._text_prior = TextPrior((sentence, "", {label: 1.0}) for _, sentence, label in items)
+        return self._text_prior
 
 
 class VETask(ClassifierTask):

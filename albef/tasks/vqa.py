@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset
 from albef.data.finetune import MapLoader
 from albef.data.transforms import AugmentConfig, stack_images, test_transform, to_device
 from albef.engine.signals import until_stop
-from albef.eval.vqa import load_vqa_answers, vqa_accuracy
+from albef.eval.priors import TextPrior, compare_with_prior, question_type
+from albef.eval.vqa import load_vqa_answers, vqa_accuracy, vqa_score
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
 from albef.data.json_dataset import read_json_list
@@ -169,6 +170,7 @@ class VQATask(Task):
         self.eval_splits = tuple(s for s in ("val", "test") if getattr(cfg.data, f"{s}_file"))
         self._eval_sets: Dict[str, VQAEvalSet] = {}
         self._answers = None
+        self._text_prior: Optional[TextPrior] = None
         self._tokenizer = Tokenizer()
 
     def build_train_loader(self, tokenizer, rank, world_size, micro_batch_size, seed):
@@ -225,4 +227,19 @@ class VQATask(Task):
             (out / f"vqa_result_{split}.json").write_text(json.dumps(results))
         if ds.ground_truth is None:
             return {"num_questions": float(len(results))}
-        return vqa_accuracy(results, ds.ground_truth)
+        metrics = vqa_accuracy(results, ds.ground_truth)
+        if self.cfg.data.train_files:  # the question-only prior, overall and per question type
+            questions = {qid: q for _, q, qid in ds.items}
+            qs = [questions[r["question_id"]] for r in results]
+            metrics.update(compare_with_prior([ds.ground_truth[str(r["question_id"])] for r in results], qs,
+                                              [question_type(q) for q in qs], [r["answer"] for r in results],
+                                              self._prior(), vqa_score))  # fmt: skip
+        return metrics
+
+    def _prior(self) -> TextPrior:
+        """The question-only prior of the train files: most common answer per question string, else per type."""
+        if self._text_prior is None:
+            items = VQATrainSet(self.cfg.data).items
+            self._text_prior = TextPrior((q, question_type(q), {a[: -len(EOS)]: w for a, w in zip(answers, weights)})
+                                         for _, q, answers, weights in items)  # fmt: skip
+        return self._text_prior
