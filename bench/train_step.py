@@ -7,12 +7,20 @@
 Every variant runs in a fresh process (alternating order, so that drift hits both sides) and reports the median
 step time over ``--steps`` steps after ``--warmup`` steps, on one fixed synthetic batch:
 
-* ``baseline``: the official recipe re-created plainly: our model in float32 with the explicit-softmax attention
-  (the official op order), ``torch.optim.AdamW``, no DeepSpeed. (The official code also projects every token onto
-  the 30522-word vocabulary in the MLM head, which ours does only for masked tokens; the baseline uses our head,
-  so it is somewhat *faster* than the official step and the ratios below understate the gain.)
+* ``baseline``: the official step re-created plainly: our model in float32 with the explicit-softmax attention
+  (the official op order), the MLM head projecting every position onto the 30522-word vocabulary before taking the
+  masked ones (``model.mlm_projection=all``, as the official ``BertForMaskedLM``), ``torch.optim.AdamW`` (its
+  default foreach implementation), no DeepSpeed. What still differs from the unchanged official code: no DDP
+  wrapper and no ``concat_all_gather`` at world size 1 (the official code calls both, each a no-op copy at one
+  process), our fused momentum update (``torch._foreach_*``, the same float32 formula) instead of its Python loop
+  over parameter pairs, and our WordPiece-free synthetic batch.
 * ``ours-<precision>[-gc]``: the engine's configuration: DeepSpeed ZeRO-2 (world size 1), fused attention, the
   given precision, with or without gradient checkpointing.
+
+Per phase (median over the timed steps, seconds): ``fwd`` the forward pass without the momentum parts, ``mom`` the
+momentum update and the momentum encoders' forward passes, ``queue`` the momentum features' all-gather and enqueue,
+``bwd`` the backward pass (with DeepSpeed: its gradient hooks and bucket reduction, and fp16's loss scaling),
+``opt`` the optimizer step (with DeepSpeed: ZeRO's partition step, gradient unscaling and the overflow check).
 
 MFU = analytic matmul FLOPs of the step (albef.engine.flops, checked against torch's FlopCounterMode in the tests)
 / step time / this machine's measured matmul peak in the same dtype and thread count. Peak memory is the process's
@@ -22,6 +30,7 @@ Printed: one row per variant and the ratios against the baseline, all measured i
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import resource
@@ -33,6 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = {"tiny": 8, "small": 16, "base": 64}
+PHASES = ("fwd", "mom", "queue", "bwd", "opt")
 
 
 def _child(args) -> dict:
@@ -45,7 +55,9 @@ def _child(args) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    cfg = model_config(args.preset, [f"attn_impl={'eager' if args.variant == 'baseline' else 'sdpa'}",
+    official = args.variant == "baseline"
+    cfg = model_config(args.preset, [f"attn_impl={'eager' if official else 'sdpa'}",
+                                     f"mlm_projection={'all' if official else 'masked'}",
                                      f"grad_checkpointing={'true' if args.gc else 'false'}"])  # fmt: skip
     bs = args.batch or BATCH[args.preset]
     if cfg.queue_size % bs:
@@ -63,17 +75,40 @@ def _child(args) -> dict:
         ids[i, 10 + i % 15 :] = 0
 
     image, ids, mask = image.to(device), ids.to(device), mask.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    phase = collections.defaultdict(float)  # seconds of the current step per phase
+
+    def timed(name, fn, only=None):
+        def run(*a, **k):
+            if only is not None and not only(k):
+                return fn(*a, **k)
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            sync()
+            phase[name] += time.perf_counter() - t0
+            return out
+
+        return run
+
+    momentum = lambda k: k.get("momentum", False)  # noqa: E731
+    for name in ("encode_image", "encode_text", "mlm_hidden", "mlm_head"):
+        setattr(model, name, timed("mom", getattr(model, name), momentum))
+    model.momentum_update = timed("mom", model.momentum_update)
+    model.dequeue_and_enqueue = timed("queue", model.dequeue_and_enqueue)
     if args.variant == "baseline":
         model.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5)
 
+        forward = timed("fwd", lambda: model(image, ids, mask, alpha=0.4))
+        backward = timed("bwd", lambda loss: loss.backward())
+        update = timed("opt", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
+
         def step():
-            out = model(image, ids, mask, alpha=0.4)
-            loss = out["loss_mlm"] + out["loss_ita"] + out["loss_itm"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            out = forward()
+            backward(out["loss_mlm"] + out["loss_ita"] + out["loss_itm"])
+            update()
 
     else:
         import importlib
@@ -95,23 +130,30 @@ def _child(args) -> dict:
             model.keep_momentum_fp32(fp32_momentum)
         image = image.to(dtype)
 
-        def step():
-            out = engine(image, ids, mask, alpha=0.4)
-            engine.backward(out["loss_mlm"] + out["loss_ita"] + out["loss_itm"])
-            engine.step()
+        forward = timed("fwd", lambda: engine(image, ids, mask, alpha=0.4))
+        backward = timed("bwd", engine.backward)
+        update = timed("opt", engine.step)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        def step():
+            out = forward()
+            backward(out["loss_mlm"] + out["loss_ita"] + out["loss_itm"])
+            update()
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         step()
-    times = []
+    times, phases = [], collections.defaultdict(list)
     for _ in range(args.steps):
+        phase.clear()
         sync()
         t0 = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - t0)
+        phase["fwd"] -= phase["mom"] + phase["queue"]  # the forward's own time (its momentum parts are counted apart)
+        for name in PHASES:
+            phases[name].append(phase[name])
     t = statistics.median(times)
     flops = pretrain_step_flops(cfg, bs, ids.shape[1], 0.15 * float(mask[:, 1:].sum()) / bs)
     peak = measured_matmul_peak(dtype if args.variant != "baseline" else torch.float32, device)
@@ -119,7 +161,8 @@ def _child(args) -> dict:
         (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # fmt: skip
     return {"preset": args.preset, "variant": args.label, "batch": bs, "step_s": t, "pairs_per_s": bs / t,
             "tflops_per_step": flops / 1e12, "mfu": flops / t / peak, "peak_tflops": peak / 1e12,
-            "peak_mem_mb": mem, "mem_per_sample_mb": mem / bs}  # fmt: skip
+            "peak_mem_mb": mem, "mem_per_sample_mb": mem / bs,
+            "phases_s": {name: statistics.median(v) for name, v in phases.items()}}  # fmt: skip
 
 
 def main() -> None:
@@ -165,12 +208,14 @@ def main() -> None:
                 best[label] = r
         base = best.get("baseline-fp32")
         print(f"\n== {preset} (batch {BATCH.get(preset)}, {args.device}, {args.threads} threads) ==")
-        print(f"{'variant':<16}{'step s':>9}{'pairs/s':>9}{'MFU':>7}{'peak MB':>9}{'MB/pair':>9}{'speed x':>9}{'mem x':>7}")
+        print(f"{'variant':<16}{'step s':>9}{'pairs/s':>9}{'MFU':>7}{'peak MB':>9}{'MB/pair':>9}{'speed x':>9}{'mem x':>7}"
+              + "".join(f"{name:>7}" for name in PHASES))
         for label, r in best.items():
             speed = r["pairs_per_s"] / base["pairs_per_s"] if base else float("nan")
             mem = r["mem_per_sample_mb"] / base["mem_per_sample_mb"] if base else float("nan")
             print(f"{label:<16}{r['step_s']:>9.4f}{r['pairs_per_s']:>9.2f}{r['mfu']:>7.1%}{r['peak_mem_mb']:>9.0f}"
-                  f"{r['mem_per_sample_mb']:>9.1f}{speed:>9.2f}{mem:>7.2f}")  # fmt: skip
+                  f"{r['mem_per_sample_mb']:>9.1f}{speed:>9.2f}{mem:>7.2f}"
+                  + "".join(f"{r['phases_s'][name]:>7.3f}" for name in PHASES))  # fmt: skip
             r.update(speed_vs_baseline=speed, mem_vs_baseline=mem)
             rows.append(r)
     if args.json:

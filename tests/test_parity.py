@@ -125,6 +125,20 @@ def test_full_pretraining_step(parity_pretrain, impl):
     close(out2["loss_mlm"], ref["loss_mlm_seed2"], "loss_mlm_seed2")
 
 
+def test_mlm_projection_of_every_position_gives_the_same_step(parity_pretrain):
+    """``mlm_projection: all`` (the official op order, the bench's baseline) projects every position onto the
+    vocabulary and then takes the masked ones: the same logits and losses as projecting only the masked ones."""
+    ref = parity_pretrain
+    model = pretrain_model(ref, "eager")
+    model.cfg.mlm_projection = "all"
+    torch.manual_seed(ref["forward_seed"])
+    out = model(ref["image"], ref["input_ids"], ref["attention_mask"], alpha=ref["forward_alpha"], return_details=True)
+    close(out["details"]["mlm_logits"], ref["mlm_logits_fwd_masked"], "mlm_logits_fwd_masked")
+    close(out["details"]["mlm_logits_m"], ref["mlm_logits_m_fwd_masked"], "mlm_logits_m_fwd_masked")
+    for k in ("loss_ita", "loss_itm", "loss_mlm"):
+        close(out[k], ref[k], k)
+
+
 def test_momentum_update_is_the_official_float32_formula(parity_pretrain):
     """m*0.995 + p*0.005 in float32, not a lerp: 5% of the elements differ by one ulp between the two."""
     ref = parity_pretrain

@@ -50,6 +50,9 @@ class ModelConfig:
     mlm_probability: float = 0.15
     attn_impl: str = "sdpa"  # "sdpa" (fused) or "eager" (the official op order, bitwise)
     grad_checkpointing: bool = False  # recompute ViT blocks and BERT layers in backward
+    # MLM vocabulary projection: "masked" (only the ~15% masked positions, the loss is the same) or "all" (every
+    # position, then the masked ones are taken: the official op order, for the bench's official-equivalent baseline)
+    mlm_projection: str = "masked"
 
     def __post_init__(self) -> None:
         if self.text.encoder_width != self.vision.embed_dim:
@@ -59,6 +62,8 @@ class ModelConfig:
             )
         if self.attn_impl not in ("sdpa", "eager"):
             raise ValueError(f"model.attn_impl={self.attn_impl!r}: expected 'sdpa' or 'eager'")
+        if self.mlm_projection not in ("masked", "all"):
+            raise ValueError(f"model.mlm_projection={self.mlm_projection!r}: expected 'masked' or 'all'")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -422,11 +427,13 @@ class ALBEFPretrain(ALBEFBase):
         mlm_ids, mlm_labels = mask_tokens(input_ids, self.cfg.text.vocab_size, self.cfg.mlm_probability)
         target = mlm_labels != -100
         labels = mlm_labels[target]
+        every = self.cfg.mlm_projection == "all"
         with torch.no_grad(), self._momentum_ctx():
             hidden_m = self.mlm_hidden(mlm_ids, attention_mask, image_embeds_m, momentum=True)
-            logits_m = self.mlm_head(hidden_m[target], momentum=True).float()
+            logits_m = (self.mlm_head(hidden_m, momentum=True)[target] if every else
+                        self.mlm_head(hidden_m[target], momentum=True)).float()  # fmt: skip
         hidden = self.mlm_hidden(mlm_ids, attention_mask, image_embeds)
-        logits = self.mlm_head(hidden[target]).float()
+        logits = (self.mlm_head(hidden)[target] if every else self.mlm_head(hidden[target])).float()
         if labels.numel() == 0:  # no token was drawn: nothing to predict, keep the graph connected
             losses["loss_mlm"] = hidden.sum() * 0.0
         else:
