@@ -12,7 +12,9 @@ Stages, each with the real command-line tools a user runs (printed as they start
 4. ``pretrain.train`` pretrains the ``demo`` model (ITC + ITM + MLM, momentum distillation) with DeepSpeed ZeRO-2 on
    2 CPU processes (torchrun, gloo) over both shard sets.
 5. ``finetune.retrieval`` evaluates zero-shot retrieval on held-out images, then fine-tunes briefly and evaluates.
-6. A summary table: losses, recall against chance, time and throughput of every stage.
+6. ``finetune.ve`` fine-tunes SNLI-VE briefly and reports accuracy per label next to the hypothesis-only prior.
+7. A summary table: losses, recall against chance, whether the fusion encoder uses the image, time and throughput
+   of every stage.
 
 Everything lands in ``--out`` (default ``runs/demo``); rerunning reuses the world and shards and starts the runs
 anew. Nothing is downloaded.
@@ -172,7 +174,7 @@ def main() -> None:
         generate_world(world, seed=a.seed, num_train=size["train"], num_val=size["val"], num_test=size["test"],
                        image_size=size["image"])  # fmt: skip
     times["world"] = time.time() - t0
-    print(f"[1/5] world: {size['train']} train / {size['val']} val / {size['test']} test images at {size['image']} px "
+    print(f"[1/6] world: {size['train']} train / {size['val']} val / {size['test']} test images at {size['image']} px "
           f"in {world}", flush=True)  # fmt: skip
 
     # 2. crawl + download over loopback
@@ -188,7 +190,7 @@ def main() -> None:
                                  "--no-progress"], out / "download.log", env)  # fmt: skip
     finally:
         stop()
-    print(f"[2/5] web crawl: {sum(1 for _ in open(web_pairs))} pairs extracted, "
+    print(f"[2/6] web crawl: {sum(1 for _ in open(web_pairs))} pairs extracted, "
           f"{json.loads((web_shards / 'manifest.json').read_text())['num_samples']} images in shards", flush=True)
 
     # 3. world annotations -> shards
@@ -196,7 +198,7 @@ def main() -> None:
     times["shards"] = run([sys.executable, "-m", "data_prep.annotations", world / "pretrain.json", "--image-root",
                            world / "images", "--output", shards, "--shard-size", "100", "--image-size", size["image"],
                            "--no-progress"], out / "shards.log", env)  # fmt: skip
-    print(f"[3/5] shards: {json.loads((shards / 'manifest.json').read_text())['num_samples']} samples", flush=True)
+    print(f"[3/6] shards: {json.loads((shards / 'manifest.json').read_text())['num_samples']} samples", flush=True)
 
     # 4. pretraining
     pre = out / "pretrain"
@@ -205,7 +207,7 @@ def main() -> None:
                             f"data.shards=[{shards},{web_shards}]", f"train.output_dir={pre}",
                             f"train.max_steps={size['pretrain_steps']}", f"train.num_threads={threads}"],
                             out / "pretrain.log", env, "pretrain", size["pretrain_steps"])  # fmt: skip
-    print(f"[4/5] pretraining done: {pre / 'final.pth'}", flush=True)
+    print(f"[4/6] pretraining done: {pre / 'final.pth'}", flush=True)
 
     # 5. retrieval: zero-shot, then fine-tuned
     data = [f"data.train_files=[{world / 'retrieval_train.json'}]", f"data.val_file={world / 'retrieval_val.json'}",
@@ -220,7 +222,17 @@ def main() -> None:
                                        *data, f"init.checkpoint={pre / 'final.pth'}", f"train.output_dir={ft}",
                                        "train.epochs=100", f"train.max_steps={size['finetune_steps']}", f"train.num_threads={threads}"],
                                        out / "retrieval.log", env, "fine-tune", size["finetune_steps"])  # fmt: skip
-    print("[5/5] retrieval evaluated", flush=True)
+    print("[5/6] retrieval evaluated", flush=True)
+
+    # 6. SNLI-VE from the pretrained weights: accuracy per label against the hypothesis-only prior
+    ve = out / "ve"
+    shutil.rmtree(ve, ignore_errors=True)
+    times["ve fine-tune"] = run(torchrun(a.nproc) + ["finetune.ve", "finetune/configs/demo_ve.yaml",
+                                f"data.train_files=[{world / 've_train.json'}]", f"data.test_file={world / 've_test.json'}",
+                                f"data.image_root={world / 'images'}", f"init.checkpoint={pre / 'final.pth'}",
+                                f"train.output_dir={ve}", f"train.max_steps={size['finetune_steps']}",
+                                f"train.num_threads={threads}"], out / "ve.log", env, "ve", size["finetune_steps"])  # fmt: skip
+    print("[6/6] SNLI-VE evaluated", flush=True)
 
     summarize(out, world, times, time.time() - t_all)
 
@@ -268,12 +280,21 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
             lines.append(f"  {name:<22} R@1 TR {m[prefix + 'itc_txt_r1']:.1f} (ITC) -> {m[prefix + 'txt_r1']:.1f} (ITM), "
                          f"IR {m[prefix + 'itc_img_r1']:.1f} -> {m[prefix + 'img_r1']:.1f}; matched-vs-random "
                          f"{m[prefix + 'itm_match_acc']:.0f}%")  # fmt: skip
+    ve_rows = [r for r in rows(out / "ve" / "metrics.jsonl") if "test/prior_acc" in r] if (out / "ve").is_dir() else []
+    if ve_rows:
+        v = ve_rows[-1]
+        labels = sorted(k[len("test/acc_"):] for k in v if k.startswith("test/acc_"))
+        lines.append(f"SNLI-VE after {v['step']} steps, held-out test accuracy % (model / hypothesis-only prior of "
+                     "the train file):")
+        lines.append("  all " + f"{v['test/acc']:.1f} / {v['test/prior_acc']:.1f}; " + "; ".join(
+            f"{k} {v['test/acc_' + k]:.1f} / {v['test/prior_acc_' + k]:.1f}" for k in labels))  # fmt: skip
     lines.append("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {total:.0f}")
     lines.append(f"outputs: {out}")
     text = "\n".join(lines)
     print(text, flush=True)
     (out / "summary.txt").write_text(text + "\n")
     (out / "summary.json").write_text(json.dumps({"pretrain": pre_sum, "zero_shot": zero, "fine_tuned": ft,
+                                                  "ve": ve_rows[-1] if ve_rows else {},
                                                   "chance": {"txt": chance_tr, "img": chance_ir},
                                                   "seconds": times, "total_seconds": total}, indent=1))  # fmt: skip
 
