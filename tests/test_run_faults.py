@@ -531,3 +531,50 @@ def test_a_run_resumes_on_another_number_of_ranks(world_shards, tmp_path, ds_con
     interrupted = [k for s in range(1, 7) for k in epoch[s]] + [k for s in one for k in one[s]] + \
         [k for s in two for k in two[s]]  # fmt: skip
     assert sorted(interrupted) == sorted(k for v in epoch.values() for k in v)  # the same samples, each once
+
+
+LOSS_SCALE_SCRIPT = """
+import json, os, torch, deepspeed
+from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+from albef.engine.checkpointing import loss_scale_state, restore_loss_scale
+
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+deepspeed.init_distributed(dist_backend="gloo")  # the scaler logs its overflows on rank 0
+args = {"init_scale": 2.0**16, "scale_window": 4, "delayed_shift": 2, "consecutive_hysteresis": False, "min_scale": 1.0}
+scaler = lambda: CreateLossScaler(torch.float16, 0, True, dict(args))
+run = scaler()
+for overflow in [True, True, False, False, True, False, False, False]:
+    run.update_scale(overflow)
+saved = json.loads(json.dumps(loss_scale_state(run)))  # through the checkpoint's client state
+assert saved["cur_scale"] < 2.0**16 and saved["cur_iter"] == 8, saved
+fresh = scaler()
+assert loss_scale_state(fresh) != saved  # what a universal load leaves: the initial scale
+restore_loss_scale(fresh, saved)
+assert loss_scale_state(fresh) == loss_scale_state(run)
+for overflow in [False, False, False, False, True, False]:
+    run.update_scale(overflow)
+    fresh.update_scale(overflow)
+    assert loss_scale_state(fresh) == loss_scale_state(run)
+static = CreateLossScaler(torch.float32, 0, False, None)
+restore_loss_scale(static, loss_scale_state(static))
+assert loss_scale_state(static) == {"cur_scale": 1.0}
+print("OK", saved)
+"""
+
+
+def test_fp16_loss_scale_survives_a_change_of_world_size():
+    """DeepSpeed's universal load (another world size) skips the loss scaler; the checkpoint carries its state and
+    ``checkpointing.load`` puts it back. fp16 engines need a GPU, so this checks the carried state on DeepSpeed's own
+    DynamicLossScaler: saved mid-run (after overflows and clean steps), restored into a fresh one, it continues
+    identically; a static scaler keeps its scale."""
+    import socket
+    import subprocess
+
+    from runs import PY, REPO, run_env
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = subprocess.run([PY, "-c", LOSS_SCALE_SCRIPT], cwd=REPO, env=run_env(MASTER_PORT=str(port)),
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0 and "OK" in p.stdout, (p.stdout + p.stderr)[-3000:]

@@ -114,6 +114,27 @@ def find_latest(ckpt_dir: Path) -> Optional[str]:
     return None
 
 
+LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def loss_scale_state(scaler) -> Dict:
+    """The state of a DeepSpeed loss scaler (fp16's ``DynamicLossScaler``; a static one has only ``cur_scale``)."""
+    return {k: getattr(scaler, k) for k in LOSS_SCALE_FIELDS if hasattr(scaler, k)}
+
+
+def restore_loss_scale(scaler, state: Optional[Dict]) -> None:
+    """Put a saved ``loss_scale_state`` back. DeepSpeed's universal-checkpoint load (another world size) restores
+    the parameter and optimizer fragments only: ZeRO's ``_load_universal_checkpoint`` never reaches
+    ``_load_global_state``, so fp16's dynamic loss scale would restart at its initial value."""
+    for k, v in (state or {}).items():
+        if hasattr(scaler, k):
+            setattr(scaler, k, v)
+
+
+def _loss_scaler(engine):
+    return getattr(getattr(engine, "optimizer", None), "loss_scaler", None)
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: Dict, rank_state: Dict, rank: int, keep_last: int) -> str:
     """Write the checkpoint of ``step`` on every rank, then mark it complete. A checkpoint that is already complete
     is never written into (a kill during the rewrite would leave a damaged checkpoint marked complete): it holds
@@ -125,6 +146,9 @@ def save(engine, ckpt_dir: Path, step: int, client_state: Dict, rank_state: Dict
     tag_dir = ckpt_dir / tag
     error = None
     try:
+        scaler = _loss_scaler(engine)
+        if scaler is not None:
+            client_state = {**client_state, "loss_scale": loss_scale_state(scaler)}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
     except Exception as e:  # noqa: BLE001 - e.g. a full disk: every rank must hear of it
         error = e
@@ -238,6 +262,8 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, model=None) -> Tuple[Dict,
                 if missing:
                     raise KeyError(f"frozen parameters/buffers missing from the checkpoint: {missing[:5]}")
                 model.load_state_dict(rest, strict=False)
+                if _loss_scaler(engine) is not None:
+                    restore_loss_scale(_loss_scaler(engine), (client_state or {}).get("loss_scale"))
             else:
                 _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     except Exception as e:  # noqa: BLE001 - whatever the unpickler or DeepSpeed raised, say which checkpoint
