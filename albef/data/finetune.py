@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterator, List
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from albef.data.loader import ignore_stop_signals, iterate_workers
+from albef.data.loader import ignore_stop_signals, iterate_workers, resplit_summary
 from albef.data.samples import BadSample, derive_seed
 
 MAX_REPLACEMENTS = 16
@@ -143,14 +143,11 @@ class MapLoader:
         if self.position:
             self.phases.append({**saved, "batches": self.position})
         self.position = 0
-        remaining = len(self._phase_indices())
-        left = self.batches_this_epoch
+        remaining, left = len(self._phase_indices()), self.batches_this_epoch
         log.warning("data: resuming in the middle of epoch %d (batch %d of %d per rank with world_size %d, "
-                    "batch_size %d) on %d rank(s), batch size %d: the %d sample(s) of the epoch not yet delivered "
-                    "are re-split over them, %d batch(es) per rank%s", self.epoch, state["position"], total,
-                    saved["world_size"], saved["batch_size"], self.world, self.batch_size, remaining, left,
-                    f"; the last {remaining - left * self.world * self.batch_size} (less than one global batch) "
-                    "are dropped" if remaining > left * self.world * self.batch_size else "")  # fmt: skip
+                    "batch_size %d) on %d rank(s), batch size %d: %s", self.epoch, state["position"], total,
+                    saved["world_size"], saved["batch_size"], self.world, self.batch_size,
+                    resplit_summary(remaining, left, self.world * self.batch_size))  # fmt: skip
         if left == 0:
             self.epoch, self.phases = self.epoch + 1, []
 

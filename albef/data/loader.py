@@ -196,6 +196,13 @@ class Positions:
             yield from range(s, s + n)
 
 
+def resplit_summary(remaining: int, batches: int, global_batch: int) -> str:
+    """The log's account of a mid-epoch re-split (both loaders): samples dealt, batches per rank, tail dropped."""
+    dropped = remaining - batches * global_batch
+    return (f"the {remaining} sample(s) of the epoch not yet delivered are re-split over them, {batches} batch(es) "
+            f"per rank" + (f"; the last {dropped} (less than one global batch) are dropped" if dropped else ""))
+
+
 def phase_key(seed: int, epoch: int, phase: int) -> Tuple:
     """The seed prefix of one phase of an epoch (phase 0 keeps the original (seed, epoch))."""
     return (seed, epoch) if phase == 0 else (seed, epoch, f"phase{phase}")
@@ -717,14 +724,10 @@ class PretrainLoader:
             self._phases.append({**saved, "batches": batch})
         self._batch = 0
         remaining, left = self._phase()[1:]
-        dropped = remaining - left * self.world_size * self.cfg.batch_size
-        log.warning(
-            "data: resuming in the middle of epoch %d (batch %d of %d per rank with %s) on %d rank(s) x %d "
-            "worker(s), batch size %d: the %d sample(s) of the epoch not yet delivered are re-split over them, %d "
-            "batch(es) per rank%s", epoch, batch, state["num_batches"],
-            ", ".join(f"{k} {v}" for k, v in saved.items()), self.world_size, self.num_workers,
-            self.cfg.batch_size, remaining, left,
-            f"; the last {dropped} (less than one global batch) are dropped" if dropped else "")  # fmt: skip
+        log.warning("data: resuming in the middle of epoch %d (batch %d of %d per rank with %s) on %d rank(s) x %d "
+                    "worker(s), batch size %d: %s", epoch, batch, state["num_batches"],
+                    ", ".join(f"{k} {v}" for k, v in saved.items()), self.world_size, self.num_workers,
+                    self.cfg.batch_size, resplit_summary(remaining, left, self.world_size * self.cfg.batch_size))
         if left == 0:
             self._epoch, self._phases = epoch + 1, []
 

@@ -209,8 +209,9 @@ class ClassifierTask(Task):
         for batch in until_stop(loader):
             images = list(to_device(batch["images"], device, dtype).unbind(1))
             logits = model.logits(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
-            predictions += logits.argmax(1).tolist()
+            predicted = logits.argmax(1).cpu()
+            correct += int((predicted == batch["label"]).sum())
+            predictions += predicted.tolist()
         correct, total = sum_over_ranks([correct, len(subset)], device)
         metrics = {"acc": 100.0 * correct / total}
         if self.cfg.data.train_files:  # the text-only prior (per sentence), overall and per gold label
