@@ -6,8 +6,9 @@
 #     tasks (PYTHONPATH, OMP_NUM_THREADS, no stale torchrun variables) and prints a job header.
 #   * albef_run_step MODE CMD...: starts CMD on every task with srun in the background and waits for it. SIGUSR1
 #     and SIGTERM reaching the batch shell (--signal=B:USR1@N, scancel --batch) are forwarded to the tasks with
-#     `scancel --signal` (never to srun itself: srun turns a SIGTERM into SIGKILL for its tasks), and re-sent every
-#     ALBEF_RESIGNAL_SECONDS in case they arrived while a task was still starting up. MODE "same" forwards the
+#     `scancel --signal` (never to srun itself: srun turns a SIGTERM into SIGKILL for its tasks), not before the step
+#     has run ALBEF_SIGNAL_GRACE seconds, and re-sent every ALBEF_RESIGNAL_SECONDS in case they arrived while a task
+#     was still starting up. MODE "same" forwards the
 #     signal as received, MODE "term" forwards SIGTERM (for programs that only know SIGTERM).
 #   * albef_requeue_or_exit WANT RC: requeues the job (scontrol requeue) when WANT is 1 and SLURM still runs it,
 #     else exits with RC. albef_train (pretrain/finetune) wants a requeue when the tasks exit 75.
@@ -19,6 +20,8 @@
 #   ALBEF_MAX_REQUEUES      stop requeueing after this many restarts (default 20)
 #   ALBEF_REQUEUE           0: never requeue, just exit 75 (default 1)
 #   ALBEF_RESIGNAL_SECONDS  re-send a forwarded signal this often until the tasks end (default 60; 0: never)
+#   ALBEF_SIGNAL_GRACE      a signal that arrives in a step's first N seconds is forwarded N seconds after its start
+#                           (default 10: the tasks must exist and have set up their USR1 handling)
 #   ALBEF_SRUN_WAIT         seconds srun waits for the other tasks once one has ended (default 300)
 
 ALBEF_EXIT_REQUEUE=75  # albef.engine.trainer.EXIT_REQUEUE: "checkpoint saved, requeue me"
@@ -97,6 +100,7 @@ albef_setup() {
 
 # ---- signals ----------------------------------------------------------------------------------------------------
 ALBEF_STEP_PID=""
+ALBEF_STEP_STARTED=0    # $SECONDS when the step was launched
 ALBEF_SIGNALS=""        # signals the batch shell received, in order
 ALBEF_FORWARD_MODE=same
 _ALBEF_INTERRUPTED=0
@@ -120,16 +124,30 @@ _albef_on_signal() {
     ALBEF_SIGNALS+="$sig "
     albef_log "batch script received SIG$sig"
     if [[ -n $ALBEF_STEP_PID ]] && kill -0 "$ALBEF_STEP_PID" 2>/dev/null; then
-        _albef_forward "$sig"
+        if (( SECONDS - ALBEF_STEP_STARTED >= ${ALBEF_SIGNAL_GRACE:-10} )); then
+            _albef_forward "$sig"
+        fi  # else the tasks may not exist yet, or not yet ignore USR1: the resender forwards it after the grace
         _albef_start_resender "$sig"
     fi
 }
 
-_albef_start_resender() {  # a task still importing torch ignores USR1 (see albef_run_step): repeat it
-    local sig=$1 every=${ALBEF_RESIGNAL_SECONDS:-60}
-    [[ -z $_ALBEF_RESENDER && $every -gt 0 ]] || return 0
+# A signal sent in the first moments of a job step is lost or fatal: before slurmstepd has started the tasks,
+# `scancel --signal` finds nothing to signal; in the instant between a task's start and its `trap "" USR1` the
+# signal's default action kills it (exit 138 instead of a checkpoint). So a signal is first forwarded once the step
+# has run ALBEF_SIGNAL_GRACE seconds, then re-sent every ALBEF_RESIGNAL_SECONDS for a task still importing torch.
+_albef_start_resender() {
+    local sig=$1 every=${ALBEF_RESIGNAL_SECONDS:-60} grace=${ALBEF_SIGNAL_GRACE:-10}
+    [[ -z $_ALBEF_RESENDER ]] || return 0
+    local first=$(( grace - (SECONDS - ALBEF_STEP_STARTED) ))
+    (( first > 0 || every > 0 )) || return 0  # already forwarded, and no repeats wanted
     (
         trap - USR1 TERM
+        if (( first > 0 )); then
+            sleep "$first"
+            kill -0 "$ALBEF_STEP_PID" 2>/dev/null || exit 0
+            _albef_forward "$sig"
+        fi
+        (( every > 0 )) || exit 0
         while sleep "$every"; do
             kill -0 "$ALBEF_STEP_PID" 2>/dev/null || exit 0
             _albef_forward "$sig"
@@ -151,10 +169,10 @@ albef_run_step() {
                # it to checkpoint. The resender repeats the signal, so it is not lost.
                bash -c 'trap "" USR1; exec "$@"' albef-task "$@")
     albef_log "command: $(printf '%q ' "${cmd[@]}")"
+    ALBEF_STEP_STARTED=$SECONDS
     "${cmd[@]}" &
     ALBEF_STEP_PID=$!
-    if [[ -n $ALBEF_SIGNALS ]]; then  # a signal arrived before the step started
-        _albef_forward "${ALBEF_SIGNALS%% *}"
+    if [[ -n $ALBEF_SIGNALS ]]; then  # a signal arrived before the step started: forward it after the grace
         _albef_start_resender "${ALBEF_SIGNALS%% *}"
     fi
     # `wait` returns early (status > 128) when a trapped signal arrives; then wait again for the real status.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
 import socket
 import subprocess
@@ -460,6 +461,33 @@ def test_data_prep_array_task_requeued_on_usr1(cluster, world, tmp_path):
         with tarfile.open(tar_path) as tar:
             captions += [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")]
     assert sorted(captions) == sorted(f"picture number {i}" for i in range(len(images)))
+
+
+@pytest.mark.slow
+def test_a_signal_at_a_steps_start_reaches_the_tasks(cluster, tmp_path):
+    """A time limit shorter than the --signal lead (sbatch --time=10 with B:USR1@600) signals the batch shell as the
+    job starts. Forwarded at once, the signal found no task yet (lost until the resend a minute later) or a task
+    before its `trap "" USR1` (killed: exit 138). It must reach the program as a request to stop (exit 75 here)."""
+    script = tmp_path / "early.sh"
+    program = ("import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75)); "
+               "print('handler installed', flush=True); time.sleep(40); sys.exit(3)")
+    script.write_text(f"""#!/bin/bash
+set -euo pipefail
+source {REPO / 'slurm' / 'common.sh'}
+albef_setup early-signal
+kill -USR1 $$  # what --signal=B:USR1@N does when N exceeds the time limit
+albef_run_step same "$ALBEF_PY" -c {shlex.quote(program)}
+echo "step exit code: $ALBEF_STEP_RC"
+""")
+    job = cluster.sbatch("--nodes=1", "--ntasks=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
+                         "--export=ALL,ALBEF_SIGNAL_GRACE=3", f"--output={tmp_path}/early-%j.out", str(script),
+                         cwd=tmp_path)
+    log = tmp_path / f"early-{job}.out"
+    (rec,) = cluster.wait(job, logs=[log])
+    text = log.read_text()
+    assert rec["JobState"] == "COMPLETED", (rec["JobState"], text)
+    assert "handler installed" in text and "step exit code: 75" in text, text
+    assert f"forwarded SIGUSR1 to the tasks (scancel --signal=USR1 {job})" in text, text
 
 
 @pytest.mark.slow
