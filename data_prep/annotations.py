@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 from data_prep import pipeline
 from data_prep.download import add_run_arguments, make_job
-from data_prep.images import ImageOptions, SampleError, prepare_pillow, process_image
+from data_prep.images import DecodeLimits, ImageOptions, PixelBudget, SampleError, prepare_pillow, process_image
 from data_prep.inputs import single_line
 
 ANNOTATION_FORMATS = ("auto", "albef", "coco", "vg")
@@ -101,9 +101,11 @@ def load_rows(files: List[Path], fmt: str) -> List[Dict]:
 class LocalProcessor:
     image_root: str
     image: ImageOptions
+    limits: DecodeLimits = DecodeLimits()
 
     def setup(self) -> None:
-        prepare_pillow()
+        prepare_pillow(self.image)
+        self._budget = PixelBudget(self.limits.max_pixels_in_flight)
 
     def __call__(self, row: Dict) -> pipeline.Outcome:
         for candidate in row["candidates"]:
@@ -118,7 +120,7 @@ class LocalProcessor:
         else:
             return pipeline.Outcome("missing_image", "image file not found")
         try:
-            image = process_image(data, self.image)
+            image = process_image(data, self.image, self._budget, self.limits)
         except SampleError as e:
             return pipeline.Outcome(e.status, str(e))
         sha = hashlib.sha256(data).digest()
@@ -147,13 +149,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     files = [Path(f) for f in args.annotations]
     try:
         image = ImageOptions.from_args(args)
+        limits = DecodeLimits.from_args(args)
         rows = load_rows(files, args.format)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     settings = {"annotations": [[str(f.resolve()), f.stat().st_size] for f in files], "format": args.format,
                 "image_root": str(Path(args.image_root).resolve()), "image": asdict(image)}
-    job = make_job(args, "annotations", settings, lambda key_only: iter(rows), LocalProcessor(args.image_root, image))
+    job = make_job(args, "annotations", settings, lambda key_only: iter(rows), LocalProcessor(args.image_root, image, limits))
     pipeline.run(job)
     return 0
 

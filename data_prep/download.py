@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from data_prep import pipeline
-from data_prep.images import ImageOptions, SampleError, prepare_pillow, process_image
+from data_prep.images import DecodeLimits, ImageOptions, PixelBudget, SampleError, prepare_pillow, process_image
 from data_prep.inputs import FORMATS, InputError, ListSpec, iter_rows, resolve_inputs
 from data_prep.net import Fetcher, FetchOptions
 
@@ -32,15 +32,17 @@ from data_prep.net import Fetcher, FetchOptions
 class DownloadProcessor:
     fetch: FetchOptions
     image: ImageOptions
+    limits: DecodeLimits = DecodeLimits()
 
     def setup(self) -> None:
-        prepare_pillow()
+        prepare_pillow(self.image)
+        self._budget = PixelBudget(self.limits.max_pixels_in_flight)
         self._fetcher = Fetcher(self.fetch)
 
     def __call__(self, row: Dict) -> pipeline.Outcome:
         try:
             data = self._fetcher.fetch(row["url"])
-            image = process_image(data, self.image)
+            image = process_image(data, self.image, self._budget, self.limits)
         except SampleError as e:
             return pipeline.Outcome(e.status, str(e))
         sha = hashlib.sha256(data).digest()
@@ -113,6 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         spec = ListSpec(files=tuple(str(f) for f in files), input_format=args.input_format, url_col=args.url_col,
                         caption_col=args.caption_col or None, extra_cols=extra, columns=_names(args.columns))
         image = ImageOptions.from_args(args)
+        limits = DecodeLimits.from_args(args)
         fetch = FetchOptions.from_args(args)
     except (InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -120,7 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = {"inputs": [[str(f.resolve()), f.stat().st_size] for f in files],
                 "list": {k: v for k, v in asdict(spec).items() if k != "files"}, "image": asdict(image)}
     job = make_job(args, "download", settings, lambda key_only: iter_rows(spec, url_only=key_only),
-                   DownloadProcessor(fetch, image), dedup_key=_url_key)
+                   DownloadProcessor(fetch, image, limits), dedup_key=_url_key)
     try:
         pipeline.run(job)
     except InputError as e:

@@ -13,6 +13,7 @@ import json
 import re
 import struct
 import tarfile
+import time
 import zlib
 from pathlib import Path
 
@@ -344,3 +345,105 @@ def test_resize_modes_exif_alpha_and_decode_errors(photos):
         assert err.value.status == status
     with pytest.raises(SampleError, match="decompression bomb"):
         process_image(coffee, ImageOptions(max_image_pixels=600 * 400 - 1))
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_strips_are_refused_before_decoding_and_outputs_are_bounded(photos):
+    """A 1x3000 PNG of a few hundred bytes, scaled so its shortest side is 384 px, was a 384 x 1,152,000 image
+    (1.3 GB of RGB); a 1x100 one was stored as a 384 x 38400 JPEG. The default aspect-ratio cap refuses both, and
+    without the cap the output-pixel budget does."""
+    strips = {"1x3000": _png(1, 3000), "3000x1": _png(3000, 1), "1x100": _png(1, 100)}
+    assert all(len(data) < 1000 for data in strips.values())
+    for name, data in strips.items():
+        with pytest.raises(SampleError, match="aspect ratio too large") as err:
+            process_image(data, ImageOptions(image_size=384))
+        assert err.value.status == "filtered", name
+        with pytest.raises(SampleError, match=r"output too large \(\d+ pixels > 1474560\)"):
+            process_image(data, ImageOptions(image_size=384, max_aspect_ratio=None))
+    photo = reencode(photos["coffee.jpg"], "JPEG")
+    out = process_image(photo, ImageOptions(image_size=384))
+    assert (out.width, out.height) == (576, 384)
+    with pytest.raises(SampleError, match=r"output too large \(221184 pixels > 200000\)"):
+        process_image(photo, ImageOptions(image_size=384, max_output_pixels=200_000))
+    # The budget counts what is stored: a centre crop of a wide image is a square.
+    strip = _png(1000, 100)
+    assert process_image(strip, ImageOptions(image_size=64, resize_mode="center_crop")).width == 64
+    with pytest.raises(SampleError, match="output too large"):
+        process_image(strip, ImageOptions(image_size=64, resize_mode="keep_ratio", max_output_pixels=64 * 64 * 9))
+    with pytest.raises(ValueError, match="max_aspect_ratio must be >= 1"):
+        ImageOptions(max_aspect_ratio=0.5)
+
+
+def test_pixel_budget_bounds_what_threads_hold_at_once():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data_prep.images import PixelBudget
+
+    budget = PixelBudget(1000)
+    over = []
+    lock = threading.Lock()
+    holding = [0]
+
+    def work(pixels):
+        held = budget.acquire(pixels)
+        with lock:
+            holding[0] += held
+            if holding[0] > 1000 and holding[0] != held:
+                over.append(holding[0])
+        time.sleep(0.002)
+        with lock:
+            holding[0] -= held
+        budget.release(held)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(work, [300, 700, 450, 999, 2500, 10, 600] * 10))
+    assert not over and budget.in_flight == 0
+    assert budget.peak == 2500  # an image larger than the budget still goes, alone
+
+
+def test_a_slow_decode_is_abandoned_at_its_deadline(photos):
+    from data_prep.images import DecodeLimits
+
+    big = io.BytesIO()
+    Image.effect_noise((3000, 3000), 60).convert("RGB").save(big, "PNG", compress_level=1)
+    with pytest.raises(SampleError, match=r"decode timeout \(over 0.001 s\)") as err:
+        process_image(big.getvalue(), ImageOptions(image_size=64, max_aspect_ratio=None),
+                      limits=DecodeLimits(decode_timeout=0.001))
+    assert err.value.status == "failed_to_decode"
+    assert process_image(big.getvalue(), ImageOptions(image_size=64)).width == 64  # the default limit: 30 s
+
+
+def test_pathological_list_stays_within_memory(tmp_path, photos):
+    """The four-URL list of the report peaked at 2.9-3.1 GB RSS; now the strips are filtered before decoding."""
+    import subprocess
+    import sys
+
+    routes = {"/a.png": Route(_png(1, 3000), content_type="image/png"),
+              "/b.png": Route(_png(3000, 1), content_type="image/png"),
+              "/c.png": Route(_png(1, 100), content_type="image/png"),
+              "/d.jpg": Route(reencode(photos["coffee.jpg"], "JPEG"), content_type="image/jpeg")}
+    with LoopbackServer(routes) as server:
+        urls = tmp_path / "urls.txt"
+        urls.write_text("".join(server.url(p) + "\n" for p in routes))
+        # The peak RSS of the CLI's process and of the worker processes it starts, measured in that process.
+        argv = [str(urls), "--output", str(tmp_path / "o"), "--image-size", "384", "--allow-private-network",
+                "--processes", "1", "--no-progress"]
+        script = ("import resource, sys\nfrom data_prep import download\n"
+                  f"code = download.main({argv!r})\n"
+                  "peak = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
+                  "print('PEAK_KB', peak)\nsys.exit(code)\n")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    peak_mb = int(out.stdout.split("PEAK_KB")[1].split()[0]) / 1024
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["status"] == {"success": 1, "filtered": 3}
+    (sample,) = read_samples(tmp_path / "o").values()
+    assert Image.open(io.BytesIO(sample["jpg"])).size == (576, 384)
+    assert peak_mb < 700, peak_mb
