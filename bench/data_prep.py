@@ -103,7 +103,7 @@ def command(tool: str, processes: Optional[int], url_list: Path, out: Path, a: a
                 "--retries", "0", "--extract_exif", "False", "--compute_hash", "sha256", "--enable_wandb", "False",
                 "--distributor", "multiprocessing"]
     return [sys.executable, "-m", "data_prep.download", str(url_list), "--output", str(out),
-            "--allow-private-network", *(["--processes", str(processes)] if processes else []),
+            "--allow-network", "127.0.0.0/8", *(["--processes", str(processes)] if processes else []),
             "--threads", str(a.threads), "--image-size", "256", "--resize-mode", "keep_ratio", "--resize-side",
             "shortest", "--quality", "95", "--shard-size", str(a.shard_size), "--timeout", "10", "--retries", "0"]
 

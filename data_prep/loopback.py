@@ -11,10 +11,12 @@ A ``Route`` serves ``body`` with ``status``/``content_type``/``headers`` after `
 ``fail_first`` (answer 500 to the first N requests), ``redirect`` (302 to that path), ``truncate_to`` (announce the
 full length, send fewer bytes, close), ``stall`` (send headers and a few bytes, then hang for that many seconds),
 ``gate`` (a threading.Event the request waits for). Keep-alive is on, one thread per connection. Not a CLI.
+``LoopbackServer(routes, tls=(certfile, keyfile))`` serves HTTPS instead (``url()`` then says ``https://``).
 """
 from __future__ import annotations
 
 import importlib.util
+import ssl
 import sys
 import threading
 from collections import Counter
@@ -60,12 +62,17 @@ class _Server(ThreadingHTTPServer):
 
 
 class LoopbackServer:
-    def __init__(self, routes: Dict[str, Route]):
+    def __init__(self, routes: Dict[str, Route], tls: Optional[Tuple[str, str]] = None):
         self.routes = dict(routes)
         self.hits: Counter = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._httpd = _Server(("127.0.0.1", 0), self._handler_class())
+        self.scheme = "https" if tls else "http"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
@@ -73,7 +80,7 @@ class LoopbackServer:
         return self._httpd.server_address[1]
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def start(self) -> "LoopbackServer":
         self._thread.start()

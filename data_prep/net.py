@@ -3,8 +3,12 @@
 ``Fetcher(FetchOptions(...)).fetch(url)`` returns the body bytes or raises ``FetchError(status, message)``:
 
 * only ``http``/``https``; the host name is resolved here (with a per-process DNS cache) and refused with status
-  ``invalid_url`` when any address is loopback/private/link-local/reserved, unless ``allow_private_network``; the
-  connection then goes to the address that was checked (no second look-up an attacker could answer differently);
+  ``invalid_url`` when any address is loopback/private/link-local/reserved, or an IPv6 form that embeds such an
+  IPv4 address (IPv4-mapped and -compatible, NAT64, 6to4, Teredo), unless it lies in an ``allow_networks`` CIDR;
+  the connection then goes to the address that was checked (no second look-up an attacker could answer
+  differently);
+* TLS certificates are verified (system store, or ``ca_bundle``); a certificate error is final, never retried; a
+  redirect from ``https`` to ``http`` is refused;
 * a deadline of ``timeout`` seconds per attempt (connect, headers and body together, redirects included), at most
   ``max_redirects`` redirects (each hop checked again), at most ``max_bytes`` of body;
 * ``X-Robots-Tag`` directives ``noai``/``noimageai``/``noindex``/``noimageindex`` (unscoped, or scoped to ``*`` or to
@@ -25,6 +29,7 @@ import time
 import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -62,7 +67,28 @@ class FetchOptions:
     max_redirects: int = 5
     user_agent: str = DEFAULT_USER_AGENT
     respect_robots_tag: bool = True
-    allow_private_network: bool = False
+    allow_networks: Tuple[str, ...] = ()  # CIDRs allowed although not public, e.g. ("127.0.0.0/8",)
+    ca_bundle: Optional[str] = None  # PEM file of the certificate authorities to trust instead of the system's
+
+    def __post_init__(self):
+        networks = []
+        for cidr in self.allow_networks:
+            try:
+                networks.append(ipaddress.ip_network(str(cidr).strip(), strict=False))
+            except ValueError:
+                raise ValueError(f"--allow-network {cidr!r} is not a network (expected a CIDR such as "
+                                 "127.0.0.0/8 or fd00::/8)") from None
+        object.__setattr__(self, "_networks", tuple(networks))
+        if self.ca_bundle is not None and not Path(self.ca_bundle).is_file():
+            raise ValueError(f"--ca-bundle {self.ca_bundle!r}: no such file")
+
+    def allows(self, ip: str) -> bool:
+        """May we connect to this address: public, or inside one of ``allow_networks``."""
+        addr = ipaddress.ip_address(ip.split("%")[0])
+        forms = [addr, *embedded_ipv4(addr)]
+        if any(a in net for a in forms for net in self._networks if a.version == net.version):
+            return True
+        return is_public_address(ip)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,12 +106,17 @@ class FetchOptions:
         g.add_argument("--user-agent", default=d.user_agent, help="User-Agent header (default: %(default)s)")
         g.add_argument("--ignore-robots-tag", dest="respect_robots_tag", action="store_false",
                        help="download even when X-Robots-Tag says noai/noimageai/noindex/noimageindex")
-        g.add_argument("--allow-private-network", action="store_true",
-                       help="allow loopback/private/link-local addresses (tests, intranet mirrors)")
+        g.add_argument("--allow-network", dest="allow_networks", action="append", default=[], metavar="CIDR",
+                       help="also fetch from this non-public network, e.g. 127.0.0.0/8 for a local mirror or "
+                            "10.0.0.0/8 for an intranet (repeatable; default: public addresses only)")
+        g.add_argument("--ca-bundle", default=None, metavar="PEM",
+                       help="trust these certificate authorities instead of the system's (a private mirror)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "FetchOptions":
-        return cls(**{k: getattr(args, k) for k in asdict(cls())})
+        values = {k: getattr(args, k) for k in asdict(cls())}
+        values["allow_networks"] = tuple(values["allow_networks"])
+        return cls(**values)
 
 
 def split_url(url) -> Tuple[str, str, int, str]:
@@ -110,10 +141,38 @@ def split_url(url) -> Tuple[str, str, int, str]:
     return scheme, host, port, path
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(addr) -> List[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to: IPv4-mapped (``::ffff:a.b.c.d``), IPv4-compatible
+    (``::a.b.c.d``), NAT64 (``64:ff9b::/96``, ``64:ff9b:1::/48``), 6to4 (``2002::/16``) and Teredo (server and
+    client). A gateway on the way turns these into connections to that IPv4 address."""
+    if not isinstance(addr, ipaddress.IPv6Address):
+        return []
+    found = []
+    if addr.ipv4_mapped:
+        found.append(addr.ipv4_mapped)
+    if addr in _IPV4_COMPATIBLE and int(addr) > 1:  # not :: or ::1
+        found.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    if any(addr in net for net in _NAT64):
+        found.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    if addr.sixtofour:
+        found.append(addr.sixtofour)
+    if addr.teredo:
+        found.extend(addr.teredo)
+    return found
+
+
 def is_public_address(ip: str) -> bool:
+    """A globally routable unicast address, and so is every IPv4 address it embeds (see ``embedded_ipv4``)."""
     addr = ipaddress.ip_address(ip.split("%")[0])
+    embedded = embedded_ipv4(addr)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
+    elif embedded and not addr.is_multicast:
+        return all(v4.is_global and not v4.is_multicast for v4 in embedded)
     return addr.is_global and not addr.is_multicast
 
 
@@ -148,7 +207,7 @@ class Fetcher:
         self._dns: Dict[str, Tuple[float, List[str]]] = {}
         self._dns_lock = threading.Lock()
         self._local = threading.local()
-        self._ssl = ssl.create_default_context()
+        self._ssl = ssl.create_default_context(cafile=options.ca_bundle)
         self._headers = {"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.8",
                          "Accept-Encoding": "identity"}
 
@@ -165,8 +224,12 @@ class Fetcher:
 
     def _fetch_once(self, url: str) -> bytes:
         deadline = time.monotonic() + self.opt.timeout
+        previous = None
         for _ in range(self.opt.max_redirects + 1):
             scheme, host, port, path = split_url(url)
+            if previous == "https" and scheme == "http":
+                raise _download_error("redirect from https to http refused")
+            previous = scheme
             ip = self._resolve(host, port)
             conn, resp = self._request(scheme, host, port, ip, path, deadline)
             try:
@@ -246,7 +309,7 @@ class Fetcher:
                 if len(self._dns) >= _DNS_CACHE_MAX:
                     self._dns.clear()
                 self._dns[host] = (now + _DNS_TTL_S, addresses)
-        if not self.opt.allow_private_network and not all(map(is_public_address, addresses)):
+        if not all(map(self.opt.allows, addresses)):
             raise FetchError("invalid_url", "private network address refused")
         return addresses[0]
 
@@ -273,6 +336,9 @@ class Fetcher:
             except (socket.timeout, TimeoutError):
                 conn.close()
                 raise _download_error("timeout", True) from None
+            except ssl.SSLCertVerificationError as e:  # final: the same certificate comes back on a retry
+                conn.close()
+                raise _download_error(f"tls certificate error ({e.verify_message or 'not trusted'})") from None
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 raise _download_error(f"connection error ({type(e).__name__})", True) from None

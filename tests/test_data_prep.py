@@ -140,7 +140,7 @@ def write_list(tmp_path: Path, server: LoopbackServer, listed) -> Path:
 
 
 def run_download(tsv: Path, out: Path, *extra: str) -> int:
-    return download.main([str(tsv), "--output", str(out), "--allow-private-network", "--timeout", "1",
+    return download.main([str(tsv), "--output", str(out), "--allow-network", "127.0.0.0/8", "--timeout", "1",
                           "--retries", "1", "--backoff", "0.05", "--max-bytes", str(2 * 2**20), "--shard-size", "6",
                           "--image-size", "64", "--min-image-size", "32", "--max-aspect-ratio", "4",
                           "--processes", "1", "--threads", "8", "--no-progress", *extra])
@@ -237,12 +237,12 @@ def test_fetcher_rules(photos):
               "/gz.jpg": Route(gzip.compress(photo), headers=(("Content-Encoding", "gzip"),)),
               "/hop": Route(redirect="/gz.jpg"), "/slow.jpg": Route(photo, delay=2.0)}
     with LoopbackServer(routes) as server:
-        lenient = Fetcher(FetchOptions(allow_private_network=True, respect_robots_tag=False, timeout=0.5, retries=0))
+        lenient = Fetcher(FetchOptions(allow_networks=("127.0.0.0/8",), respect_robots_tag=False, timeout=0.5, retries=0))
         assert lenient.fetch(server.url("/noai.jpg")) == photo
         assert lenient.fetch(server.url("/hop")) == photo  # redirect, then gzip content-encoding undone
         with pytest.raises(SampleError, match="timeout"):
             lenient.fetch(server.url("/slow.jpg"))  # a deadline per attempt, not per socket read
-        strict = Fetcher(FetchOptions(allow_private_network=True, max_redirects=0, max_bytes=len(photo) - 1))
+        strict = Fetcher(FetchOptions(allow_networks=("127.0.0.0/8",), max_redirects=0, max_bytes=len(photo) - 1))
         with pytest.raises(SampleError, match="too many redirects"):
             strict.fetch(server.url("/hop"))
         with pytest.raises(SampleError, match="X-Robots-Tag noai") as err:
@@ -432,7 +432,7 @@ def test_pathological_list_stays_within_memory(tmp_path, photos):
         urls = tmp_path / "urls.txt"
         urls.write_text("".join(server.url(p) + "\n" for p in routes))
         # The peak RSS of the CLI's process and of the worker processes it starts, measured in that process.
-        argv = [str(urls), "--output", str(tmp_path / "o"), "--image-size", "384", "--allow-private-network",
+        argv = [str(urls), "--output", str(tmp_path / "o"), "--image-size", "384", "--allow-network", "127.0.0.0/8",
                 "--processes", "1", "--no-progress"]
         script = ("import resource, sys\nfrom data_prep import download\n"
                   f"code = download.main({argv!r})\n"
@@ -447,3 +447,49 @@ def test_pathological_list_stays_within_memory(tmp_path, photos):
     (sample,) = read_samples(tmp_path / "o").values()
     assert Image.open(io.BytesIO(sample["jpg"])).size == (576, 384)
     assert peak_mb < 700, peak_mb
+
+
+TLS = (str(Path(__file__).parent / "tls" / "loopback.pem"), str(Path(__file__).parent / "tls" / "loopback.key"))
+
+
+def test_tls_is_verified_and_never_downgraded(photos):
+    """HTTPS from a self-signed server on 127.0.0.1: refused by default without a retry, accepted with --ca-bundle;
+    a redirect from https to http is refused."""
+    photo = photos["rocket.jpg"]
+    with LoopbackServer({"/a.jpg": Route(photo)}) as plain, \
+            LoopbackServer({"/a.jpg": Route(photo), "/down": Route(redirect=plain.url("/a.jpg")),
+                            "/hop": Route(redirect="/a.jpg")}, tls=TLS) as secure:
+        assert secure.url("/a.jpg").startswith("https://127.0.0.1:")
+        system_trust = Fetcher(FetchOptions(allow_networks=("127.0.0.0/8",), retries=3, backoff=0.01))
+        with pytest.raises(SampleError, match=r"tls certificate error \(self.signed certificate\)") as err:
+            system_trust.fetch(secure.url("/a.jpg"))
+        assert err.value.status == "failed_to_download" and not err.value.retryable
+        trusted = Fetcher(FetchOptions(allow_networks=("127.0.0.0/8",), ca_bundle=TLS[0], retries=3, backoff=0.01))
+        assert trusted.fetch(secure.url("/a.jpg")) == photo
+        assert trusted.fetch(secure.url("/hop")) == photo  # https -> https redirect
+        with pytest.raises(SampleError, match="redirect from https to http refused"):
+            trusted.fetch(secure.url("/down"))
+        assert plain.hits["/a.jpg"] == 0
+        assert trusted.fetch(plain.url("/a.jpg")) == photo  # plain http stays allowed
+    with pytest.raises(ValueError, match="--ca-bundle 'nope.pem': no such file"):
+        FetchOptions(ca_bundle="nope.pem")
+
+
+def test_ipv6_forms_of_private_ipv4_are_refused_and_networks_are_allowed_by_cidr():
+    from data_prep.net import is_public_address
+
+    public = ["8.8.8.8", "2001:4860:4860::8888", "64:ff9b::808:808", "2002:808:808::1"]
+    private = ["127.0.0.1", "10.1.2.3", "169.254.169.254", "::1", "fe80::1", "fc00::1",
+               "::ffff:127.0.0.1", "::ffff:169.254.169.254",  # IPv4-mapped
+               "::7f00:1", "::a9fe:a9fe",  # IPv4-compatible (deprecated): 127.0.0.1, 169.254.169.254
+               "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::a00:1",  # NAT64
+               "2002:7f00:1::", "2002:a9fe:a9fe::1",  # 6to4
+               "2001:0:4136:e378:8000:63bf:80ff:fffe"]  # Teredo: client 127.0.0.1 (obfuscated)
+    assert [ip for ip in public if not is_public_address(ip)] == []
+    assert [ip for ip in private if is_public_address(ip)] == []
+    loopback = FetchOptions(allow_networks=("127.0.0.0/8",))
+    assert loopback.allows("127.0.0.1") and loopback.allows("::ffff:127.0.0.1") and loopback.allows("64:ff9b::7f00:1")
+    assert not loopback.allows("10.0.0.1") and not loopback.allows("::1") and loopback.allows("8.8.8.8")
+    assert FetchOptions(allow_networks=("fc00::/7",)).allows("fd12::1")
+    with pytest.raises(ValueError, match=r"--allow-network 'intranet' is not a network \(expected a CIDR"):
+        FetchOptions(allow_networks=("intranet",))

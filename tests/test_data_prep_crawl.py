@@ -141,7 +141,7 @@ def test_crawl_output_feeds_the_downloader(tmp_path):
         (tmp_path / "crawl").mkdir()
         write_warc(tmp_path / "crawl" / "c.warc.gz", [(page, "response", "200 OK", "text/html", html.encode())], True)
         assert crawl.main([str(tmp_path / "crawl"), "-o", str(tmp_path / "pairs.parquet"), "--no-progress"]) == 0
-        assert download.main([str(tmp_path / "pairs.parquet"), "-o", str(tmp_path / "ds"), "--allow-private-network",
+        assert download.main([str(tmp_path / "pairs.parquet"), "-o", str(tmp_path / "ds"), "--allow-network", "127.0.0.0/8",
                               "--processes", "1", "--image-size", "64", "--no-progress"]) == 0
     samples = dict(shards.iter_tar_samples(tmp_path / "ds" / "000000.tar"))
     metas = sorted((json.loads(m["json"]) for m in samples.values()), key=lambda m: m["row"])

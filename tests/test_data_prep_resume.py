@@ -68,7 +68,7 @@ def served(tmp_path_factory):
 
 
 def args(url_list: Path, out: Path):
-    return [str(url_list), "--output", str(out), "--allow-private-network", "--shard-size", str(SHARD_SIZE),
+    return [str(url_list), "--output", str(out), "--allow-network", "127.0.0.0/8", "--shard-size", str(SHARD_SIZE),
             "--image-size", "96", "--timeout", "20", "--retries", "0", "--no-progress"]
 
 

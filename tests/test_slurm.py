@@ -436,7 +436,7 @@ def test_data_prep_array_task_requeued_on_usr1(cluster, world, tmp_path):
         out = tmp_path / "out"
         job = cluster.sbatch("--array=0-1", "--cpus-per-task=1", "--time=10", str(REPO / "slurm" / "data_prep.sbatch"),
                              "download", str(urls), "--output", str(out), "--shard-size", "10", "--threads", "1",
-                             "--image-size", "64", "--allow-private-network", "--no-progress", cwd=tmp_path)
+                             "--image-size", "64", "--allow-network", "127.0.0.0/8", "--no-progress", cwd=tmp_path)
         logs = [tmp_path / f"albef-data-prep-{job}_{i}.out" for i in (0, 1)]
         deadline = time.time() + JOB_TIMEOUT
         while "this worker owns 4" not in (logs[0].read_text() if logs[0].is_file() else ""):

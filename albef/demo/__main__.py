@@ -186,7 +186,7 @@ def main() -> None:
                              out / "crawl.log", env)  # fmt: skip
         shutil.rmtree(web_shards, ignore_errors=True)  # the server's port changes every run: fetch anew
         times["download"] = run([sys.executable, "-m", "data_prep.download", web_pairs, "--output", web_shards,
-                                 "--allow-private-network", "--image-size", size["image"], "--resize-mode", "center_crop",
+                                 "--allow-network", "127.0.0.0/8", "--image-size", size["image"], "--resize-mode", "center_crop",
                                  "--no-progress"], out / "download.log", env)  # fmt: skip
     finally:
         stop()
