@@ -8,13 +8,17 @@ Inputs: WARC files (``.warc``, ``.warc.gz``; read with warcio: ``response``/``re
 content type and a 2xx status) and HTML files (``.html``, ``.htm``, ``.xhtml``), or folders holding them (searched
 recursively, sorted). For each ``<img>``:
 
-* the URL is ``src``, or when that is missing or a ``data:`` URI, ``data-src``, then the first ``srcset`` candidate,
-  then the first ``data-srcset`` candidate; it is resolved against ``<base href>`` or the page URL (the WARC target
-  URI, or ``--base-url`` + the file's path below the input folder for HTML files) and must end up http(s);
+* the URL is the largest candidate of ``srcset`` (else ``data-srcset``): the largest width descriptor (``960w``),
+  else the largest density (``2x``; ``src`` counts as ``1x``), because training wants the largest image; without a
+  srcset it is ``src``, or when that is missing or a ``data:`` URI, ``data-src``. It is resolved against
+  ``<base href>`` or the page URL (the WARC target URI, or ``--base-url`` + the file's path below the input folder
+  for HTML files) and must end up http(s);
 * dropped when the URL does not look like an image (``.svg``, ``.ico``, ``.js``, ``.html``... extensions), when the
   declared ``width``/``height`` is below ``--min-declared-size`` (tracking pixels), when the alt text has fewer than
-  ``--min-words`` or more than ``--max-words`` words, or is a placeholder (``image``, ``no image available``,
-  ``click here``, a file name like ``IMG_1234.jpg``, ...; extend with ``--ban``);
+  ``--min-words`` (default 1) or more than ``--max-words`` words, or is a placeholder (``image``, ``no image
+  available``, ``click here``, a file name like ``IMG_1234.jpg``, ...; extend with ``--ban``). Words are
+  whitespace-separated, except that every Chinese/Japanese character (Han, kana) counts as a word: those scripts do
+  not separate words with spaces (Korean does);
 * kept once per URL (the first occurrence in input order).
 
 Output: parquet or jsonl (``.gz`` allowed), chosen by the ``--output`` suffix, with columns ``url``, ``caption``
@@ -56,7 +60,7 @@ _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([\w-]+)""", re.
 
 @dataclass(frozen=True)
 class CrawlFilter:
-    min_words: int = 2
+    min_words: int = 1
     max_words: int = 64
     min_declared_size: int = 10
     banned: frozenset = DEFAULT_BANNED
@@ -75,21 +79,64 @@ class _ImageTags(HTMLParser):
             self.base = dict(attrs).get("href") or None
 
 
-def _first_candidate(srcset: str) -> str:
-    first = srcset.strip().split(",")[0].strip()
-    return first.split()[0] if first else ""
+def srcset_candidates(srcset: str) -> List[Tuple[str, str]]:
+    """(url, descriptor) pairs of a srcset, parsed as the HTML standard does: a URL runs to the next whitespace
+    (commas at its end separate candidates, commas inside belong to it); its descriptor runs to the next comma
+    outside parentheses."""
+    out, i, n = [], 0, len(srcset)
+    while i < n:
+        while i < n and (srcset[i].isspace() or srcset[i] == ","):
+            i += 1
+        start = i
+        while i < n and not srcset[i].isspace():
+            i += 1
+        url = srcset[start:i]
+        if not url:
+            break
+        if url.endswith(","):
+            out.append((url.rstrip(","), ""))
+            continue
+        start, depth = i, 0
+        while i < n and (srcset[i] != "," or depth):
+            depth += {"(": 1, ")": -1}.get(srcset[i], 0)
+            i += 1
+        out.append((url, srcset[start:i].strip()))
+    return out
+
+
+def _descriptor_size(descriptor: str) -> Tuple[int, float]:
+    """(1, width) for ``960w``, (0, density) for ``2x`` or nothing (1x); (-1, 0) for what does not parse."""
+    d = descriptor.strip().lower()
+    try:
+        if d.endswith("w"):
+            return 1, float(d[:-1])
+        return 0, float(d[:-1]) if d.endswith("x") else (1.0 if not d else -1.0)
+    except ValueError:
+        return -1, 0.0
+
+
+def _largest_candidate(srcset: str, src: str) -> str:
+    candidates = [(u, d) for u, d in srcset_candidates(srcset) if not u.lower().startswith("data:")]
+    if not candidates:
+        return ""
+    if src and not src.lower().startswith("data:"):
+        candidates.append((src, "1x"))  # src is the 1x candidate of a density srcset (it loses to any width)
+    return max(candidates, key=lambda c: _descriptor_size(c[1]))[0]
 
 
 def _image_src(attrs: Dict[str, str]) -> Tuple[str, Optional[str]]:
     """The image URL of an <img>, or ("", reason)."""
-    saw_data_uri = False
-    for name in ("src", "data-src", "srcset", "data-srcset"):
+    src = attrs.get("src", "").strip()
+    for name in ("srcset", "data-srcset"):
+        best = _largest_candidate(attrs.get(name, ""), src)
+        if best:
+            return best, None
+    saw_data_uri = any(attrs.get(name, "").strip().lower().startswith("data:") for name in ("src", "data-src")) or \
+        any(u.lower().startswith("data:") for name in ("srcset", "data-srcset")
+            for u, _ in srcset_candidates(attrs.get(name, "")))
+    for name in ("src", "data-src"):
         value = attrs.get(name, "").strip()
-        if name.endswith("srcset"):
-            value = _first_candidate(value)
-        if value.lower().startswith("data:"):
-            saw_data_uri = True
-        elif value:
+        if value and not value.lower().startswith("data:"):
             return value, None
     return "", "data_uri" if saw_data_uri else "no_src"
 
@@ -107,8 +154,26 @@ def _declared_too_small(attrs: Dict[str, str], minimum: int) -> bool:
     return False
 
 
+# Scripts written without spaces between words, whose characters each count as a word: CJK ideographs
+# (unified, extension A, compatibility), hiragana, katakana (and its phonetic extensions, half-width forms).
+_CJK_CHAR = re.compile("[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"
+                       "\U00020000-\U0002fa1f]")
+
+_WORD_CHAR = re.compile(r"[^\W_]")  # a letter or digit of any script (not punctuation such as "。")
+
+
+def count_words(text: str) -> int:
+    """Whitespace-separated words; a Chinese or Japanese character is a word by itself (the rest of a token that
+    mixes scripts, e.g. ``iPhone``, one more)."""
+    total = 0
+    for token in text.split():
+        cjk = len(_CJK_CHAR.findall(token))
+        total += cjk + (1 if cjk == 0 or _WORD_CHAR.search(_CJK_CHAR.sub("", token)) else 0)
+    return total
+
+
 def _caption_problem(alt: str, opt: CrawlFilter) -> Optional[str]:
-    words = len(alt.split())
+    words = count_words(alt)
     if words == 0:
         return "no_alt"
     if alt.lower().strip(" .!:-") in opt.banned or _FILENAME_ALT.match(alt) or _CAMERA_ALT.match(alt):

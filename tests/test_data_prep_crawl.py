@@ -44,24 +44,29 @@ PAGE2 = """<html><head><base href="http://cdn.test/assets/"></head><body>
 <img src="coffee.jpg" alt="Café au lait on a wooden table"><img src="/static/dog.png" alt="Dog running on the beach">
 </body></html>"""
 PAGE3 = """<html><body><img src="pic.jpg" alt="Plain WARC picture of a lake">
-<img src="https://other.test/tom.jpg" alt="Tom and Jerry again in a cartoon"></body></html>"""
+<img src="https://other.test/tom.jpg" alt="Tom and Jerry again in a cartoon">
+<img src="tower.jpg" alt="東京タワーの夜景"><img src="sunset.jpg" alt="海边的日落"><img src="seoul.jpg" alt="서울의 야경 사진">
+</body></html>"""
 
 POST = "http://site.test/blog/post.html"
 EXPECTED_PAIRS = [
     ("http://site.test/blog/img/red-bike.jpg", "A red bicycle leaning on a brick wall", POST),
     ("http://site.test/static/dog.png", "Dog running on the beach", POST),
     ("http://cdn.test/lazy/cat.webp", "Cat sleeping in a basket", POST),
-    ("http://site.test/blog/photos/sunset-480.jpg", "Sunset over the harbour", POST),
-    ("http://site.test/blog/both-src.jpg", "An image with both src and srcset", POST),
-    ("http://site.test/blog/lazy-1x.jpg", "A lazy bridge", POST),
+    ("http://site.test/blog/photos/sunset-960.jpg", "Sunset over the harbour", POST),  # the largest candidate
+    ("http://site.test/blog/both-960.jpg", "An image with both src and srcset", POST),
+    ("http://site.test/blog/lazy-2x.jpg", "A lazy bridge", POST),
+    ("http://site.test/blog/c.jpg", "Mountains", POST),  # one word is a caption (--min-words 1)
     ("https://other.test/tom.jpg", "Tom & Jerry chasing each other", POST),
     ("http://cdn.test/assets/coffee.jpg", "Café au lait on a wooden table", "http://site.test/gallery/"),
     ("http://cdn.test/static/dog.png", "Dog running on the beach", "http://site.test/gallery/"),
     ("http://plain.test/pic.jpg", "Plain WARC picture of a lake", "http://plain.test/index.html"),
+    ("http://plain.test/tower.jpg", "東京タワーの夜景", "http://plain.test/index.html"),
+    ("http://plain.test/sunset.jpg", "海边的日落", "http://plain.test/index.html"),
+    ("http://plain.test/seoul.jpg", "서울의 야경 사진", "http://plain.test/index.html"),
 ]
 EXPECTED_DROPS = {"data_uri": 1, "not_image_url": 1, "declared_too_small": 1, "placeholder_text": 2,
-                  "too_few_words": 1, "too_many_words": 1, "no_alt": 1, "not_http": 1, "no_src": 1,
-                  "duplicate_url": 2}
+                  "too_many_words": 1, "no_alt": 1, "not_http": 1, "no_src": 1, "duplicate_url": 2}
 
 
 def write_warc(path: Path, records, compress: bool) -> None:
@@ -102,14 +107,36 @@ def test_warc_extraction_gives_the_expected_pairs(tmp_path):
     assert [tuple(r.values()) for r in table.to_pylist()] == EXPECTED_PAIRS
 
     counts = crawl.run([str(tmp_path / "crawl")], tmp_path / "pairs.jsonl", crawl.CrawlFilter(), progress=False)
-    assert (counts["pages"], counts["images"], counts["pairs"]) == (3, 22, 10)
+    assert (counts["pages"], counts["images"], counts["pairs"]) == (3, 25, 14)
     assert {k: v for k, v in counts.items() if k not in ("pages", "images", "pairs")} == EXPECTED_DROPS
     rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert [(r["url"], r["caption"], r["page_url"]) for r in rows] == EXPECTED_PAIRS
 
     loose = crawl.CrawlFilter(min_words=1, max_words=100, banned=crawl.DEFAULT_BANNED | {"sunset over the harbour"})
     counts = crawl.run([str(tmp_path / "crawl")], tmp_path / "loose.jsonl", loose, progress=False)
-    assert counts["pairs"] == 10 - 1 + 2 and counts["placeholder_text"] == 3  # +Mountains, +70 words, -sunset
+    assert counts["pairs"] == 14 - 1 + 1 and counts["placeholder_text"] == 3  # +70 words, -sunset
+    # Three words at least: the Chinese and Japanese alts count one word per character and stay (the old
+    # whitespace count made each of them one word and dropped them).
+    strict = crawl.run([str(tmp_path / "crawl")], tmp_path / "strict.jsonl", crawl.CrawlFilter(min_words=3),
+                       progress=False)
+    rows = [json.loads(line)["caption"] for line in (tmp_path / "strict.jsonl").read_text().splitlines()]
+    assert strict["too_few_words"] == 1 and "Mountains" not in rows
+    assert {"東京タワーの夜景", "海边的日落", "서울의 야경 사진"} <= set(rows)
+
+
+def test_srcset_picks_the_largest_candidate_and_words_count_per_script():
+    pick = lambda **attrs: crawl._image_src(attrs)  # noqa: E731
+    assert pick(srcset="a.jpg 480w, b.jpg 1200w, c.jpg 960w") == ("b.jpg", None)
+    assert pick(src="s.jpg", srcset="a.jpg 1.5x, b.jpg 3x") == ("b.jpg", None)
+    assert pick(src="s.jpg", srcset="a.jpg 0.5x") == ("s.jpg", None)  # src is the 1x candidate
+    assert pick(src="s.jpg", srcset="a.jpg 300w") == ("a.jpg", None)  # a width beats the implicit 1x
+    assert pick(src="data:image/gif;base64,R0l=", **{"data-srcset": "l.jpg 100w, h.jpg 800w"}) == ("h.jpg", None)
+    assert pick(srcset="data:image/png;base64,AA= 1x") == ("", "data_uri")
+    assert pick(srcset="img/a,b.jpg 2x, c.jpg") == ("img/a,b.jpg", None)  # a comma inside a URL belongs to it
+    assert crawl.srcset_candidates("a.jpg,b.jpg 2x, c.jpg 3x,") == [("a.jpg,b.jpg", "2x"), ("c.jpg", "3x")]
+    words = {"A red bike": 3, "海边的日落": 5, "東京タワーの夜景": 8, "猫": 1, "日落。": 2, "iPhone手机": 3,
+             "서울의 야경 사진": 3, "「猫」": 1}
+    assert {text: crawl.count_words(text) for text in words} == words
 
 
 def test_html_folder_with_and_without_base_url(tmp_path):

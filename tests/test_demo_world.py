@@ -317,6 +317,8 @@ class _Extractor(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
+        if a.get("srcset"):  # the largest density candidate (the site's srcsets use x descriptors)
+            a["src"] = max((c.split() for c in a["srcset"].split(",")), key=lambda c: float(c[1][:-1]))[0]
         if tag != "img" or a.get("src", "").startswith("data:"):
             return
         alt = " ".join((a.get("alt") or "").split())

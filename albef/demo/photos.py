@@ -24,7 +24,8 @@ keeps one caption per URL and one that keeps every (URL, caption) pair expect th
 
 The ``<img>`` tags cover what a crawl extractor meets:
 * relative (``img/x.jpg``, ``../img/x.jpg``), root-relative (``/img/x.jpg``) and absolute (``http://...``) URLs;
-* a ``srcset`` whose ``src`` is the small copy;
+* a ``srcset`` whose ``src`` is a smaller copy that the site does not even serve (an extractor must take the
+  largest candidate);
 * ``alt`` written before ``src``;
 * upper-case ``<IMG SRC ALT>``;
 * HTML entities and line breaks inside ``alt``;
@@ -39,13 +40,14 @@ The ``<img>`` tags cover what a crawl extractor meets:
 ``expected_pairs(base_url)`` lists the (image URL, caption) pairs a typical extractor keeps, in crawl order. The
 rules follow the defaults of ``data_prep.crawl``. The typical extractor:
 * visits pages in ``urls.txt`` order (sorted file order) and tags in document order;
-* resolves ``src`` against the page URL (``srcset`` is only a fallback for a missing src);
+* takes the largest ``srcset`` candidate, else ``src``, and resolves it against the page URL;
 * skips ``data:`` URIs;
 * unescapes the alt and collapses its whitespace;
 * drops missing and empty alts, placeholder alts (``PLACEHOLDER_ALTS``, case-insensitive) and file-name alts;
 * drops alts with fewer than ``MIN_WORDS`` or more than ``MAX_WORDS`` words;
 * keeps the first usable caption of each URL.
-Kept alts have 7-16 words and dropped ones 1 or 70, so any word bounds in 2-7 and 16-69 give the same list. Each
+Kept alts have 7-16 words and dropped ones 1 (on an URL captioned earlier) or 70, so any word bounds in 1-7 and
+16-69 give the same list. Each
 pair also says whether its image can be downloaded (the 404 one cannot). ``dropped_tags(base_url)`` lists the tags
 that must not survive, each with the reason.
 
@@ -96,7 +98,7 @@ PHOTOS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
         "a photograph of the back of a human eye showing blood vessels",
         "an orange retina with red blood vessels")),
 }
-MIN_WORDS, MAX_WORDS = 2, 64
+MIN_WORDS, MAX_WORDS = 1, 64
 PLACEHOLDER_ALTS = ("image", "img", "photo", "picture", "logo", "icon", "spacer", "untitled", "placeholder")
 PAGES = ("index.html", "pages/animals.html", "pages/kitchen.html", "pages/people.html", "pages/space.html")
 VARIANTS = {"": 320, "_m": 256, "_s": 192}  # file-name suffix: longest side in pixels
@@ -138,12 +140,13 @@ def _tags(base_url: str) -> List[Tuple[str, str, str, str, str]]:
         bad("pages/animals.html", f'<img src="../img/chelsea.jpg" alt="{chelsea0}">', "img/chelsea.jpg",
             "same URL and caption as on index.html"),
         img("pages/animals.html", "/img/chelsea_m.jpg", "chelsea", 1, "img/chelsea_m.jpg"),
-        bad("pages/animals.html", '<img src="../img/chelsea_m.jpg" alt="cat">', "img/chelsea_m.jpg", "one word"),
+        bad("pages/animals.html", '<img src="../img/chelsea_m.jpg" alt="cat">', "img/chelsea_m.jpg",
+            "URL already captioned above (a one-word alt)"),
         img("pages/animals.html", "../img/chelsea_s.jpg", "chelsea", 2, "img/chelsea_s.jpg"),
         bad("pages/animals.html", '<img src="../img/chelsea_s.jpg" alt="a close up of a cat">', "img/chelsea_s.jpg",
             "URL already captioned above"),
-        img("pages/kitchen.html", "../img/coffee_s.jpg", "coffee", 0, "img/coffee_s.jpg",
-            ' srcset="../img/coffee_s.jpg 1x, ../img/coffee.jpg 2x"'),
+        img("pages/kitchen.html", "../img/coffee_xs.jpg", "coffee", 0, "img/coffee_s.jpg",
+            ' srcset="../img/coffee_xs.jpg 1x, ../img/coffee_s.jpg 2x"'),  # coffee_xs.jpg is not on the site
         ("pages/kitchen.html", f'<IMG SRC="../img/coffee.jpg" ALT="{PHOTOS["coffee"][2][1]}">',
           f"{base_url}/img/coffee.jpg", PHOTOS["coffee"][2][1], ""),
         img("pages/kitchen.html", "../img/coffee_m.jpg", "coffee", 2, "img/coffee_m.jpg"),
