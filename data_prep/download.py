@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import math
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from data_prep import pipeline
 from data_prep.images import DecodeLimits, ImageOptions, PixelBudget, SampleError, prepare_pillow, process_image
 from data_prep.inputs import FORMATS, InputError, ListSpec, iter_rows, resolve_inputs
 from data_prep.net import Fetcher, FetchOptions
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -40,12 +43,17 @@ class DownloadProcessor:
         self._fetcher = Fetcher(self.fetch)
 
     def __call__(self, row: Dict) -> pipeline.Outcome:
+        expected = row.get("sha256")
+        if expected is not None and not _SHA256_HEX.fullmatch(expected):
+            return pipeline.Outcome("hash_mismatch", "malformed sha256 in the list (expected 64 hex digits)")
         try:
             data = self._fetcher.fetch(row["url"])
+            sha = hashlib.sha256(data).digest()
+            if expected is not None and sha.hex() != expected:  # checked before any decoding
+                return pipeline.Outcome("hash_mismatch", "sha256 mismatch")
             image = process_image(data, self.image, self._budget, self.limits)
         except SampleError as e:
             return pipeline.Outcome(e.status, str(e))
-        sha = hashlib.sha256(data).digest()
         meta = {"url": row["url"], "caption": row["caption"], "sha256": sha.hex(), "width": image.width,
                 "height": image.height, "original_width": image.original_width,
                 "original_height": image.original_height}
@@ -101,6 +109,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--extra-cols", default="all",
                    help="other columns to keep in the json: all, none, or a comma list (default %(default)s)")
     g.add_argument("--columns", default=None, help="column names of header-less csv/tsv, e.g. caption,url (CC3M)")
+    g.add_argument("--sha256-col", default=None,
+                   help="column with the expected sha256 (hex) of each image's bytes (DataComp-style lists); a "
+                        "different download gets status hash_mismatch; empty cells are not checked")
     add_run_arguments(p)
     FetchOptions.add_arguments(p)
     ImageOptions.add_arguments(p)
@@ -113,7 +124,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         files = resolve_inputs(args.inputs, args.input_format)
         extra = {"all": None, "none": ()}.get(args.extra_cols, _names(args.extra_cols))
         spec = ListSpec(files=tuple(str(f) for f in files), input_format=args.input_format, url_col=args.url_col,
-                        caption_col=args.caption_col or None, extra_cols=extra, columns=_names(args.columns))
+                        caption_col=args.caption_col or None, extra_cols=extra, columns=_names(args.columns),
+                        sha256_col=args.sha256_col or None)
         image = ImageOptions.from_args(args)
         limits = DecodeLimits.from_args(args)
         fetch = FetchOptions.from_args(args)

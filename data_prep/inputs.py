@@ -38,6 +38,7 @@ class ListSpec:
     caption_col: Optional[str] = "caption"  # None: no captions
     extra_cols: Optional[Tuple[str, ...]] = None  # None: every other column; (): none
     columns: Optional[Tuple[str, ...]] = None  # names of the columns of header-less csv/tsv files
+    sha256_col: Optional[str] = None  # the expected sha256 (hex) of each URL's bytes, when the list has one
 
 
 def file_format(path: Path, forced: Optional[str] = None) -> Tuple[str, bool]:
@@ -103,18 +104,18 @@ class _Columns:
 
     def __init__(self, spec: ListSpec, path: Path, names: Sequence[str], url_only: bool):
         self.spec, self.url_only = spec, url_only
-        wanted = [spec.url_col] + ([spec.caption_col] if spec.caption_col else []) + list(spec.extra_cols or ())
+        self.own = [spec.url_col] + [c for c in (spec.caption_col, spec.sha256_col) if c]
+        wanted = self.own + list(spec.extra_cols or ())
         missing = [c for c in wanted if c not in names]
         if missing:
             raise InputError(f"{path}: no column {missing[0]!r}; its columns are {list(names)}")
-        used = {spec.url_col, spec.caption_col}
+        used = set(self.own)
         self.extra = [c for c in names if c not in used] if spec.extra_cols is None else list(spec.extra_cols)
 
     def needed(self) -> List[str]:
         if self.url_only:
             return [self.spec.url_col]
-        return list(dict.fromkeys([self.spec.url_col] + ([self.spec.caption_col] if self.spec.caption_col else [])
-                                  + self.extra))
+        return list(dict.fromkeys(self.own + self.extra))
 
     def row(self, record: Dict[str, Any]) -> Dict[str, Any]:
         url = record.get(self.spec.url_col)
@@ -128,7 +129,11 @@ class _Columns:
             caption = ""
         else:
             caption = single_line(caption)
-        return {"url": url, "caption": caption, "extra": {c: _json_safe(record.get(c)) for c in self.extra}}
+        row = {"url": url, "caption": caption, "extra": {c: _json_safe(record.get(c)) for c in self.extra}}
+        if self.spec.sha256_col:
+            value = record.get(self.spec.sha256_col)
+            row["sha256"] = value.strip().lower() if isinstance(value, str) and value.strip() else None
+        return row
 
 
 def _open_text(path: Path, gz: bool) -> io.TextIOBase:

@@ -493,3 +493,27 @@ def test_ipv6_forms_of_private_ipv4_are_refused_and_networks_are_allowed_by_cidr
     assert FetchOptions(allow_networks=("fc00::/7",)).allows("fd12::1")
     with pytest.raises(ValueError, match=r"--allow-network 'intranet' is not a network \(expected a CIDR"):
         FetchOptions(allow_networks=("intranet",))
+
+
+def test_sha256_column_is_verified_before_decoding(tmp_path, photos):
+    good, other = photos["rocket.jpg"], photos["coffee.jpg"]
+    routes = {"/ok.jpg": Route(good), "/swapped.jpg": Route(other), "/bad-hash.jpg": Route(good),
+              "/unchecked.jpg": Route(photos["retina.jpg"])}
+    with LoopbackServer(routes) as server:
+        rows = [{"url": server.url("/ok.jpg"), "caption": "a rocket", "sha": hashlib.sha256(good).hexdigest().upper()},
+                {"url": server.url("/swapped.jpg"), "caption": "not what was listed", "sha": hashlib.sha256(good).hexdigest()},
+                {"url": server.url("/bad-hash.jpg"), "caption": "malformed hash", "sha": "12ab"},
+                {"url": server.url("/unchecked.jpg"), "caption": "no hash given", "sha": ""}]
+        (tmp_path / "list.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert download.main([str(tmp_path / "list.jsonl"), "-o", str(tmp_path / "out"), "--sha256-col", "sha",
+                              "--allow-network", "127.0.0.0/8", "--processes", "1", "--no-progress"]) == 0
+        assert server.hits["/bad-hash.jpg"] == 0  # a malformed hash is refused before fetching
+    totals = shards.merge_stats(tmp_path / "out")
+    assert (totals["status.success"], totals["status.hash_mismatch"]) == (2, 2)
+    assert totals["errors.sha256 mismatch"] == 1
+    assert totals["errors.malformed sha256 in the list (expected 64 hex digits)"] == 1
+    metas = [json.loads(s["json"]) for s in read_samples(tmp_path / "out").values()]
+    assert sorted(m["caption"] for m in metas) == ["a rocket", "no hash given"]
+    assert "sha" not in metas[0].get("extra", {})  # the hash column is ours, not an extra
+    assert download.main([str(tmp_path / "list.jsonl"), "-o", str(tmp_path / "out2"), "--sha256-col", "hash",
+                          "--no-progress"]) == 2  # a missing column is named
