@@ -19,7 +19,10 @@ recursively, sorted). For each ``<img>``:
   available``, ``click here``, a file name like ``IMG_1234.jpg``, ...; extend with ``--ban``). Words are
   whitespace-separated, except that every Chinese/Japanese character (Han, kana) counts as a word: those scripts do
   not separate words with spaces (Korean does);
-* kept once per URL (the first occurrence in input order).
+* kept once per URL (the first occurrence in input order);
+* none of a page's images are kept (each counted ``opted_out``) when the page opts out: a ``<meta name="robots">``
+  (or ``<meta name="albef-data-prep">``) whose content has ``noai``, ``noimageai``, ``noindex``, ``noimageindex`` or
+  ``none``, or the same in the ``X-Robots-Tag`` header of a WARC response (unscoped, or scoped to ``*`` or to us).
 
 Output: parquet or jsonl (``.gz`` allowed), chosen by the ``--output`` suffix, with columns ``url``, ``caption``
 (the alt text, whitespace collapsed) and ``page_url``. The end-of-run line counts pages, images and drops by reason.
@@ -37,10 +40,12 @@ from collections import Counter
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from tqdm import tqdm
+
+from data_prep.net import AGENT_TOKEN, DISALLOWED_DIRECTIVES, opted_out
 
 DEFAULT_BANNED = frozenset({
     "image", "images", "photo", "picture", "img", "logo", "icon", "thumbnail", "thumb", "placeholder", "spacer",
@@ -64,6 +69,7 @@ class CrawlFilter:
     max_words: int = 64
     min_declared_size: int = 10
     banned: frozenset = DEFAULT_BANNED
+    respect_opt_outs: bool = True  # <meta name="robots"> and X-Robots-Tag noai/noimageai/noindex/noimageindex/none
 
 
 class _ImageTags(HTMLParser):
@@ -71,12 +77,17 @@ class _ImageTags(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.base: Optional[str] = None
         self.images: List[Dict[str, str]] = []
+        self.robots: List[str] = []  # content of <meta name="robots"> and <meta name="albef-data-prep">
 
     def handle_starttag(self, tag: str, attrs) -> None:
         if tag == "img":
             self.images.append({k: (v or "") for k, v in attrs})
         elif tag == "base" and self.base is None:
             self.base = dict(attrs).get("href") or None
+        elif tag == "meta":
+            a = {k: (v or "") for k, v in attrs}
+            if a.get("name", "").strip().lower() in ("robots", AGENT_TOKEN):
+                self.robots.append(a.get("content", ""))
 
 
 def srcset_candidates(srcset: str) -> List[Tuple[str, str]]:
@@ -185,14 +196,30 @@ def _caption_problem(alt: str, opt: CrawlFilter) -> Optional[str]:
     return None
 
 
-def extract_pairs(html: str, page_url: Optional[str], opt: CrawlFilter, counts: Counter) -> Iterator[Tuple[str, str]]:
-    """(absolute image URL, alt text) of the usable <img> tags of one page; drops are counted in ``counts``."""
+def page_opt_out(meta_robots: List[str], x_robots_tag: List[str]) -> Optional[str]:
+    """The directive by which a page keeps its images out of training sets, if any."""
+    for content in meta_robots:
+        for directive in content.split(","):
+            if directive.strip().lower() in DISALLOWED_DIRECTIVES:
+                return directive.strip().lower()
+    return opted_out(x_robots_tag)
+
+
+def extract_pairs(html: str, page_url: Optional[str], opt: CrawlFilter, counts: Counter,
+                  x_robots_tag: Sequence[str] = ()) -> Iterator[Tuple[str, str]]:
+    """(absolute image URL, alt text) of the usable <img> tags of one page; drops are counted in ``counts``.
+    ``x_robots_tag``: the page's X-Robots-Tag header values (WARC responses)."""
     parser = _ImageTags()
     try:
         parser.feed(html)
         parser.close()
     except Exception:  # html.parser is lenient, but never let one page stop a crawl
         counts["page_parse_error"] += 1
+    if opt.respect_opt_outs and page_opt_out(parser.robots, list(x_robots_tag)):
+        counts["pages_opted_out"] += 1
+        counts["images"] += len(parser.images)
+        counts["opted_out"] += len(parser.images)
+        return
     base = urljoin(page_url, parser.base) if page_url and parser.base else (parser.base or page_url)
     for attrs in parser.images:
         counts["images"] += 1
@@ -246,7 +273,7 @@ def find_inputs(inputs: List[str]) -> List[Tuple[Path, Path]]:
     return found
 
 
-def _warc_pages(path: Path, bar: tqdm) -> Iterator[Tuple[str, str]]:
+def _warc_pages(path: Path, bar: tqdm) -> Iterator[Tuple[Optional[str], str, List[str]]]:
     from warcio.archiveiterator import ArchiveIterator
 
     with open(path, "rb") as f:
@@ -259,23 +286,26 @@ def _warc_pages(path: Path, bar: tqdm) -> Iterator[Tuple[str, str]]:
                 if status and status.startswith("2") and ctype.split(";")[0].strip().lower() in _HTML_TYPES:
                     body = record.content_stream().read()
                     url = (record.rec_headers.get_header("WARC-Target-URI") or "").strip("<> ") or None
-                    yield url, _decode(body, ctype)
+                    robots = [v for k, v in headers.headers if k.lower() == "x-robots-tag"] \
+                        if record.rec_type == "response" else []
+                    yield url, _decode(body, ctype), robots
             bar.update(f.tell() - position)
             position = f.tell()
 
 
-def iter_pages(files: List[Tuple[Path, Path]], base_url: Optional[str], bar: tqdm) -> Iterator[Tuple[str, str, str]]:
-    """(page URL for resolving or None, page URL to record, HTML text) for every page of every input."""
+def iter_pages(files: List[Tuple[Path, Path]], base_url: Optional[str],
+               bar: tqdm) -> Iterator[Tuple[Optional[str], str, str, List[str]]]:
+    """(page URL for resolving or None, page URL to record, HTML text, X-Robots-Tag values) for every page."""
     for path, root in files:
         if _is_warc(path):
-            for url, html in _warc_pages(path, bar):
-                yield url, url, html
+            for url, html, robots in _warc_pages(path, bar):
+                yield url, url, html, robots
             continue
         body = path.read_bytes()
         bar.update(len(body))
         relative = path.relative_to(root).as_posix()
         url = urljoin(base_url if base_url.endswith("/") else base_url + "/", relative) if base_url else None
-        yield url, url or path.resolve().as_uri(), _decode(body, "")
+        yield url, url or path.resolve().as_uri(), _decode(body, ""), []
 
 
 class PairWriter:
@@ -329,9 +359,9 @@ def run(inputs: List[str], output: Path, opt: CrawlFilter, base_url: Optional[st
     writer = PairWriter(output)
     total = sum(path.stat().st_size for path, _ in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="crawl", disable=not progress) as bar:
-        for resolve_url, page_url, html in iter_pages(files, base_url, bar):
+        for resolve_url, page_url, html, robots in iter_pages(files, base_url, bar):
             counts["pages"] += 1
-            for url, alt in extract_pairs(html, resolve_url, opt, counts):
+            for url, alt in extract_pairs(html, resolve_url, opt, counts, robots):
                 h = int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "little")
                 if h in seen:
                     counts["duplicate_url"] += 1
@@ -341,9 +371,12 @@ def run(inputs: List[str], output: Path, opt: CrawlFilter, base_url: Optional[st
                 writer.write(url, alt, page_url)
             bar.set_postfix(pairs=counts["pairs"], refresh=False)
     writer.close()
-    dropped = " ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k not in ("pages", "images", "pairs"))
+    dropped = " ".join(f"{k}={v}" for k, v in sorted(counts.items())
+                       if k not in ("pages", "images", "pairs", "pages_opted_out"))
+    opted = f" | {counts['pages_opted_out']} pages opted out (noai, ...)" if counts["pages_opted_out"] else ""
     print(f"data_prep.crawl: {len(files)} files, {counts['pages']} pages, {counts['images']} images -> "
-          f"{counts['pairs']} pairs in {output} ({time.monotonic() - start:.1f}s) | dropped: {dropped or 'none'}")
+          f"{counts['pairs']} pairs in {output} ({time.monotonic() - start:.1f}s) | dropped: {dropped or 'none'}"
+          f"{opted}")
     return counts
 
 
@@ -359,10 +392,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--min-declared-size", type=int, default=d.min_declared_size,
                    help="drop <img> whose width/height attribute is below this (default %(default)s)")
     p.add_argument("--ban", action="append", default=[], help="another placeholder alt text to drop (repeatable)")
+    p.add_argument("--ignore-robots-meta", dest="respect_opt_outs", action="store_false",
+                   help="keep the images of pages whose <meta name=robots> or X-Robots-Tag opts out (noai, ...)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     opt = CrawlFilter(args.min_words, args.max_words, args.min_declared_size,
-                      DEFAULT_BANNED | {b.lower().strip() for b in args.ban})
+                      DEFAULT_BANNED | {b.lower().strip() for b in args.ban}, args.respect_opt_outs)
     try:
         run(args.inputs, args.output, opt, args.base_url, args.progress)
     except ValueError as e:

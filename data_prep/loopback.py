@@ -55,6 +55,9 @@ class Route:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default listen backlog is 5: a burst of new connections (64 threads, or all threads released
+    # at once after a host's robots.txt arrives) overflowed it and got resets the server never saw.
+    request_queue_size = 256
 
     def handle_error(self, request, client_address) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):  # clients that give up reset their connection

@@ -11,9 +11,15 @@
   redirect from ``https`` to ``http`` is refused;
 * a deadline of ``timeout`` seconds per attempt (connect, headers and body together, redirects included), at most
   ``max_redirects`` redirects (each hop checked again), at most ``max_bytes`` of body;
-* ``X-Robots-Tag`` directives ``noai``/``noimageai``/``noindex``/``noimageindex`` (unscoped, or scoped to ``*`` or to
-  our user-agent token) give status ``opted_out`` unless ``respect_robots_tag`` is off; text/HTML/JSON responses are
-  refused before their body is read;
+* ``X-Robots-Tag`` directives ``noai``/``noimageai``/``noindex``/``noimageindex``/``none`` (unscoped, or scoped to
+  ``*`` or to our user-agent token) give status ``opted_out`` unless ``respect_robots_tag`` is off; text/HTML/JSON
+  responses are refused before their body is read;
+* ``robots.txt`` (RFC 9309, read with protego: the group of our token ``albef-data-prep``, else ``*``; longest
+  match; ``*`` and ``$`` patterns) is fetched once per scheme/host/port and process, and checked for every URL and
+  redirect hop: a disallowed path is ``opted_out`` ("robots.txt"); a 4xx robots.txt (or more than ``max_redirects``
+  redirects) allows everything; a 5xx, 429 or an unreachable one disallows the origin for this run, as the RFC asks
+  (``failed_to_download``, "robots.txt unreachable (...)", a transient status that ``--retry-failed`` retries);
+  off with ``respect_robots_txt=False``;
 * timeouts, connection errors, truncated bodies, 408/425/429/5xx are retried ``retries`` times with exponential
   backoff; everything else fails at once. Connections are kept alive per thread (a few hosts each).
 """
@@ -37,7 +43,7 @@ from data_prep.images import SampleError
 
 AGENT_TOKEN = "albef-data-prep"
 DEFAULT_USER_AGENT = f"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0 {AGENT_TOKEN}/0.1"
-DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex", "none")  # none = noindex, nofollow
 _RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}
 _REDIRECTS = {301, 302, 303, 307, 308}
 _TEXT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml", "application/javascript")
@@ -45,13 +51,16 @@ _DIRECTIVES_WITH_COLON = {"unavailable_after", "max-snippet", "max-image-preview
 _DNS_TTL_S = 300.0
 _DNS_CACHE_MAX = 100_000
 _CONNECTIONS_PER_THREAD = 4
+ROBOTS_TXT_MAX_BYTES = 512 * 1024  # RFC 9309: parse at least 500 KiB
+_ROBOTS_CACHE_MAX = 10_000  # hosts per process
 _CHUNK = 1 << 16
 
 
 class FetchError(SampleError):
-    def __init__(self, status: str, message: str, retryable: bool = False):
+    def __init__(self, status: str, message: str, retryable: bool = False, http_status: Optional[int] = None):
         super().__init__(status, message)
         self.retryable = retryable
+        self.http_status = http_status
 
 
 def _download_error(message: str, retryable: bool = False) -> FetchError:
@@ -67,6 +76,7 @@ class FetchOptions:
     max_redirects: int = 5
     user_agent: str = DEFAULT_USER_AGENT
     respect_robots_tag: bool = True
+    respect_robots_txt: bool = True
     allow_networks: Tuple[str, ...] = ()  # CIDRs allowed although not public, e.g. ("127.0.0.0/8",)
     ca_bundle: Optional[str] = None  # PEM file of the certificate authorities to trust instead of the system's
 
@@ -105,7 +115,10 @@ class FetchOptions:
         g.add_argument("--max-redirects", type=int, default=d.max_redirects, help="(default %(default)s)")
         g.add_argument("--user-agent", default=d.user_agent, help="User-Agent header (default: %(default)s)")
         g.add_argument("--ignore-robots-tag", dest="respect_robots_tag", action="store_false",
-                       help="download even when X-Robots-Tag says noai/noimageai/noindex/noimageindex")
+                       help="download even when X-Robots-Tag says noai/noimageai/noindex/noimageindex/none")
+        g.add_argument("--ignore-robots-txt", dest="respect_robots_txt", action="store_false",
+                       help="do not fetch robots.txt (by default each host's robots.txt is honoured for our "
+                            f"user-agent token {AGENT_TOKEN!r}, else '*')")
         g.add_argument("--allow-network", dest="allow_networks", action="append", default=[], metavar="CIDR",
                        help="also fetch from this non-public network, e.g. 127.0.0.0/8 for a local mirror or "
                             "10.0.0.0/8 for an intranet (repeatable; default: public addresses only)")
@@ -210,19 +223,21 @@ class Fetcher:
         self._ssl = ssl.create_default_context(cafile=options.ca_bundle)
         self._headers = {"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.8",
                          "Accept-Encoding": "identity"}
+        self._robots = RobotsTxt(self)
 
-    def fetch(self, url: str) -> bytes:
+    def fetch(self, url: str, robots_txt: bool = False) -> bytes:
+        """The body of ``url`` (an image; with ``robots_txt``, a robots.txt: any type, cut at 512 KiB)."""
         attempt = 0
         while True:
             try:
-                return self._fetch_once(url)
+                return self._fetch_once(url, robots_txt)
             except FetchError as e:
                 if not e.retryable or attempt >= self.opt.retries:
                     raise
             time.sleep(self.opt.backoff * 2**attempt)
             attempt += 1
 
-    def _fetch_once(self, url: str) -> bytes:
+    def _fetch_once(self, url: str, robots_txt: bool = False) -> bytes:
         deadline = time.monotonic() + self.opt.timeout
         previous = None
         for _ in range(self.opt.max_redirects + 1):
@@ -231,6 +246,8 @@ class Fetcher:
                 raise _download_error("redirect from https to http refused")
             previous = scheme
             ip = self._resolve(host, port)
+            if self.opt.respect_robots_txt and not robots_txt:
+                self._robots.check(scheme, host, port, path)
             conn, resp = self._request(scheme, host, port, ip, path, deadline)
             try:
                 if resp.status in _REDIRECTS:
@@ -241,7 +258,10 @@ class Fetcher:
                         raise _download_error(f"http {resp.status} without Location")
                     url = urljoin(url, location.strip())
                     continue
-                data = self._check_and_read(conn, resp, deadline)
+                if robots_txt:
+                    data = self._read_robots_txt(conn, resp, deadline)
+                else:
+                    data = self._check_and_read(conn, resp, deadline)
                 self._release((scheme, host, port), conn, resp)
                 return data
             except BaseException:
@@ -249,9 +269,14 @@ class Fetcher:
                 raise
         raise _download_error("too many redirects")
 
+    def _read_robots_txt(self, conn, resp: http.client.HTTPResponse, deadline: float) -> bytes:
+        if not 200 <= resp.status < 300:
+            raise FetchError("failed_to_download", f"http {resp.status}", resp.status in _RETRY_HTTP, resp.status)
+        return self._read_body(conn, resp, deadline, ROBOTS_TXT_MAX_BYTES, truncate=True)
+
     def _check_and_read(self, conn, resp: http.client.HTTPResponse, deadline: float) -> bytes:
         if resp.status != 200:
-            raise _download_error(f"http {resp.status}", resp.status in _RETRY_HTTP)
+            raise FetchError("failed_to_download", f"http {resp.status}", resp.status in _RETRY_HTTP, resp.status)
         if self.opt.respect_robots_tag:
             directive = opted_out(resp.headers.get_all("X-Robots-Tag") or [])
             if directive:
@@ -268,10 +293,12 @@ class Fetcher:
                 raise _download_error("too large")
         return data
 
-    def _read_body(self, conn, resp: http.client.HTTPResponse, deadline: float, limit: int) -> bytes:
+    def _read_body(self, conn, resp: http.client.HTTPResponse, deadline: float, limit: int,
+                   truncate: bool = False) -> bytes:
+        """The body, at most ``limit`` bytes: longer is an error, or with ``truncate`` cut there."""
         length = resp.getheader("Content-Length")
         length = int(length) if length and length.strip().isdigit() else None
-        if length is not None and length > limit:
+        if length is not None and length > limit and not truncate:
             raise _download_error("too large")
         chunks, total = [], 0
         try:
@@ -284,6 +311,8 @@ class Fetcher:
                 chunks.append(chunk)
                 total += len(chunk)
                 if total > limit:
+                    if truncate:
+                        return b"".join(chunks)[:limit]  # the connection is not reused (body left unread)
                     raise _download_error("too large")
         except (http.client.IncompleteRead, ConnectionError):
             raise _download_error("truncated body", True) from None
@@ -361,3 +390,67 @@ class Fetcher:
         pool[key] = conn
         while len(pool) > _CONNECTIONS_PER_THREAD:
             pool.popitem(last=False)[1].close()
+
+
+class RobotsTxt:
+    """The robots.txt of each (scheme, host, port), fetched once per process (one thread fetches, the others wait)
+    and kept for the run (up to ``_ROBOTS_CACHE_MAX`` hosts, least recently used first out)."""
+
+    def __init__(self, fetcher: "Fetcher", agent: str = AGENT_TOKEN):
+        self.fetcher, self.agent = fetcher, agent
+        self._rules: "OrderedDict[tuple, object]" = OrderedDict()  # Protego, None (allow all) or a FetchError
+        self._fetching: Dict[tuple, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.fetches = 0
+
+    def check(self, scheme: str, host: str, port: int, path: str) -> None:
+        """Raise ``FetchError`` when the robots.txt of this origin keeps us from ``path``."""
+        rules = self._rules_for((scheme, host, port))
+        if isinstance(rules, FetchError):
+            raise FetchError("failed_to_download", f"robots.txt unreachable ({rules})", True)
+        if rules is not None and not rules.can_fetch(f"{scheme}://{host}{path}", self.agent):
+            raise FetchError("opted_out", "robots.txt")
+
+    def _rules_for(self, key: tuple):
+        while True:
+            with self._lock:
+                if key in self._rules:
+                    self._rules.move_to_end(key)
+                    return self._rules[key]
+                event = self._fetching.get(key)
+                if event is None:
+                    event = self._fetching[key] = threading.Event()
+                    break
+            event.wait()  # another thread is fetching it
+        rules, fetched = None, False
+        try:
+            rules, fetched = self._fetch(key), True
+        finally:  # on an unexpected error nothing is cached: the next URL of this origin tries again
+            with self._lock:
+                if fetched:
+                    self._rules[key] = rules
+                    while len(self._rules) > _ROBOTS_CACHE_MAX:
+                        self._rules.popitem(last=False)
+                del self._fetching[key]
+            event.set()
+        return rules
+
+    def _fetch(self, key: tuple):
+        from protego import Protego
+
+        scheme, host, port = key
+        default = 443 if scheme == "https" else 80
+        name = f"[{host}]" if ":" in host else host  # an IPv6 literal
+        netloc = name if port == default else f"{name}:{port}"
+        self.fetches += 1
+        try:
+            body = self.fetcher.fetch(f"{scheme}://{netloc}/robots.txt", robots_txt=True)
+        except FetchError as e:
+            if e.http_status is not None and 400 <= e.http_status < 500 and e.http_status not in _RETRY_HTTP:
+                return None  # RFC 9309 2.3.1.3: "unavailable" (404, 403, ...): no restrictions
+            if e.retryable:
+                return e  # 5xx, 429, timeout, connection or DNS error: complete disallow (RFC 9309 2.3.1.4)
+            # Too many redirects (2.3.1.2: may be taken as unavailable), or a final error that the image URL meets
+            # again on its own (a TLS certificate error): no restrictions from robots.txt.
+            return None
+        return Protego.parse(body.decode("utf-8", errors="replace"))

@@ -170,7 +170,7 @@ def test_download_faults_exact_stats_and_webdataset_readback(tmp_path, photos):
         assert errors == EXPECTED_ERRORS
         assert totals["count"] == len(listed) == 27
         hits = server.hits
-        assert hits["/flaky.jpg"] == hits["/always500"] == hits["/stall.jpg"] == hits["/truncated.jpg"] == 2
+        assert hits["/flaky.jpg"] == hits["/always500"] == hits["/stall.jpg"] == hits["/truncated.jpg"] == 2, hits
         assert hits["/missing"] == hits["/page.html"] == hits["/noai.jpg"] == hits["/huge.jpg"] == 1
         assert hits["/p/rocket.jpg"] == 1  # the duplicate URL is not fetched again
         assert hits["/loop-a"] + hits["/loop-b"] == 6  # first request + --max-redirects 5
@@ -230,6 +230,7 @@ def test_fetcher_rules(photos):
             split_url(bad)
     assert opted_out(["noai"]) == "noai" and opted_out(["NoImageAI"]) == "noimageai"
     assert opted_out(["*: noindex"]) == "noindex" and opted_out(["albef-data-prep: noai"]) == "noai"
+    assert opted_out(["none"]) == "none"  # noindex + nofollow
     assert opted_out(["googlebot: noai", "noarchive, nofollow", "unavailable_after: 25 Jun 2030 15:00:00 PST"]) is None
 
     photo = photos["rocket.jpg"]
@@ -517,3 +518,42 @@ def test_sha256_column_is_verified_before_decoding(tmp_path, photos):
     assert "sha" not in metas[0].get("extra", {})  # the hash column is ours, not an extra
     assert download.main([str(tmp_path / "list.jsonl"), "-o", str(tmp_path / "out2"), "--sha256-col", "hash",
                           "--no-progress"]) == 2  # a missing column is named
+
+
+ROBOTS = b"""# every other crawler: nothing
+User-agent: *
+Disallow: /
+
+User-agent: albef-data-prep
+Disallow: /private/
+Allow: /private/*.public.jpg$
+"""
+
+
+def test_robots_txt_is_fetched_once_per_host_and_honoured(tmp_path, photos):
+    def img(name):
+        return Route(photos[name])
+
+    site = {"/robots.txt": Route(ROBOTS, content_type="text/plain"), "/a.jpg": img("rocket.jpg"),
+            "/private/b.jpg": img("coffee.jpg"), "/private/c.public.jpg": img("retina.jpg"),
+            "/hop": Route(redirect="/private/b.jpg")}
+    broken = {"/robots.txt": Route(status=503, body=b"busy", content_type="text/plain"), "/d.jpg": img("camera.png")}
+    with LoopbackServer(site) as server, LoopbackServer(broken) as down:
+        urls = tmp_path / "urls.txt"
+        urls.write_text("".join(f"{u}\n" for u in [server.url("/a.jpg"), server.url("/private/b.jpg"),
+                                                  server.url("/private/c.public.jpg"), server.url("/hop"),
+                                                  down.url("/d.jpg")]))
+        args = [str(urls), "--allow-network", "127.0.0.0/8", "--processes", "1", "--threads", "4", "--retries", "1",
+                "--backoff", "0.01", "--no-progress"]
+        assert download.main([*args, "-o", str(tmp_path / "out")]) == 0
+        totals = shards.merge_stats(tmp_path / "out")
+        assert (totals["status.success"], totals["status.opted_out"], totals["status.failed_to_download"]) == (2, 2, 1)
+        assert totals["errors.robots.txt"] == 2 and totals["errors.robots.txt unreachable (http 503)"] == 1
+        assert server.hits["/robots.txt"] == 1  # once per host and process, although four threads asked
+        assert server.hits["/private/b.jpg"] == 0 and server.hits["/hop"] == 1  # the redirect hop was checked
+        assert down.hits["/robots.txt"] == 2 and down.hits["/d.jpg"] == 0  # 503: retried, then no fetch (RFC 9309)
+
+        assert download.main([*args, "-o", str(tmp_path / "all"), "--ignore-robots-txt"]) == 0
+        everything = shards.merge_stats(tmp_path / "all")
+        assert (everything["status.success"], everything["status.duplicate_content"]) == (4, 1)  # /hop = b.jpg
+        assert server.hits["/robots.txt"] == 1 and down.hits["/robots.txt"] == 2  # not asked again

@@ -175,3 +175,36 @@ def test_crawl_output_feeds_the_downloader(tmp_path):
     assert [(m["url"], m["caption"], m["extra"]) for m in metas] == [
         (server.url("/a.jpg"), "A rocket on the launch pad", {"page_url": page}),
         (server.url("/b.png"), "A cup of coffee, top view", {"page_url": page})]
+
+
+def test_pages_that_opt_out_keep_their_images_out(tmp_path, capsys):
+    """<meta name="robots"> noai/noimageai/none (or for our token), and a WARC response's X-Robots-Tag."""
+    def page(head, alt):
+        return f'<html><head>{head}</head><body><img src="a.jpg" alt="{alt} one"><img src="b.jpg" alt="{alt} two">' \
+               '</body></html>'
+
+    pages = [
+        ("http://s.test/noai/", page('<meta name="robots" content="index, NoAI">', "no ai page"), []),
+        ("http://s.test/none/", page('<meta name="robots" content="none">', "none page"), []),
+        ("http://s.test/agent/", page('<meta name="albef-data-prep" content="noimageai">', "agent page"), []),
+        ("http://s.test/other/", page('<meta name="googlebot" content="noai">', "other crawler page"), []),
+        ("http://s.test/header/", page("", "header page"), [("X-Robots-Tag", "noimageindex")]),
+        ("http://s.test/scoped/", page("", "scoped header page"), [("X-Robots-Tag", "otherbot: noai")]),
+        ("http://s.test/open/", page('<meta name="robots" content="index, follow">', "open page"), []),
+    ]
+    (tmp_path / "crawl").mkdir()
+    with open(tmp_path / "crawl" / "c.warc.gz", "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        for uri, body, extra in pages:
+            http = StatusAndHeaders("200 OK", [("Content-Type", "text/html"), *extra], protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(uri, "response", payload=io.BytesIO(body.encode()),
+                                                          http_headers=http))
+    counts = crawl.run([str(tmp_path / "crawl")], tmp_path / "pairs.jsonl", crawl.CrawlFilter(), progress=False)
+    kept = sorted(json.loads(line)["page_url"] for line in (tmp_path / "pairs.jsonl").read_text().splitlines())
+    assert kept == ["http://s.test/open/", "http://s.test/open/", "http://s.test/other/", "http://s.test/other/",
+                    "http://s.test/scoped/", "http://s.test/scoped/"]
+    assert (counts["pages_opted_out"], counts["opted_out"], counts["images"], counts["pairs"]) == (4, 8, 14, 6)
+    assert "4 pages opted out" in capsys.readouterr().out
+    counts = crawl.run([str(tmp_path / "crawl")], tmp_path / "all.jsonl", crawl.CrawlFilter(respect_opt_outs=False),
+                       progress=False)
+    assert counts["pairs"] == 14
