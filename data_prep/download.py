@@ -52,8 +52,8 @@ class DownloadProcessor:
             if expected is not None and sha.hex() != expected:  # checked before any decoding
                 return pipeline.Outcome("hash_mismatch", "sha256 mismatch")
             image = process_image(data, self.image, self._budget, self.limits)
-        except SampleError as e:
-            return pipeline.Outcome(e.status, str(e))
+        except SampleError as e:  # a fetch error that retries could cure is "transient": --retry-failed redoes it
+            return pipeline.Outcome(e.status, str(e), transient=bool(getattr(e, "retryable", False)))
         meta = {"url": row["url"], "caption": row["caption"], "sha256": sha.hex(), "width": image.width,
                 "height": image.height, "original_width": image.original_width,
                 "original_height": image.original_height}
@@ -113,6 +113,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="column with the expected sha256 (hex) of each image's bytes (DataComp-style lists); a "
                         "different download gets status hash_mismatch; empty cells are not checked")
     add_run_arguments(p)
+    p.add_argument("--retry-failed", action="store_true",
+                   help="on a finished dataset: fetch again the rows whose failure was transient (timeout, 5xx, "
+                        "429, connection, DNS, robots.txt unreachable) and rewrite only the shards that change; "
+                        "same inputs and settings as the run")
     FetchOptions.add_arguments(p)
     ImageOptions.add_arguments(p)
     return p.parse_args(argv)
@@ -137,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     job = make_job(args, "download", settings, lambda key_only: iter_rows(spec, url_only=key_only),
                    DownloadProcessor(fetch, image, limits), dedup_key=_url_key)
     try:
-        pipeline.run(job)
+        (pipeline.retry_failed if args.retry_failed else pipeline.run)(job)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ shards (a shard is never half-kept) and commits what is ready.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -32,8 +33,10 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
 import sys
+import tarfile
 import threading
 import time
 import traceback
@@ -68,6 +71,7 @@ class Outcome:
     caption: Union[str, List[str]] = ""
     meta: Dict[str, Any] = field(default_factory=dict)
     content_hash: Optional[int] = None  # first 8 bytes of the sha256 of the original image bytes
+    transient: bool = False  # a failure that may pass on another try (timeout, 5xx, connection, DNS)
 
 
 def content_hash(sha256_digest: bytes) -> int:
@@ -236,6 +240,7 @@ class _Shard:
         self.writer: Optional[shards.ShardWriter] = None
         self.status, self.errors = Counter(), Counter()
         self.samples: List[list] = []
+        self.transient: List[list] = []  # [row, status, error] of the failures --retry-failed may redo
         self.start = time.time()
 
 
@@ -299,6 +304,8 @@ class ShardBuilder:
         shard.status[outcome.status] += 1
         if outcome.error:
             shard.errors[outcome.error] += 1
+        if outcome.transient:
+            shard.transient.append([row, outcome.status, outcome.error])
         if outcome.status == "success":
             key = f"{row:0{self.key_width}d}"
             meta = {**outcome.meta, "key": key, "row": row, "status": "success"}
@@ -311,7 +318,7 @@ class ShardBuilder:
             end = time.time()
             shard.writer.commit({"count": len(shard.rows), "status": dict(shard.status), "errors": dict(shard.errors),
                                  "start_time": shard.start, "end_time": end, "duration": end - shard.start,
-                                 "samples": shard.samples})
+                                 "samples": shard.samples, "transient": sorted(shard.transient)})
             del active[shard.index]
             self._flush_progress(force=True)
             self.report(("built", shard.index))
@@ -532,3 +539,186 @@ def run(job: Job) -> Dict[str, Any]:
           f"{elapsed:.1f}s | dataset: {committer.frontier}/{num_shards} shards published, "
           f"{summary['num_samples']} samples, {state} | status: {_fmt_status(status)}")
     return summary
+
+
+# ---- --retry-failed ------------------------------------------------------------------------------------------------
+RETRY = "retry"  # _work/retry/: the retried rows' shards and the plan of the rewrite
+
+
+def _published_samples(out: Path, work: Path, i: int) -> List[Tuple[int, int]]:
+    """(row, content hash) of every sample of published shard ``i``, in row order."""
+    with tarfile.open(out / shards.shard_name(i)) as tar:
+        rows = sorted({int(name.partition(".")[0]) for name in tar.getnames()})
+    path = _kept_path(work, i)
+    if path.is_file():
+        hashes = np.load(path)
+        if len(hashes) == len(rows):
+            return list(zip(rows, (int(h) for h in hashes)))
+    metas = (json.loads(m["json"]) for _, m in shards.iter_tar_samples(out / shards.shard_name(i)))
+    return sorted((m["row"], content_hash(bytes.fromhex(m["sha256"]))) for m in metas)
+
+
+def _retry_tasks(job: Job, todo: Dict[int, Dict[int, list]], build: List[int]) -> Iterator[Task]:
+    wanted = {row: i for i in build for row in todo[i]}
+    last = max(wanted) if wanted else -1
+    current, rows = None, []
+    for r, row in enumerate(job.rows(False)):
+        if r > last:
+            break
+        if r in wanted:
+            if wanted[r] != current and rows:
+                yield current, rows
+                rows = []
+            current = wanted[r]
+            rows.append((r, row))
+    if rows:
+        yield current, rows
+
+
+def _retry_plan(out: Path, work: Path, retry: Path, todo: Dict[int, Dict[int, list]], num_shards: int,
+                key_width: int) -> Dict[str, Any]:
+    """The final stats, sample keys and content hashes of every shard the retry changes, with keep-first content
+    dedup redone over the whole dataset: a retried row that now succeeds wins over a later row with the same bytes
+    (which becomes ``duplicate_content``, in whatever shard it is), exactly as if it had succeeded the first time."""
+    retried = {i: json.loads((retry / shards.stats_name(i)).read_text()) for i in todo}
+    entries = [(row, h, i, False) for i in range(num_shards) for row, h in _published_samples(out, work, i)]
+    entries += [(row, int(h), i, True) for i, st in retried.items() for _, row, h in st["samples"]]
+    entries.sort()
+    seen, final = set(), {i: [] for i in range(num_shards)}
+    dropped_new, dropped_old = Counter(), Counter()
+    for row, h, i, new in entries:
+        if h in seen:
+            (dropped_new if new else dropped_old)[i] += 1
+            continue
+        seen.add(h)
+        final[i].append((row, h))
+    plan = {}
+    for i in sorted(set(todo) | set(dropped_old)):
+        stats = json.loads((out / shards.stats_name(i)).read_text())
+        for name in ("shard", "num_samples"):
+            stats.pop(name, None)
+        status, errors = Counter(stats.get("status", {})), Counter(stats.get("errors", {}))
+        for status_name, error in todo.get(i, {}).values():
+            status[status_name] -= 1
+            if error:
+                errors[error] -= 1
+        if i in retried:
+            status.update(retried[i]["status"])
+            errors.update(retried[i]["errors"])
+            stats["transient"] = retried[i]["transient"]
+        moved = dropped_new[i] + dropped_old[i]
+        status["success"] -= moved
+        status["duplicate_content"] += moved
+        stats["status"] = {k: v for k, v in sorted(status.items()) if v}
+        stats["errors"] = {k: v for k, v in sorted(errors.items()) if v}
+        stats["retried_time"] = time.time()
+        plan[str(i)] = {"stats": stats, "keys": [f"{row:0{key_width}d}" for row, _ in final[i]],
+                        "hashes": [h for _, h in final[i]]}
+    return plan
+
+
+def _apply_retry_plan(out: Path, work: Path, retry: Path, plan: Dict[str, Any]) -> None:
+    """Rewrite each planned shard from its published tar and the retried rows' tar. Idempotent: a kill at any point
+    and a rerun give the same dataset (the plan, and the retried tars, stay until every shard is rewritten)."""
+    for name in sorted(plan, key=int):
+        i, entry = int(name), plan[name]
+        sources = [out / shards.shard_name(i), retry / shards.shard_name(i)]
+        with tarfile.open(sources[0]) as tar:
+            published = sorted({n.partition(".")[0] for n in tar.getnames()})
+        if published == entry["keys"]:  # the same samples: only the counts change, the tar stays as it is
+            shards.atomic_write_json(out / shards.stats_name(i), {**entry["stats"], "shard": shards.shard_name(i),
+                                                                  "num_samples": len(published)})
+            continue
+        with contextlib.ExitStack() as stack:
+            index: Dict[str, Tuple[tarfile.TarFile, tarfile.TarInfo]] = {}
+            for path in sources:
+                if path.is_file():
+                    tar = stack.enter_context(tarfile.open(path))
+                    for info in tar.getmembers():
+                        index.setdefault(info.name, (tar, info))
+
+            def member(key: str, ext: str) -> bytes:
+                if f"{key}.{ext}" not in index:
+                    raise RuntimeError(f"--retry-failed: sample {key} of shard {i} is in neither {sources[0]} nor "
+                                       f"{sources[1]}; the dataset was changed by something else")
+                tar, info = index[f"{key}.{ext}"]
+                return tar.extractfile(info).read()
+
+            with shards.ShardWriter(out, i) as writer:
+                for key in entry["keys"]:
+                    writer.write(key, member(key, "jpg"), member(key, "txt").decode("utf-8"),
+                                 json.loads(member(key, "json")))
+                writer.commit(entry["stats"])
+        tmp = work / f"{i:06d}.kept.tmp.npy"
+        np.save(tmp, np.array(entry["hashes"], np.uint64))
+        durable_replace(tmp, _kept_path(work, i))
+
+
+def retry_failed(job: Job) -> Dict[str, Any]:
+    """Fetch again the rows of a finished dataset whose failure was transient, and rewrite only the shards that
+    change (they gain samples, or lose one to a retried row with the same bytes). Returns before/after counts."""
+    out, name = Path(job.out_dir), f"data_prep.{job.step} --retry-failed"
+    work, start = out / WORK, time.monotonic()
+    retry = work / RETRY
+    if job.num_workers != 1:
+        raise SystemExit(f"{name} runs as a single worker (it may rewrite any shard): drop --num-workers/"
+                         "--worker-id and run it outside a job array")
+    if not (out / shards.MANIFEST).is_file():
+        raise SystemExit(f"{out} has no {shards.MANIFEST}: finish the run first (the same command without "
+                         "--retry-failed), then retry its failed rows")
+    work.mkdir(exist_ok=True)
+    with file_lock(work / "worker-0-of-1.lock", block=False) as locked, file_lock(work / "commit.lock") as _:
+        if not locked:
+            raise SystemExit(f"another process already runs on {out}")
+        num_rows, _keep = _scan(job)
+        num_shards = math.ceil(num_rows / job.shard_size)
+        key_width = max(9, len(str(max(num_rows - 1, 0))))
+        _check_config(out, {"format": 1, "step": job.step, "num_rows": num_rows, "shard_size": job.shard_size,
+                            "key_width": key_width, **job.settings})
+        before = {k[len("status."):]: v for k, v in shards.merge_stats(out).items() if k.startswith("status.")}
+        samples_before = shards.read_manifest(out)["num_samples"]
+        plan_path = retry / "plan.json"
+        retried_rows = 0
+        if not plan_path.is_file():
+            todo: Dict[int, Dict[int, list]] = {}
+            for i in range(num_shards):
+                for row, status_name, error in json.loads((out / shards.stats_name(i)).read_text()).get("transient", []):
+                    todo.setdefault(i, {})[row] = [status_name, error]
+            retried_rows = sum(len(rows) for rows in todo.values())
+            if not todo:
+                print(f"{name}: no transient failures in {out} (timeouts, 5xx, connection and DNS errors are "
+                      f"recorded per row); nothing to do | status: {_fmt_status(before)}")
+                return {"retried": 0, "status_before": before, "status_after": before, "rewritten": 0,
+                        "num_samples_before": samples_before, "num_samples": samples_before}
+            retry.mkdir(parents=True, exist_ok=True)
+            build = [i for i in sorted(todo) if not _is_built(retry, i)]
+            print(f"{name}: {retried_rows} rows with transient failures in {len(todo)} shards; fetching them again",
+                  file=sys.stderr)
+            if build:
+                bar = tqdm(total=sum(len(todo[i]) for i in build), desc="retry rows", unit=" rows",
+                           disable=not job.progress)
+
+                def on_event(event: tuple) -> None:
+                    if event[0] == "rows":
+                        bar.update(event[1])
+
+                builder_args = (retry, job.processor, job.threads, key_width)
+                tasks = _retry_tasks(job, todo, build)
+                if job.processes > 1 and len(build) > 1:
+                    _build_in_processes(job, tasks, builder_args, on_event)
+                else:
+                    ShardBuilder(*builder_args, report=on_event).run(tasks)
+                bar.close()
+            atomic_write(plan_path, json.dumps(_retry_plan(out, work, retry, todo, num_shards, key_width)))
+        plan = json.loads(plan_path.read_text())
+        _apply_retry_plan(out, work, retry, plan)
+        after = {k[len("status."):]: v for k, v in shards.merge_stats(out).items() if k.startswith("status.")}
+        manifest = shards.write_manifest(out, {"created_by": f"data_prep.{job.step}", "status": after})
+        shutil.rmtree(retry)
+    gained = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
+              if after.get(k, 0) != before.get(k, 0)}
+    print(f"{name}: {retried_rows or 'the planned'} rows retried, {len(plan)} shards rewritten in "
+          f"{time.monotonic() - start:.1f}s | samples {samples_before} -> {manifest['num_samples']} | change: "
+          f"{' '.join(f'{k}={v:+d}' for k, v in gained.items()) or 'none'} | status: {_fmt_status(after)}")
+    return {"retried": retried_rows, "status_before": before, "status_after": after, "rewritten": len(plan),
+            "num_samples_before": samples_before, "num_samples": manifest["num_samples"]}

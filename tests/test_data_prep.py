@@ -557,3 +557,75 @@ def test_robots_txt_is_fetched_once_per_host_and_honoured(tmp_path, photos):
         everything = shards.merge_stats(tmp_path / "all")
         assert (everything["status.success"], everything["status.duplicate_content"]) == (4, 1)  # /hop = b.jpg
         assert server.hits["/robots.txt"] == 1 and down.hits["/robots.txt"] == 2  # not asked again
+
+
+def test_retry_failed_refetches_transient_rows_and_keeps_the_dataset_exact(tmp_path, photos, monkeypatch):
+    """A run where a 503, a timeout and a permanent 500 were transient failures (a 404 is not); the server heals;
+    --retry-failed fetches only those three rows and rewrites only the shards that change. The result equals a
+    fresh run against the healed server, including content dedup: row 1 now succeeds with the bytes of row 6, so
+    row 6 (another shard, kept until now) becomes duplicate_content. A kill in the middle of the rewrite resumes."""
+    from data_prep import pipeline
+
+    p = photos
+    healthy = [("/a", p["astronaut.png"]), ("/b", p["coffee.jpg"]), ("/c", None), ("/d", p["rocket.jpg"]),
+               ("/e", p["retina.jpg"]), ("/f", p["hubble.jpg"]), ("/g", p["coffee.jpg"]), ("/h", p["camera.png"]),
+               ("/i", p["moto.jpg"]), ("/j", p["chelsea.webp"]), ("/k", None), ("/l", p["ihc.png"]),
+               ("/m", p["flaky.jpg"]), ("/n", p["rotated.jpg"])]
+    routes = {path: Route(body) for path, body in healthy if body}
+    routes.update({"/c": Route(status=404, body=b"gone", content_type="text/plain"),
+                   "/k": Route(status=500, body=b"down", content_type="text/plain")})
+    broken = {**routes, "/b": Route(status=503, body=b"busy", content_type="text/plain"),
+              "/f": Route(p["hubble.jpg"], stall=30)}
+    with LoopbackServer(broken) as server, LoopbackServer(routes) as fresh:
+        def run(out, srv, *extra):
+            (tmp_path / f"{out}.txt").write_text("".join(srv.url(path) + "\n" for path, _ in healthy))
+            return download.main([str(tmp_path / f"{out}.txt"), "-o", str(tmp_path / out), "--shard-size", "4",
+                                  "--allow-network", "127.0.0.0/8", "--timeout", "1", "--retries", "0",
+                                  "--ignore-robots-txt", "--processes", "1", "--threads", "4", "--no-progress", *extra])
+
+        assert run("ds", server) == 0
+        first = shards.merge_stats(tmp_path / "ds")
+        assert (first["status.success"], first["status.failed_to_download"]) == (10, 4)
+        transient = [json.loads((tmp_path / "ds" / shards.stats_name(i)).read_text())["transient"] for i in range(4)]
+        assert [[row for row, *_ in t] for t in transient] == [[1], [5], [10], []]  # the 404 is final
+        untouched = {i: (tmp_path / "ds" / shards.shard_name(i)).stat().st_mtime_ns for i in (2, 3)}
+        hits = dict(server.hits)
+
+        server.routes.update({"/b": routes["/b"], "/f": routes["/f"]})  # the server heals, except /k
+        real_apply = pipeline._apply_retry_plan
+
+        def killed_after_one_shard(out, work, retry, plan):
+            real_apply(out, work, retry, {"0": plan["0"]})
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(pipeline, "_apply_retry_plan", killed_after_one_shard)
+        with pytest.raises(KeyboardInterrupt):
+            run("ds", server, "--retry-failed")
+        monkeypatch.undo()
+        fetched = {path: n - hits.get(path, 0) for path, n in server.hits.items() if n != hits.get(path, 0)}
+        assert fetched == {"/b": 1, "/f": 1, "/k": 1}  # only the transient rows, once each
+        assert run("ds", server, "--retry-failed") == 0  # resumes the rewrite from its plan: nothing fetched
+        assert sum(server.hits.values()) == sum(hits.values()) + 3
+
+        assert run("fresh", fresh) == 0
+    after = shards.merge_stats(tmp_path / "ds")
+    assert (after["status.success"], after["status.duplicate_content"], after["status.failed_to_download"]) == \
+        (11, 1, 2)
+    assert {k: v for k, v in after.items() if k.startswith(("status.", "errors."))} == \
+        {k: v for k, v in shards.merge_stats(tmp_path / "fresh").items() if k.startswith(("status.", "errors."))}
+
+    def content(out):
+        return {k: (json.loads(m["json"])["sha256"], m["txt"], m["jpg"]) for k, m in read_samples(out).items()}
+
+    ds, reference = content(tmp_path / "ds"), content(tmp_path / "fresh")
+    assert sorted(ds) == sorted(reference) == [f"{r:09d}" for r in (0, 1, 3, 4, 5, 7, 8, 9, 11, 12, 13)]
+    assert all(ds[k][:2] == reference[k][:2] for k in ds)  # same bytes, same captions (url differs: two servers)
+    manifest = shards.read_manifest(tmp_path / "ds")
+    assert [s["num_samples"] for s in manifest["shards"]] == [3, 3, 3, 2] and manifest["num_samples"] == 11
+    assert manifest["status"] == shards.read_manifest(tmp_path / "fresh")["status"]
+    # shard 2 kept its samples (its /k failed again): only its stats changed; shard 3 had nothing to retry
+    assert {i: (tmp_path / "ds" / shards.shard_name(i)).stat().st_mtime_ns for i in (2, 3)} == untouched
+    assert json.loads((tmp_path / "ds" / shards.stats_name(2)).read_text())["transient"] == [[10, "failed_to_download", "http 500"]]
+    assert not (tmp_path / "ds" / "_work" / "retry").exists()
+    loaded = wds.WebDataset(str(tmp_path / "ds" / "{000000..000003}.tar"), shardshuffle=False)
+    assert sorted(s["__key__"] for s in loaded) == sorted(ds)
