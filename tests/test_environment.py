@@ -69,3 +69,18 @@ def test_ci_fails_where_a_user_skips(tmp_path):
     ci = subprocess.run(cmd, cwd=REPO, env=dict(env, CI="true"), capture_output=True, text=True, timeout=300)
     assert ci.returncode == 1 and re.search(r"\b1 (failed|error)\b", ci.stdout), ci.stdout[-2000:]  # fixture: error
     assert "skipped under CI=true" in ci.stdout and str(tmp_path / "absent") in ci.stdout
+
+
+def test_data_prep_does_not_import_torch_and_the_torchvision_fix_still_applies():
+    """``import albef`` arms the torchvision fix instead of importing torch: data_prep (which uses albef.fsutil)
+    paid 2.8 s of torch/torchvision import per process. timm, which imports torchvision, must still work (on
+    machines where pip paired CPU torch with a CUDA torchvision, only the fix makes that import succeed)."""
+    code = ("import sys, data_prep.download, data_prep.crawl\n"
+            "assert 'torch' not in sys.modules and 'torchvision' not in sys.modules, 'torch imported'\n"
+            "import timm, torchvision.transforms\n"
+            "import torchvision\n"
+            "assert torchvision.__spec__.name == 'torchvision' and torchvision.__spec__.origin.endswith('__init__.py')\n"
+            "from albef.models import build_model\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
