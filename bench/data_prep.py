@@ -13,6 +13,8 @@ off: we do not extract EXIF). img2dataset runs with ``processes_count`` 1 and on
 its faster median is the baseline. data_prep runs with its default process count. Samples/s = samples written /
 wall time of the whole command (start-up included); CPU ms/sample (user + sys of the command and its children) is
 printed too, being less sensitive to other load on the machine. The output check compares image sizes.
+``--with-urllib3`` adds data_prep over urllib3 connection pools (``bench/urllib3_fetcher.py``) and prints its ratio
+to data_prep's own http.client transport.
 """
 from __future__ import annotations
 
@@ -102,7 +104,8 @@ def command(tool: str, processes: Optional[int], url_list: Path, out: Path, a: a
                 "--encode_quality", "95", "--number_sample_per_shard", str(a.shard_size), "--timeout", "10",
                 "--retries", "0", "--extract_exif", "False", "--compute_hash", "sha256", "--enable_wandb", "False",
                 "--distributor", "multiprocessing"]
-    return [sys.executable, "-m", "data_prep.download", str(url_list), "--output", str(out),
+    entry = [str(REPO / "bench" / "urllib3_fetcher.py")] if tool == "data_prep_urllib3" else ["-m", "data_prep.download"]
+    return [sys.executable, *entry, str(url_list), "--output", str(out),
             "--allow-network", "127.0.0.0/8", *(["--processes", str(processes)] if processes else []),
             "--threads", str(a.threads), "--image-size", "256", "--resize-mode", "keep_ratio", "--resize-side",
             "shortest", "--quality", "95", "--shard-size", str(a.shard_size), "--timeout", "10", "--retries", "0"]
@@ -151,6 +154,9 @@ def main() -> int:
     p.add_argument("--data-prep-processes", type=int, default=None, help="default: data_prep's own default")
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--img2dataset-spec", default=I2D_SPEC)
+    p.add_argument("--with-urllib3", action="store_true",
+                   help="also run data_prep over urllib3 connection pools (bench/urllib3_fetcher.py), to see what "
+                        "the library would cost or gain against data_prep's http.client transport")
     a = p.parse_args()
 
     i2d_exe = ensure_img2dataset(a.img2dataset_spec)
@@ -162,6 +168,8 @@ def main() -> int:
               Route(data, content_type="image/png" if i % 10 == 9 else "image/jpeg") for i, data in enumerate(images)}
     configs = [(f"img2dataset processes={n}", "img2dataset", n)
                for n in sorted({int(x) for x in a.img2dataset_processes.split(",")})]
+    if a.with_urllib3:
+        configs.append(("data_prep over urllib3", "data_prep_urllib3", a.data_prep_processes))
     configs.append((f"data_prep processes={a.data_prep_processes or 'default'}", "data_prep", a.data_prep_processes))
     rates, cpu, sizes = ({label: [] for label, _, _ in configs} for _ in range(3))
     with tempfile.TemporaryDirectory(prefix="bench-data-prep-") as tmp, LoopbackServer(routes) as server:
@@ -176,7 +184,7 @@ def main() -> int:
                 cpu[label].append(cpu_ms)
     median = {label: statistics.median(v) for label, v in rates.items()}
     ours_label = configs[-1][0]
-    base_label = max((c[0] for c in configs[:-1]), key=median.get)
+    base_label = max((c[0] for c in configs if c[1] == "img2dataset"), key=median.get)
     ours, theirs = median[ours_label], median[base_label]
     same = sum(abs(x[0] - y[0]) <= 1 and abs(x[1] - y[1]) <= 1 for x, y in zip(sizes[ours_label], sizes[base_label]))
     print(f"output check: {len(sizes[ours_label])} vs {len(sizes[base_label])} samples; {same} image sizes agree "
@@ -187,6 +195,11 @@ def main() -> int:
                       "img2dataset_cpu_ms_per_sample": round(statistics.median(cpu[base_label]), 2)}))
     print(f"RESULT: data_prep {ours:.1f} samples/s vs img2dataset {theirs:.1f} samples/s ({base_label}, its best) "
           f"-> {ours / theirs:.2f}x")
+    if a.with_urllib3:
+        u3 = median["data_prep over urllib3"]
+        print(f"RESULT: data_prep over urllib3 {u3:.1f} samples/s "
+              f"({statistics.median(cpu['data_prep over urllib3']):.2f} CPU ms/sample) vs over http.client "
+              f"{ours:.1f} ({statistics.median(cpu[ours_label]):.2f}) -> {u3 / ours:.2f}x")
     return 0
 
 
