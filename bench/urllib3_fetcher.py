@@ -18,8 +18,10 @@ import ssl
 import sys
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from pathlib import Path
+from urllib.parse import urljoin
 
 import urllib3
 
