@@ -21,7 +21,7 @@
 #   ALBEF_REQUEUE           0: never requeue, just exit 75 (default 1)
 #   ALBEF_RESIGNAL_SECONDS  re-send a forwarded signal this often until the tasks end (default 60; 0: never)
 #   ALBEF_SIGNAL_GRACE      a signal that arrives in a step's first N seconds is forwarded N seconds after its start
-#                           (default 10: the tasks must exist and have set up their USR1 handling)
+#                           (default 5: the tasks must exist and have set up their USR1 handling)
 #   ALBEF_SRUN_WAIT         seconds srun waits for the other tasks once one has ended (default 300)
 
 ALBEF_EXIT_REQUEUE=75  # albef.engine.trainer.EXIT_REQUEUE: "checkpoint saved, requeue me"
@@ -124,7 +124,7 @@ _albef_on_signal() {
     ALBEF_SIGNALS+="$sig "
     albef_log "batch script received SIG$sig"
     if [[ -n $ALBEF_STEP_PID ]] && kill -0 "$ALBEF_STEP_PID" 2>/dev/null; then
-        if (( SECONDS - ALBEF_STEP_STARTED >= ${ALBEF_SIGNAL_GRACE:-10} )); then
+        if (( SECONDS - ALBEF_STEP_STARTED >= ${ALBEF_SIGNAL_GRACE:-5} )); then
             _albef_forward "$sig"
         fi  # else the tasks may not exist yet, or not yet ignore USR1: the resender forwards it after the grace
         _albef_start_resender "$sig"
@@ -136,7 +136,7 @@ _albef_on_signal() {
 # signal's default action kills it (exit 138 instead of a checkpoint). So a signal is first forwarded once the step
 # has run ALBEF_SIGNAL_GRACE seconds, then re-sent every ALBEF_RESIGNAL_SECONDS for a task still importing torch.
 _albef_start_resender() {
-    local sig=$1 every=${ALBEF_RESIGNAL_SECONDS:-60} grace=${ALBEF_SIGNAL_GRACE:-10}
+    local sig=$1 every=${ALBEF_RESIGNAL_SECONDS:-60} grace=${ALBEF_SIGNAL_GRACE:-5}
     [[ -z $_ALBEF_RESENDER ]] || return 0
     local first=$(( grace - (SECONDS - ALBEF_STEP_STARTED) ))
     (( first > 0 || every > 0 )) || return 0  # already forwarded, and no repeats wanted

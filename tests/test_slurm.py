@@ -428,7 +428,9 @@ def test_data_prep_array_task_requeued_on_usr1(cluster, world, tmp_path):
 
     images = sorted((world / "images").glob("*.jpg"))[:80]
     assert len(images) == 80
-    server = LoopbackServer({f"/{i}.jpg": Route(p.read_bytes(), delay=0.15) for i, p in enumerate(images)}).start()
+    # 0.4 s per image, one thread: a task takes 16 s, so it is still downloading when the batch shell forwards the
+    # signal (ALBEF_SIGNAL_GRACE, 5 s after the step's start, slurm/common.sh).
+    server = LoopbackServer({f"/{i}.jpg": Route(p.read_bytes(), delay=0.4) for i, p in enumerate(images)}).start()
     try:
         urls = tmp_path / "urls.jsonl"
         urls.write_text("".join(json.dumps({"url": server.url(f"/{i}.jpg"), "caption": f"picture number {i}"}) + "\n"
