@@ -206,7 +206,8 @@ class Committer:
     def _commit(self, i: int) -> None:
         stats_path, tar_path = self.work / shards.stats_name(i), self.work / shards.shard_name(i)
         stats = json.loads(stats_path.read_text())
-        samples = sorted(stats.pop("samples"), key=lambda s: s[1])  # [key, row, content hash]
+        written = stats.pop("samples")  # [key, row, content hash], in the order the tar holds them
+        samples = sorted(written, key=lambda s: s[1])
         earlier = self.index.contains([s[2] for s in samples])
         drop, kept, seen = set(), [], set()
         for (key, _, h), dup in zip(samples, earlier):
@@ -221,17 +222,29 @@ class Committer:
         tmp = self.work / f"{i:06d}.kept.tmp.npy"
         np.save(tmp, np.array(kept, np.uint64))
         durable_replace(tmp, _kept_path(self.work, i))
-        if drop:
-            with shards.ShardWriter(self.out, i) as writer:
-                for key, members in shards.iter_tar_samples(tar_path):
-                    if key not in drop:
-                        writer.write(key, members["jpg"], members["txt"].decode("utf-8"), json.loads(members["json"]))
-                writer.commit(stats)
+        if drop or written != samples:
+            # Threads finish rows out of order: the published tar holds its samples in row order, so that the same
+            # input gives the same shards (and a training run that reads them, the same batches).
+            _write_in_row_order(self.out, i, tar_path, [key for key, _, _ in samples if key not in drop], stats)
             tar_path.unlink()
         else:
             shards.publish(self.out, i, tar_path, len(samples), stats)
         stats_path.unlink()
         self.index.add(kept)
+
+
+def _write_in_row_order(out: Path, i: int, source: Path, keys: List[str], stats: Dict[str, Any]) -> None:
+    """Publish shard ``i`` with the samples ``keys`` of ``source``, in that order (random access into the tar)."""
+    with tarfile.open(source) as tar:
+        members = {info.name: info for info in tar.getmembers()}
+
+        def read(key: str, ext: str) -> bytes:
+            return tar.extractfile(members[f"{key}.{ext}"]).read()
+
+        with shards.ShardWriter(out, i) as writer:
+            for key in keys:
+                writer.write(key, read(key, "jpg"), read(key, "txt").decode("utf-8"), json.loads(read(key, "json")))
+            writer.commit(stats)
 
 
 class _Shard:

@@ -183,9 +183,11 @@ def test_download_faults_exact_stats_and_webdataset_readback(tmp_path, photos):
 
         samples = read_samples(out)
         assert sorted(samples) == [f"{r:09d}" for r in sorted(SUCCESS_ROWS)]  # every good image exactly once
-        for tar in out.glob("*.tar"):  # member names come from row numbers, never from URLs
+        for tar in out.glob("*.tar"):  # member names come from row numbers, never from URLs; in row order
             with tarfile.open(tar) as t:
                 assert all(re.fullmatch(r"\d{9}\.(jpg|txt|json)", name) for name in t.getnames())
+                keys = [name.partition(".")[0] for name in t.getnames()[::3]]
+                assert keys == sorted(keys), (tar.name, keys)
         for row, name in SUCCESS_ROWS.items():
             members = samples[f"{row:09d}"]
             meta = json.loads(members["json"])
