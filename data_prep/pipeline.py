@@ -191,8 +191,7 @@ class Committer:
                 self.frontier += 1
             if self.frontier < self.num_shards:
                 return False
-            totals = shards.merge_stats(self.out)
-            status = {k[len("status."):]: v for k, v in totals.items() if k.startswith("status.")}
+            status = _status_totals(self.out)
             shards.write_manifest(self.out, {"created_by": f"data_prep.{self.step}", "status": status})
             return True
 
@@ -432,6 +431,17 @@ def _build_in_processes(job: Job, tasks: Iterator[Task], builder_args: tuple, on
         raise RuntimeError(f"building shards failed; rerun the same command to resume:\n{failure}")
 
 
+def _build(job: Job, folder: Path, key_width: int, tasks: Iterator[Task], num_tasks: int,
+           on_event: Callable[[tuple], None]) -> None:
+    """Phase A: build the shard tasks into ``folder``, in ``job.processes`` processes when there is more than one
+    shard to build, else in this process."""
+    builder_args = (folder, job.processor, job.threads, key_width)
+    if job.processes > 1 and num_tasks > 1:
+        _build_in_processes(job, tasks, builder_args, on_event)
+    else:
+        ShardBuilder(*builder_args, report=on_event).run(tasks)
+
+
 def _scan(job: Job) -> Tuple[int, Optional[np.ndarray]]:
     """Number of input rows, and the mask of rows kept by the dedup key (None: no dedup)."""
     bar = tqdm(desc="scan input", unit=" rows", disable=not job.progress, mininterval=0.5)
@@ -486,6 +496,21 @@ def _check_config(out_dir: Path, config: Dict[str, Any]) -> None:
     atomic_write(path, json.dumps(config, indent=1, sort_keys=True))
 
 
+def _status_totals(out: Path) -> Dict[str, int]:
+    """Rows per status over the dataset's shard stats."""
+    return {k[len("status."):]: v for k, v in shards.merge_stats(out).items() if k.startswith("status.")}
+
+
+def _plan(job: Job, out: Path) -> Tuple[int, Optional[np.ndarray], int, int]:
+    """Scan the input and check it against the folder's settings: (rows, dedup mask, shards, key width)."""
+    num_rows, keep = _scan(job)
+    num_shards = math.ceil(num_rows / job.shard_size)
+    key_width = max(9, len(str(max(num_rows - 1, 0))))
+    _check_config(out, {"format": 1, "step": job.step, "num_rows": num_rows, "shard_size": job.shard_size,
+                        "key_width": key_width, **job.settings})
+    return num_rows, keep, num_shards, key_width
+
+
 def _fmt_status(status: Dict[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(status.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -499,11 +524,7 @@ def run(job: Job) -> Dict[str, Any]:
     with file_lock(work / f"worker-{job.worker_id}-of-{job.num_workers}.lock", block=False) as locked:
         if not locked:
             raise SystemExit(f"another process already runs worker {job.worker_id} of {job.num_workers} on {out}")
-        num_rows, keep = _scan(job)
-        num_shards = math.ceil(num_rows / job.shard_size)
-        key_width = max(9, len(str(max(num_rows - 1, 0))))
-        _check_config(out, {"format": 1, "step": job.step, "num_rows": num_rows, "shard_size": job.shard_size,
-                            "key_width": key_width, **job.settings})
+        num_rows, keep, num_shards, key_width = _plan(job, out)
         owned = range(job.worker_id, num_shards, job.num_workers)
         todo = [i for i in owned if not _is_built(out, i) and not _is_built(work, i)]
         todo_rows = sum(min(job.shard_size, num_rows - i * job.shard_size) for i in todo)
@@ -526,17 +547,12 @@ def run(job: Job) -> Dict[str, Any]:
                 committer.advance(block=False)
 
         if todo:
-            builder_args = (work, job.processor, job.threads, key_width)
-            tasks = _tasks(job, keep, todo)
-            if job.processes > 1 and len(todo) > 1:
-                _build_in_processes(job, tasks, builder_args, on_event)
-            else:
-                ShardBuilder(*builder_args, report=on_event).run(tasks)
+            _build(job, work, key_width, _tasks(job, keep, todo), len(todo), on_event)
         bar.close()
         complete = committer.advance(block=True)
 
     elapsed = time.monotonic() - start
-    status = {k[len("status."):]: v for k, v in shards.merge_stats(out).items() if k.startswith("status.")}
+    status = _status_totals(out)
     summary = {"worker": job.worker_id, "num_workers": job.num_workers, "rows": num_rows, "shards": num_shards,
                "built": counts["built"], "rows_processed": counts["rows"], "ok": counts["ok"], "seconds": elapsed,
                "published": committer.frontier, "complete": complete,
@@ -683,12 +699,8 @@ def retry_failed(job: Job) -> Dict[str, Any]:
     with file_lock(work / "worker-0-of-1.lock", block=False) as locked, file_lock(work / "commit.lock") as _:
         if not locked:
             raise SystemExit(f"another process already runs on {out}")
-        num_rows, _keep = _scan(job)
-        num_shards = math.ceil(num_rows / job.shard_size)
-        key_width = max(9, len(str(max(num_rows - 1, 0))))
-        _check_config(out, {"format": 1, "step": job.step, "num_rows": num_rows, "shard_size": job.shard_size,
-                            "key_width": key_width, **job.settings})
-        before = {k[len("status."):]: v for k, v in shards.merge_stats(out).items() if k.startswith("status.")}
+        _, _, num_shards, key_width = _plan(job, out)
+        before = _status_totals(out)
         samples_before = shards.read_manifest(out)["num_samples"]
         plan_path = retry / "plan.json"
         retried_rows = 0
@@ -715,17 +727,12 @@ def retry_failed(job: Job) -> Dict[str, Any]:
                     if event[0] == "rows":
                         bar.update(event[1])
 
-                builder_args = (retry, job.processor, job.threads, key_width)
-                tasks = _retry_tasks(job, todo, build)
-                if job.processes > 1 and len(build) > 1:
-                    _build_in_processes(job, tasks, builder_args, on_event)
-                else:
-                    ShardBuilder(*builder_args, report=on_event).run(tasks)
+                _build(job, retry, key_width, _retry_tasks(job, todo, build), len(build), on_event)
                 bar.close()
             atomic_write(plan_path, json.dumps(_retry_plan(out, work, retry, todo, num_shards, key_width)))
         plan = json.loads(plan_path.read_text())
         _apply_retry_plan(out, work, retry, plan)
-        after = {k[len("status."):]: v for k, v in shards.merge_stats(out).items() if k.startswith("status.")}
+        after = _status_totals(out)
         manifest = shards.write_manifest(out, {"created_by": f"data_prep.{job.step}", "status": after})
         shutil.rmtree(retry)
     gained = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
