@@ -7,9 +7,10 @@
    Everything outside the top-k keeps -100.
 4. Queries are split across ranks; the two score matrices are summed over ranks.
 
-The official code re-ranks one query at a time (a batch of k pairs per fusion call). Here the (query, candidate)
-pairs of many queries go through the fusion encoder together in batches of ``pair_batch`` pairs, which is what
-makes evaluation several times faster on the same model (bench/retrieval_eval.py).
+The official code re-ranks one query at a time (a batch of k pairs per fusion call, every caption padded to the
+longest of the set). Here the (caption, image) pairs of all queries are fused together in batches of ``pair_batch``
+pairs, a pair asked for by both an image query and a caption query once, sorted by caption length with each batch
+cut to its longest caption (bench/retrieval_eval.py measures it against the official loops).
 
 ``recall_metrics`` implements the official ``itm_eval``: text retrieval ranks, for each image, the best-ranked of
 its ground-truth captions; image retrieval ranks each caption's one image.
@@ -59,7 +60,12 @@ def _rank_slice(n: int) -> range:
 @torch.no_grad()
 def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, k_test: int,
                pair_batch: int = 512) -> tuple:  # fmt: skip
-    """Score matrices (i2t: N_img x N_txt, t2i: N_txt x N_img) as the official evaluation, batched across queries."""
+    """Score matrices (i2t: N_img x N_txt, t2i: N_txt x N_img) as the official evaluation, batched across queries.
+
+    The (caption, image) pairs of this rank's image queries and caption queries are gathered first, and a pair that
+    both sides ask for is fused once. The pairs go through the fusion encoder sorted by caption length, each batch
+    cut to its longest caption: the padding the official code carries to every fusion call (masked keys, so the
+    scores are the same) is not computed."""
     n_img, n_txt = sims.shape
     k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
     score_i2t = torch.full((n_img, n_txt), -100.0, device=sims.device)
@@ -67,22 +73,31 @@ def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, 
     filled_i2t = torch.zeros_like(score_i2t)
     filled_t2i = torch.zeros_like(score_t2i)
 
-    def run(queries: range, k: int, topk_of, pair_of, out, filled) -> None:
-        per = max(1, pair_batch // k)
-        for start in until_stop(range(queries.start, queries.stop, per)):  # a stop request ends it on every rank
-            q = torch.arange(start, min(start + per, queries.stop), device=sims.device)
-            cand = topk_of(q, k)  # (Q, k)
-            t_idx, i_idx = pair_of(q, cand)
-            fused = model.fuse(text_embeds[t_idx], text_mask[t_idx], image_embeds[i_idx])
-            logits = model.itm_head(fused[:, 0, :])[:, 1].float().view(len(q), k)
-            out[q.unsqueeze(1), cand] = logits
-            filled[q.unsqueeze(1), cand] = 1.0
-
-    run(_rank_slice(n_img), k_i2t, lambda q, k: sims[q].topk(k, dim=1).indices,
-        lambda q, c: (c.reshape(-1), q.repeat_interleave(c.shape[1])), score_i2t, filled_i2t)  # fmt: skip
-    sims_t = sims.t()
-    run(_rank_slice(n_txt), k_t2i, lambda q, k: sims_t[q].topk(k, dim=1).indices,
-        lambda q, c: (q.repeat_interleave(c.shape[1]), c.reshape(-1)), score_t2i, filled_t2i)  # fmt: skip
+    images, texts = _rank_slice(n_img), _rank_slice(n_txt)
+    q_img = torch.arange(images.start, images.stop, device=sims.device)
+    q_txt = torch.arange(texts.start, texts.stop, device=sims.device)
+    cand_txt = sims[q_img].topk(k_i2t, dim=1).indices if len(q_img) else q_img.new_zeros(0, k_i2t)  # (Qi, k)
+    cand_img = sims.t()[q_txt].topk(k_t2i, dim=1).indices if len(q_txt) else q_txt.new_zeros(0, k_t2i)
+    pair_t = torch.cat([cand_txt.reshape(-1), q_txt.repeat_interleave(k_t2i)])
+    pair_i = torch.cat([q_img.repeat_interleave(k_i2t), cand_img.reshape(-1)])
+    unique, where = torch.unique(pair_t * n_img + pair_i, return_inverse=True)  # pair -> its unique index
+    u_t, u_i = unique // n_img, unique % n_img
+    lengths = _lengths(text_mask)
+    order = torch.argsort(lengths[u_t], stable=True)
+    logits = torch.empty(len(unique), device=sims.device)
+    for start in until_stop(range(0, len(order), pair_batch)):  # a stop request ends it on every rank
+        sel = order[start : start + pair_batch]
+        t, i = u_t[sel], u_i[sel]
+        width = int(lengths[t].max())
+        fused = model.fuse(text_embeds[t, :width], text_mask[t, :width], image_embeds[i])
+        logits[sel] = model.itm_head(fused[:, 0, :])[:, 1].float()
+    n_i2t = len(q_img) * k_i2t
+    if n_i2t:
+        score_i2t[q_img.unsqueeze(1), cand_txt] = logits[where[:n_i2t]].view(len(q_img), k_i2t)
+        filled_i2t[q_img.unsqueeze(1), cand_txt] = 1.0
+    if len(q_txt):
+        score_t2i[q_txt.unsqueeze(1), cand_img] = logits[where[n_i2t:]].view(len(q_txt), k_t2i)
+        filled_t2i[q_txt.unsqueeze(1), cand_img] = 1.0
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # Each rank filled its own query rows: sum the filled entries, then put -100 back everywhere else.
@@ -94,6 +109,12 @@ def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, 
             merged.append(torch.where(filled > 0, score, torch.full_like(score, -100.0)))
         score_i2t, score_t2i = merged
     return score_i2t, score_t2i
+
+
+def _lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Tokens up to each caption's last unmasked one (padding is at the end; a mask with holes keeps them)."""
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (positions * (mask > 0)).amax(dim=1).clamp(min=1)
 
 
 @torch.no_grad()
