@@ -45,7 +45,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from tqdm import tqdm
 
-from data_prep.net import AGENT_TOKEN, DISALLOWED_DIRECTIVES, opted_out
+from data_prep.net import AGENT_TOKEN, opted_out
 
 DEFAULT_BANNED = frozenset({
     "image", "images", "photo", "picture", "img", "logo", "icon", "thumbnail", "thumb", "placeholder", "spacer",
@@ -126,28 +126,27 @@ def _descriptor_size(descriptor: str) -> Tuple[int, float]:
         return -1, 0.0
 
 
-def _largest_candidate(srcset: str, src: str) -> str:
-    candidates = [(u, d) for u, d in srcset_candidates(srcset) if not u.lower().startswith("data:")]
-    if not candidates:
-        return ""
-    if src and not src.lower().startswith("data:"):
-        candidates.append((src, "1x"))  # src is the 1x candidate of a density srcset (it loses to any width)
-    return max(candidates, key=lambda c: _descriptor_size(c[1]))[0]
+def _is_data_uri(url: str) -> bool:
+    return url.lower().startswith("data:")
 
 
 def _image_src(attrs: Dict[str, str]) -> Tuple[str, Optional[str]]:
     """The image URL of an <img>, or ("", reason)."""
     src = attrs.get("src", "").strip()
+    saw_data_uri = False
     for name in ("srcset", "data-srcset"):
-        best = _largest_candidate(attrs.get(name, ""), src)
-        if best:
-            return best, None
-    saw_data_uri = any(attrs.get(name, "").strip().lower().startswith("data:") for name in ("src", "data-src")) or \
-        any(u.lower().startswith("data:") for name in ("srcset", "data-srcset")
-            for u, _ in srcset_candidates(attrs.get(name, "")))
+        candidates = srcset_candidates(attrs.get(name, ""))
+        usable = [(u, d) for u, d in candidates if not _is_data_uri(u)]
+        saw_data_uri |= len(usable) < len(candidates)
+        if usable:
+            if src and not _is_data_uri(src):
+                usable.append((src, "1x"))  # src is the 1x candidate of a density srcset (it loses to any width)
+            return max(usable, key=lambda c: _descriptor_size(c[1]))[0], None
     for name in ("src", "data-src"):
         value = attrs.get(name, "").strip()
-        if value and not value.lower().startswith("data:"):
+        if _is_data_uri(value):
+            saw_data_uri = True
+        elif value:
             return value, None
     return "", "data_uri" if saw_data_uri else "no_src"
 
@@ -196,15 +195,6 @@ def _caption_problem(alt: str, opt: CrawlFilter) -> Optional[str]:
     return None
 
 
-def page_opt_out(meta_robots: List[str], x_robots_tag: List[str]) -> Optional[str]:
-    """The directive by which a page keeps its images out of training sets, if any."""
-    for content in meta_robots:
-        for directive in content.split(","):
-            if directive.strip().lower() in DISALLOWED_DIRECTIVES:
-                return directive.strip().lower()
-    return opted_out(x_robots_tag)
-
-
 def extract_pairs(html: str, page_url: Optional[str], opt: CrawlFilter, counts: Counter,
                   x_robots_tag: Sequence[str] = ()) -> Iterator[Tuple[str, str]]:
     """(absolute image URL, alt text) of the usable <img> tags of one page; drops are counted in ``counts``.
@@ -215,7 +205,8 @@ def extract_pairs(html: str, page_url: Optional[str], opt: CrawlFilter, counts: 
         parser.close()
     except Exception:  # html.parser is lenient, but never let one page stop a crawl
         counts["page_parse_error"] += 1
-    if opt.respect_opt_outs and page_opt_out(parser.robots, list(x_robots_tag)):
+    # <meta name="robots"> content reads as an unscoped X-Robots-Tag value ("noai, noimageai").
+    if opt.respect_opt_outs and opted_out([*parser.robots, *x_robots_tag]):
         counts["pages_opted_out"] += 1
         counts["images"] += len(parser.images)
         counts["opted_out"] += len(parser.images)

@@ -407,7 +407,6 @@ class RobotsTxt:
         self._rules: "OrderedDict[tuple, object]" = OrderedDict()  # Protego, None (allow all) or a FetchError
         self._fetching: Dict[tuple, threading.Event] = {}
         self._lock = threading.Lock()
-        self.fetches = 0
 
     def check(self, scheme: str, host: str, port: int, path: str) -> None:
         """Raise ``FetchError`` when the robots.txt of this origin keeps us from ``path``."""
@@ -448,7 +447,6 @@ class RobotsTxt:
         default = 443 if scheme == "https" else 80
         name = f"[{host}]" if ":" in host else host  # an IPv6 literal
         netloc = name if port == default else f"{name}:{port}"
-        self.fetches += 1
         try:
             body = self.fetcher.fetch(f"{scheme}://{netloc}/robots.txt", robots_txt=True)
         except FetchError as e:

@@ -218,13 +218,11 @@ class Committer:
         if drop:
             stats["status"]["success"] -= len(drop)
             stats["status"]["duplicate_content"] = stats["status"].get("duplicate_content", 0) + len(drop)
-        tmp = self.work / f"{i:06d}.kept.tmp.npy"
-        np.save(tmp, np.array(kept, np.uint64))
-        durable_replace(tmp, _kept_path(self.work, i))
+        _save_kept(self.work, i, kept)
         if drop or written != samples:
             # Threads finish rows out of order: the published tar holds its samples in row order, so that the same
             # input gives the same shards (and a training run that reads them, the same batches).
-            _write_in_row_order(self.out, i, tar_path, [key for key, _, _ in samples if key not in drop], stats)
+            _write_shard(self.out, i, [tar_path], [key for key, _, _ in samples if key not in drop], stats)
             tar_path.unlink()
         else:
             shards.publish(self.out, i, tar_path, len(samples), stats)
@@ -232,18 +230,35 @@ class Committer:
         self.index.add(kept)
 
 
-def _write_in_row_order(out: Path, i: int, source: Path, keys: List[str], stats: Dict[str, Any]) -> None:
-    """Publish shard ``i`` with the samples ``keys`` of ``source``, in that order (random access into the tar)."""
-    with tarfile.open(source) as tar:
-        members = {info.name: info for info in tar.getmembers()}
+def _write_shard(out: Path, i: int, sources: List[Path], keys: List[str], stats: Dict[str, Any]) -> None:
+    """Publish shard ``i`` holding the samples ``keys``, in that order, read by random access from ``sources`` (the
+    first tar that has a key wins)."""
+    with contextlib.ExitStack() as stack:
+        index: Dict[str, Tuple[tarfile.TarFile, tarfile.TarInfo]] = {}
+        for path in sources:
+            if path.is_file():
+                tar = stack.enter_context(tarfile.open(path))
+                for info in tar.getmembers():
+                    index.setdefault(info.name, (tar, info))
 
         def read(key: str, ext: str) -> bytes:
-            return tar.extractfile(members[f"{key}.{ext}"]).read()
+            if f"{key}.{ext}" not in index:
+                raise RuntimeError(f"sample {key} of shard {i} is in none of {[str(p) for p in sources]}; the "
+                                   "dataset was changed by something else")
+            tar, info = index[f"{key}.{ext}"]
+            return tar.extractfile(info).read()
 
         with shards.ShardWriter(out, i) as writer:
             for key in keys:
                 writer.write(key, read(key, "jpg"), read(key, "txt").decode("utf-8"), json.loads(read(key, "json")))
             writer.commit(stats)
+
+
+def _save_kept(work: Path, i: int, hashes) -> None:
+    """The content hashes of published shard ``i``'s samples, in row order (what later dedup compares with)."""
+    tmp = work / f"{i:06d}.kept.tmp.npy"
+    np.save(tmp, np.array(hashes, np.uint64))
+    durable_replace(tmp, _kept_path(work, i))
 
 
 class _Shard:
@@ -464,8 +479,9 @@ def _scan(job: Job) -> Tuple[int, Optional[np.ndarray]]:
     return n, keep
 
 
-def _tasks(job: Job, keep: Optional[np.ndarray], todo: List[int]) -> Iterator[Task]:
-    """The rows of the shards in ``todo`` (sorted), read again from the input, one shard at a time."""
+def _tasks(job: Job, keep: Optional[np.ndarray], todo: List[int], only: Optional[set] = None) -> Iterator[Task]:
+    """The rows of the shards in ``todo`` (sorted), read again from the input, one shard at a time; with ``only``,
+    just those rows."""
     wanted, last = set(todo), max(todo)
     current, rows = None, []
     for r, row in enumerate(job.rows(False)):
@@ -476,7 +492,7 @@ def _tasks(job: Job, keep: Optional[np.ndarray], todo: List[int]) -> Iterator[Ta
             yield current, rows
             rows = []
         current = shard
-        if shard in wanted:
+        if shard in wanted and (only is None or r in only):
             rows.append((r, row if keep is None or keep[r] else None))
     if rows:
         yield current, rows
@@ -587,23 +603,6 @@ def _published_samples(out: Path, work: Path, i: int) -> List[Tuple[int, int]]:
     return sorted((m["row"], content_hash(bytes.fromhex(m["sha256"]))) for m in metas)
 
 
-def _retry_tasks(job: Job, todo: Dict[int, Dict[int, list]], build: List[int]) -> Iterator[Task]:
-    wanted = {row: i for i in build for row in todo[i]}
-    last = max(wanted) if wanted else -1
-    current, rows = None, []
-    for r, row in enumerate(job.rows(False)):
-        if r > last:
-            break
-        if r in wanted:
-            if wanted[r] != current and rows:
-                yield current, rows
-                rows = []
-            current = wanted[r]
-            rows.append((r, row))
-    if rows:
-        yield current, rows
-
-
 def _retry_plan(out: Path, work: Path, retry: Path, todo: Dict[int, Dict[int, list]], num_shards: int,
                 key_width: int) -> Dict[str, Any]:
     """The final stats, sample keys and content hashes of every shard the retry changes, with keep-first content
@@ -658,29 +657,8 @@ def _apply_retry_plan(out: Path, work: Path, retry: Path, plan: Dict[str, Any]) 
             shards.atomic_write_json(out / shards.stats_name(i), {**entry["stats"], "shard": shards.shard_name(i),
                                                                   "num_samples": len(published)})
             continue
-        with contextlib.ExitStack() as stack:
-            index: Dict[str, Tuple[tarfile.TarFile, tarfile.TarInfo]] = {}
-            for path in sources:
-                if path.is_file():
-                    tar = stack.enter_context(tarfile.open(path))
-                    for info in tar.getmembers():
-                        index.setdefault(info.name, (tar, info))
-
-            def member(key: str, ext: str) -> bytes:
-                if f"{key}.{ext}" not in index:
-                    raise RuntimeError(f"--retry-failed: sample {key} of shard {i} is in neither {sources[0]} nor "
-                                       f"{sources[1]}; the dataset was changed by something else")
-                tar, info = index[f"{key}.{ext}"]
-                return tar.extractfile(info).read()
-
-            with shards.ShardWriter(out, i) as writer:
-                for key in entry["keys"]:
-                    writer.write(key, member(key, "jpg"), member(key, "txt").decode("utf-8"),
-                                 json.loads(member(key, "json")))
-                writer.commit(entry["stats"])
-        tmp = work / f"{i:06d}.kept.tmp.npy"
-        np.save(tmp, np.array(entry["hashes"], np.uint64))
-        durable_replace(tmp, _kept_path(work, i))
+        _write_shard(out, i, sources, entry["keys"], entry["stats"])
+        _save_kept(work, i, entry["hashes"])
 
 
 def retry_failed(job: Job) -> Dict[str, Any]:
@@ -727,7 +705,8 @@ def retry_failed(job: Job) -> Dict[str, Any]:
                     if event[0] == "rows":
                         bar.update(event[1])
 
-                _build(job, retry, key_width, _retry_tasks(job, todo, build), len(build), on_event)
+                rows = {row for i in build for row in todo[i]}
+                _build(job, retry, key_width, _tasks(job, None, build, rows), len(build), on_event)
                 bar.close()
             atomic_write(plan_path, json.dumps(_retry_plan(out, work, retry, todo, num_shards, key_width)))
         plan = json.loads(plan_path.read_text())

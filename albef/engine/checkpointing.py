@@ -262,8 +262,9 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, model=None) -> Tuple[Dict,
                 if missing:
                     raise KeyError(f"frozen parameters/buffers missing from the checkpoint: {missing[:5]}")
                 model.load_state_dict(rest, strict=False)
-                if _loss_scaler(engine) is not None:
-                    restore_loss_scale(_loss_scaler(engine), (client_state or {}).get("loss_scale"))
+                scaler = _loss_scaler(engine)
+                if scaler is not None:
+                    restore_loss_scale(scaler, (client_state or {}).get("loss_scale"))
             else:
                 _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     except Exception as e:  # noqa: BLE001 - whatever the unpickler or DeepSpeed raised, say which checkpoint
