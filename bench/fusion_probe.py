@@ -88,6 +88,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--world", type=Path, default=Path("runs/fusion_probe_world"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mlm-weight", type=float, default=1.0, help="weight of the MLM loss in the sum (at step 0)")
+    p.add_argument("--mlm-ramp-steps", type=int, default=0,
+                   help="the MLM weight rises linearly from --mlm-weight to 1 over this many steps")
+    p.add_argument("--captions", choices=("all", "full"), default="all",
+                   help="train on all five captions of an image, or only its full description (the first)")
     a = p.parse_args()
     losses = set(a.losses.split(","))
     if not losses or losses - {"itc", "itm", "mlm"}:
@@ -96,6 +101,8 @@ def main() -> None:
     torch.manual_seed(0)
     rng = random.Random(0)
     images, captions, val_images, val_captions = load_world(a.world, 3000, 200)
+    if a.captions == "full":
+        captions = [c[:1] for c in captions]
     tok = Tokenizer()
     model = build_model("demo", "pretrain")
     model.train()
@@ -126,7 +133,8 @@ def main() -> None:
             chosen = labels != -100
             hidden = model.mlm_hidden(masked, mask, image_embeds)
             logs["mlm"] = F.cross_entropy(model.mlm_head(hidden[chosen]), labels[chosen])
-        loss = sum(logs.values())
+        w = min(1.0, a.mlm_weight + (1 - a.mlm_weight) * step / a.mlm_ramp_steps) if a.mlm_ramp_steps else a.mlm_weight
+        loss = sum(w * v if k == "mlm" else v for k, v in logs.items())
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -55,6 +55,28 @@ def test_albef_schedule_matches_the_official_recipe():
     assert alpha_at(100, 100, 0.4, 1.0) == pytest.approx(0.4) and alpha_at(500, 100, 0.4, 2.0) == pytest.approx(0.4)
 
 
+def test_pretraining_loss_weights_mlm_by_train_mlm_weight():
+    """``train.mlm_weight``: the summed loss counts MLM at that weight, ITC and ITM at 1, and the logged MLM loss is
+    the unweighted one. The default 1 is the official sum."""
+    from albef.config import load_config
+    from albef.tasks.base import Progress
+    from albef.tasks.pretrain import PretrainConfig, PretrainTask
+
+    model = build_model("tiny", "pretrain")
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(4, 3, 64, 64, generator=g), "input_ids": torch.randint(1000, 2000, (4, 9), generator=g),
+             "attention_mask": torch.ones(4, 9, dtype=torch.long)}  # fmt: skip
+    batch["input_ids"][:, 0] = 101
+    for weight in (None, 0.25, 0.0):
+        overrides = ["train.max_steps=1"] + ([f"train.mlm_weight={weight}"] if weight is not None else [])
+        task = PretrainTask(load_config(PretrainConfig, REPO / "pretrain/configs/tiny_cpu.yaml", overrides))
+        torch.manual_seed(3)
+        loss, logs = task.training_step(model, batch, Progress(0, 0, 0.0))
+        assert logs["loss_mlm"] > 1.0, logs
+        expected = (1.0 if weight is None else weight) * logs["loss_mlm"] + logs["loss_ita"] + logs["loss_itm"]
+        torch.testing.assert_close(loss, expected)
+
+
 def test_weight_decay_groups_follow_the_official_rule():
     model = build_model("tiny", "pretrain")
     decay, no_decay = param_groups(model, 0.02)

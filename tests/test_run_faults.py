@@ -34,6 +34,7 @@ CONFIG = "pretrain/configs/tiny_cpu.yaml"
     ("train.max_nonfinite_steps=0", r"override 'train.max_nonfinite_steps=0'.*>= 1"),
     ("train.save_every=-1", r"override 'train.save_every=-1'.*>= 0"),
     ("train.itm_random_negative_steps=-5", r"override 'train.itm_random_negative_steps=-5'.*>= 0"),
+    ("train.mlm_weight=-0.5", r"override 'train.mlm_weight=-0.5'.*>= 0"),
     ("train.lr=[1e-4", r"override 'train.lr=\[1e-4': not valid YAML"),
     ("train.max_steps=ten", r"override 'train.max_steps=ten'.*expected an integer"),
     ("train.no_such_key=1", r"override 'train.no_such_key=1'.*unknown key\(s\) \['no_such_key'\]"),

@@ -49,6 +49,9 @@ class TrainConfig:
     # ITM negatives drawn uniformly from the batch (not by ITC similarity) for the first N steps; official: 0 (always
     # hard). From random weights, hard negatives from the start leave the fusion encoder image-blind (README, demo)
     itm_random_negative_steps: int = 0
+    # pretraining's loss = mlm_weight x MLM + ITC + ITM; official 1. From random weights at the demo's width, MLM at
+    # weight 1 keeps ITM from learning the hard negatives in the shared fusion layers (README, demo)
+    mlm_weight: float = 1.0
     log_every: int = 10  # steps between metric rows
     save_every: int = 1000  # steps between checkpoints (0: only at the end and on signals)
     keep_last: int = 3  # complete checkpoints kept
@@ -66,7 +69,7 @@ class TrainConfig:
             raise ValueError(f"train.betas={self.betas}: expected two numbers in [0, 1), AdamW's (beta1, beta2)")
         for key, low in (("log_every", 1), ("eval_every_epochs", 1), ("max_nonfinite_steps", 1), ("epochs", 1),
                          ("save_every", 0), ("max_steps", 0), ("keep_last", 0), ("warmup_granularity", 1),
-                         ("itm_random_negative_steps", 0),
+                         ("itm_random_negative_steps", 0), ("mlm_weight", 0),
                          ("collective_timeout_s", 1)):
             if getattr(self, key) < low:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must be >= {low}")

@@ -36,7 +36,7 @@ class PretrainTask(Task):
     def training_step(self, model, batch, progress):
         out = model(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=progress.alpha,
                     hard_negatives=progress.hard_negatives)  # fmt: skip
-        loss = out["loss_mlm"] + out["loss_ita"] + out["loss_itm"]
+        loss = self.cfg.train.mlm_weight * out["loss_mlm"] + out["loss_ita"] + out["loss_itm"]
         return loss, {k: v.detach() for k, v in out.items()}
 
     def step_flops(self, batch) -> float:
