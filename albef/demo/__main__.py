@@ -51,7 +51,7 @@ class StageProgress:
     """Turns a stage's metric lines (``step N key=value ...``, ``run summary: {...}``) into one compact console line
     each: progress with ETA, the losses, throughput, MFU and memory; evaluation rows show their headline metrics."""
 
-    EVAL_KEYS = ("r_mean", "txt_r1", "img_r1", "acc", "accuracy")
+    EVAL_KEYS = ("r_mean", "txt_r1", "img_r1", "acc", "accuracy", "top1")
 
     def __init__(self, name: str, total_steps: int | None = None, clock=time.time):
         self.name, self.total, self.clock = name, total_steps, clock
@@ -218,6 +218,14 @@ def main() -> None:
                                    *data, f"init.checkpoint={pre / 'final.pth'}", "train.evaluate_only=true",
                                    f"train.output_dir={zs}", f"train.num_threads={os.cpu_count() or 2}"],
                                   out / "zeroshot.log", env, "zero-shot")  # fmt: skip
+    zc = out / "zeroshot_classes"
+    shutil.rmtree(zc, ignore_errors=True)
+    times["zero-shot classes"] = run([sys.executable, "-m", "finetune.zeroshot", "finetune/configs/demo_zeroshot.yaml",
+                                      f"data.val_file={world / 'zeroshot_val.json'}",
+                                      f"data.test_file={world / 'zeroshot_test.json'}", f"data.image_root={world / 'images'}",
+                                      f"init.checkpoint={pre / 'final.pth'}", f"train.output_dir={zc}",
+                                      f"train.num_threads={os.cpu_count() or 2}"],
+                                     out / "zeroshot_classes.log", env, "zero-shot classes")  # fmt: skip
     times["retrieval fine-tune"] = run(torchrun(a.nproc) + ["finetune.retrieval", "finetune/configs/demo_retrieval.yaml",
                                        *data, f"init.checkpoint={pre / 'final.pth'}", f"train.output_dir={ft}",
                                        "train.epochs=100", f"train.max_steps={size['finetune_steps']}", f"train.num_threads={threads}"],
@@ -280,6 +288,11 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
             lines.append(f"  {name:<22} R@1 TR {m[prefix + 'itc_txt_r1']:.1f} (ITC) -> {m[prefix + 'txt_r1']:.1f} (ITM), "
                          f"IR {m[prefix + 'itc_img_r1']:.1f} -> {m[prefix + 'img_r1']:.1f}; matched-vs-random "
                          f"{m[prefix + 'itm_match_acc']:.0f}%")  # fmt: skip
+    classes = json.loads((out / "zeroshot_classes" / "eval.json").read_text())
+    lines.append("zero-shot classification of the held-out one-object images into 24 'colour shape' classes from prompts")
+    lines.append("  (ITC features only; top-1 / top-5 %): " + "; ".join(
+        f"{split} {classes[split + '/top1']:.1f} / {classes[split + '/top5']:.1f} ({classes[split + '/num_images']:.0f} images)"
+        for split in ("val", "test")) + f"; chance {classes['test/chance']:.1f} / {5 * classes['test/chance']:.1f}")  # fmt: skip
     ve_rows = [r for r in rows(out / "ve" / "metrics.jsonl") if "test/prior_acc" in r] if (out / "ve").is_dir() else []
     if ve_rows:
         v = ve_rows[-1]
@@ -294,6 +307,7 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
     print(text, flush=True)
     (out / "summary.txt").write_text(text + "\n")
     (out / "summary.json").write_text(json.dumps({"pretrain": pre_sum, "zero_shot": zero, "fine_tuned": ft,
+                                                  "zero_shot_classes": classes,
                                                   "ve": ve_rows[-1] if ve_rows else {},
                                                   "chance": {"txt": chance_tr, "img": chance_ir},
                                                   "seconds": times, "total_seconds": total}, indent=1))  # fmt: skip

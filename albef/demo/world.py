@@ -57,6 +57,8 @@ pretraining):
   * ``dets.json``: proposals, ``{image_id: [[x, y, w, h], ...]}`` for every image. These are the exact boxes of
     all its objects, as a perfect detector would give.
   Boxes are in pixels and tight: x and y are the first pixel column and row, w and h are pixel counts.
+* ``zeroshot_val.json`` and ``zeroshot_test.json``: ``[{"image", "label": "red circle"}]``, the split's images with
+  exactly one object, labelled with its colour and shape (24 classes), for zero-shot classification.
 * ``world.json``: ``{"seed", "image_size", "image_root", "counts", "vocabulary", "scenes": {image_id: {"image",
   "split", "objects": [{"shape", "colour", "size", "position", "row", "col", "box", "rgb"}]}}}``. ``rgb`` is the
   object's exact fill colour.
@@ -420,6 +422,9 @@ def generate_world(out_dir, seed: int = 0, num_train: int = 2000, num_val: int =
         files[f"nlvr_{NLVR_VE_SPLIT[split]}.json"] = nlvr
         files[f"ve_{NLVR_VE_SPLIT[split]}.json"] = ve
         files[f"refcoco+_{split}.json"] = refs
+        if split != "train":
+            files[f"zeroshot_{split}.json"] = [{"image": scenes[n]["image"], "label": f"{o[0]['colour']} {o[0]['shape']}"}
+                                               for n in names if len(o := scenes[n]["objects"]) == 1]  # fmt: skip
     files["world.json"] = {"seed": seed, "image_size": image_size, "image_root": "images", "counts": counts,
                            "vocabulary": {"shapes": SHAPES, "colours": COLOURS, "sizes": list(SIZES),
                                           "positions": POSITIONS, "answers": ANSWERS},

@@ -97,15 +97,11 @@ class RetrievalTrainSet:
         return sample
 
 
-class RetrievalEvalSet:
-    """Official val/test file: images with their caption lists; captions numbered in file order."""
+class EvalImages:
+    """The images of an evaluation file (paths under ``image_root``), decoded with the test transform in order."""
 
-    def __init__(self, path: str, image_root: str, res: int, max_words: int):
-        entries = read_json_list(path, ("image", "caption"))
-        self.images = [os.path.join(image_root, e["image"]) for e in entries]
-        caps = [e["caption"] if isinstance(e["caption"], list) else [e["caption"]] for e in entries]
-        self.texts = [pre_caption(c, max_words) for cs in caps for c in cs]
-        self.img2txt, self.txt2img = ground_truth([len(cs) for cs in caps])
+    def __init__(self, images: List[str], image_root: str, res: int):
+        self.images = [os.path.join(image_root, image) for image in images]
         self.transform = test_transform(res)
 
     def __len__(self) -> int:
@@ -116,6 +112,17 @@ class RetrievalEvalSet:
             return self.transform(Path(self.images[i]).read_bytes(), None)
         except OSError as e:
             raise FileNotFoundError(f"evaluation image {self.images[i]}: {e.strerror or e}") from None
+
+
+class RetrievalEvalSet(EvalImages):
+    """Official val/test file: images with their caption lists; captions numbered in file order."""
+
+    def __init__(self, path: str, image_root: str, res: int, max_words: int):
+        entries = read_json_list(path, ("image", "caption"))
+        super().__init__([e["image"] for e in entries], image_root, res)
+        caps = [e["caption"] if isinstance(e["caption"], list) else [e["caption"]] for e in entries]
+        self.texts = [pre_caption(c, max_words) for cs in caps for c in cs]
+        self.img2txt, self.txt2img = ground_truth([len(cs) for cs in caps])
 
 
 class RetrievalTask(Task):
