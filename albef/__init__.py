@@ -3,6 +3,9 @@
 Importing the package has no side effects beyond arming a torchvision compatibility fix (see ``_compat``; it runs
 when torchvision is first imported): no argument parsing, no registration, no network access, no torch import.
 
+    import albef
+    model, preprocess, tokenizer = albef.load("ALBEF_4M.pth", task="retrieval")   # see albef.pretrained
+
     from albef.models import build_model
     model = build_model("tiny", task="pretrain")
 """
@@ -11,3 +14,18 @@ from albef._compat import install as _install_torchvision_fix
 _install_torchvision_fix()
 
 __version__ = "0.1.0"
+
+
+def load(name_or_path, task=None, device="cpu", dtype=None, model=None):
+    """``(model, preprocess, tokenizer)`` from a checkpoint file, run directory, ``save_pretrained`` folder or hub
+    id: ``albef.pretrained.load`` (imported on first call, so ``import albef`` stays free of torch)."""
+    from albef.pretrained import load as _load
+
+    return _load(name_or_path, task, device, dtype, model)
+
+
+def save_pretrained(model, directory, **card):
+    """A folder ``albef.load`` reads (weights, config, model card): ``albef.pretrained.save_pretrained``."""
+    from albef.pretrained import save_pretrained as _save
+
+    return _save(model, directory, **card)

@@ -75,14 +75,18 @@ def read_state_dict(path: Union[str, Path]) -> StateDict:
     Accepts ``{'model': sd}`` (official and ours), ``{'module': sd}`` (DeepSpeed model states), ``{'state_dict': sd}``
     or a bare state dict; a ``module.`` prefix (DDP) is removed.
     """
+    return unwrap_state_dict(read_checkpoint(path), str(path))
+
+
+def read_checkpoint(path: Union[str, Path]) -> object:
+    """The object saved in a checkpoint file, loaded without running code (``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-tensor objects
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    return unwrap_state_dict(obj, str(path))
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
