@@ -1,8 +1,8 @@
 """Bulk image and text embeddings, or ITC/ITM scores of (image, caption) pairs, from any ``albef.load`` source.
 
-    python -m albef.embed --checkpoint ALBEF_4M.pth --input shards/ --out emb/                # webdataset shards
-    python -m albef.embed --checkpoint run/ --input photos/ --out emb/ --format npy           # an image folder
-    python -m albef.embed --checkpoint run/ --input coco_test.json --image-root coco/ --out s/ --mode score
+    python -m albef.embed --checkpoint ALBEF_4M.pth --input shards/ --output emb/                # webdataset shards
+    python -m albef.embed --checkpoint run/ --input photos/ --output emb/ --format npy           # an image folder
+    python -m albef.embed --checkpoint run/ --input coco_test.json --image-root coco/ --output s/ --mode score
     torchrun --nproc_per_node=8 -m albef.embed ...      # or srun: each rank takes every world-th part
 
 Inputs: a shard folder with ``manifest.json`` or a brace pattern of tar files (one part per shard; the caption is
@@ -186,35 +186,51 @@ def read_part(path: Path) -> Dict[str, object]:
 
 
 # ------------------------------------------------------------------------------------------------------- main
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a command that runs a model over data (this one and data_prep.filter)."""
+    p.add_argument("--checkpoint", required=True, help="anything albef.load takes (file, run dir, folder, hub id)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes per rank")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def load_model(a: argparse.Namespace):
+    """(model, preprocess, tokenizer, device, dtype) from ``add_model_arguments``' options; refuses bad values."""
+    if a.batch_size < 1 or a.workers < 0:
+        raise SystemExit(f"error: --batch-size={a.batch_size} must be >= 1 and --workers={a.workers} >= 0")
+    from albef.pretrained import load
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, a.dtype)
+    model, preprocess, tokenizer = load(a.checkpoint, task="retrieval", device=device, dtype=dtype)
+    return model, preprocess, tokenizer, device, dtype
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m albef.embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--checkpoint", required=True, help="anything albef.load takes (file, run dir, folder, hub id)")
     p.add_argument("--input", required=True, help="shard folder / tar brace pattern, image folder, or ALBEF JSON")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--output", required=True, type=Path)
     p.add_argument("--image-root", default="", help="prefix of the JSON's image paths")
     p.add_argument("--mode", choices=("embed", "score"), default="embed")
     p.add_argument("--format", choices=("parquet", "npy"), default="parquet")
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--part-size", type=int, default=10000, help="rows per part (JSON, image folder)")
-    p.add_argument("--workers", type=int, default=2, help="image decoding processes per rank")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--no-progress", action="store_true")
+    add_model_arguments(p)
     a = p.parse_args(argv)
-    if a.batch_size < 1 or a.part_size < 1 or a.workers < 0:
-        p.error("--batch-size and --part-size must be >= 1, --workers >= 0")
+    if a.part_size < 1:
+        p.error("--part-size must be >= 1")
     from albef.engine.dist import detect
-    from albef.pretrained import load
 
     env = detect()
     parts = plan_parts(a.input, a.image_root, a.part_size)
     suffix = ".parquet" if a.format == "parquet" else ".npz"
-    a.out.mkdir(parents=True, exist_ok=True)
+    out = a.output
+    out.mkdir(parents=True, exist_ok=True)
     mine = [i for i in range(len(parts)) if i % env.world_size == env.rank]
-    todo = [i for i in mine if not (a.out / f"part-{i:05d}{suffix}").is_file()]
-    dtype = getattr(torch, a.dtype)
-    model, preprocess, tokenizer = load(a.checkpoint, task="retrieval", device=a.device, dtype=dtype)
+    todo = [i for i in mine if not (out / f"part-{i:05d}{suffix}").is_file()]
+    model, preprocess, tokenizer, device, dtype = load_model(a)
     total = sum(len({r[1] for r in parts[i]["rows"]}) if parts[i]["kind"] == "records" else parts[i]["shard"].num_samples
                 for i in todo)  # images to encode: the bar's unit
     from tqdm import tqdm
@@ -224,20 +240,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0, rows_done = time.time(), 0
     for i in todo:
         rows = part_rows(parts[i])
-        columns = embed_part(rows, model, preprocess, tokenizer, a.mode, a.batch_size, a.workers, a.device, dtype, bar)
-        write_part(columns, a.out / f"part-{i:05d}{suffix}", a.format)
+        columns = embed_part(rows, model, preprocess, tokenizer, a.mode, a.batch_size, a.workers, device, dtype, bar)
+        write_part(columns, out / f"part-{i:05d}{suffix}", a.format)
         rows_done += len(rows)
     bar.close()
     print(f"albef.embed rank {env.rank}/{env.world_size}: {len(todo)} part(s) written, {len(mine) - len(todo)} already "
           f"there, {rows_done} rows in {time.time() - t0:.1f}s", flush=True)  # fmt: skip
-    files = [a.out / f"part-{i:05d}{suffix}" for i in range(len(parts))]
+    files = [out / f"part-{i:05d}{suffix}" for i in range(len(parts))]
     if all(f.is_file() for f in files):
         manifest = {"mode": a.mode, "format": a.format, "checkpoint": str(a.checkpoint), "input": a.input,
                     "embed_dim": model.cfg.embed_dim, "parts": [f.name for f in files]}  # fmt: skip
-        tmp = a.out / "manifest.json.tmp"
+        tmp = out / "manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(a.out / "manifest.json")
-        print(f"albef.embed: all {len(files)} part(s) present; wrote {a.out / 'manifest.json'}", flush=True)
+        tmp.replace(out / "manifest.json")
+        print(f"albef.embed: all {len(files)} part(s) present; wrote {out / 'manifest.json'}", flush=True)
     return 0
 
 

@@ -64,6 +64,17 @@ def demo_world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory):
+    """A randomly initialised DEMO retrieval model (seed 0, 48 px) saved by albef.save_pretrained."""
+    import albef
+    from albef.models import build_model
+
+    out = tmp_path_factory.mktemp("demo_model") / "model"
+    albef.save_pretrained(build_model("demo", "retrieval", seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def world_shards(demo_world, tmp_path_factory):
     """Real webdataset shards made by data_prep from the demo world's pretraining JSON (8 shards of 24)."""
     from data_prep.annotations import main as annotations

@@ -17,23 +17,21 @@ import torch.nn.functional as F
 import albef
 from albef.demo.world import generate_world
 from albef.embed import read_part
-from albef.models import build_model
 from albef.tokenizer import pre_caption
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, demo_model_dir):
     root = tmp_path_factory.mktemp("embed")
     generate_world(root / "world", seed=5, num_train=12, num_val=2, num_test=7, image_size=48)
-    torch.manual_seed(0)
-    albef.save_pretrained(build_model("demo", "retrieval"), root / "model")
+    (root / "model").symlink_to(demo_model_dir)
     return root
 
 
 def _embed(setup, out: Path, *args, env=None):
-    cmd = [sys.executable, "-m", "albef.embed", "--checkpoint", str(setup / "model"), "--out", str(out),
+    cmd = [sys.executable, "-m", "albef.embed", "--checkpoint", str(setup / "model"), "--output", str(out),
            "--workers", "0", "--no-progress", *args]  # fmt: skip
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, **(env or {})))  # fmt: skip

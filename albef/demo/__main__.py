@@ -138,6 +138,22 @@ def run(cmd, log: Path, env=None, name: str | None = None, total_steps: int | No
     return time.time() - t0
 
 
+def noisy_pairs(world: Path, out: Path, fraction: float = 0.3, seed: int = 0) -> Path:
+    """The held-out (val + test) images with their first caption, a ``fraction`` of them given another image's caption
+    (a cyclic swap among a seeded sample; ``"swapped": true`` in their entries, kept in the shards' metadata): web
+    noise of a known size for the filter stage."""
+    import random
+
+    rows = [{"image": e["image"], "caption": e["caption"][0], "swapped": False}
+            for split in ("val", "test") for e in json.loads((world / f"retrieval_{split}.json").read_text())]  # fmt: skip
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), round(fraction * len(rows))))
+    captions = [rows[i]["caption"] for i in chosen]
+    for i, caption in zip(chosen, captions[1:] + captions[:1]):
+        rows[i].update(caption=caption, swapped=True)
+    out.write_text(json.dumps(rows))
+    return out
+
+
 def torchrun(nproc: int):
     if nproc == 1:
         return [sys.executable, "-m"]
@@ -226,6 +242,16 @@ def main() -> None:
                                       f"init.checkpoint={pre / 'final.pth'}", f"train.output_dir={zc}",
                                       f"train.num_threads={os.cpu_count() or 2}"],
                                      out / "zeroshot_classes.log", env, "zero-shot classes")  # fmt: skip
+    # the model filters web noise: held-out pairs, 30% with another image's caption, scored by ITC
+    noisy, filtered = out / "noisy_shards", out / "noisy_filtered"
+    shutil.rmtree(noisy, ignore_errors=True), shutil.rmtree(filtered, ignore_errors=True)
+    t0 = time.time()
+    run([sys.executable, "-m", "data_prep.annotations", noisy_pairs(world, out / "noisy_pairs.json"), "--image-root",
+         world / "images", "--output", noisy, "--shard-size", "50", "--image-size", size["image"], "--no-progress"],
+        out / "noisy_shards.log", env)  # fmt: skip
+    run([sys.executable, "-m", "data_prep.filter", noisy, "--checkpoint", pre / "final.pth", "--output", filtered,
+         "--min-itc", "0.5", "--workers", "0", "--no-progress"], out / "filter.log", env)  # fmt: skip
+    times["filter"] = time.time() - t0
     times["retrieval fine-tune"] = run(torchrun(a.nproc) + ["finetune.retrieval", "finetune/configs/demo_retrieval.yaml",
                                        *data, f"init.checkpoint={pre / 'final.pth'}", f"train.output_dir={ft}",
                                        "train.epochs=100", f"train.max_steps={size['finetune_steps']}", f"train.num_threads={threads}"],
@@ -293,6 +319,19 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
     lines.append("  (ITC features only; top-1 / top-5 %): " + "; ".join(
         f"{split} {classes[split + '/top1']:.1f} / {classes[split + '/top5']:.1f} ({classes[split + '/num_images']:.0f} images)"
         for split in ("val", "test")) + f"; chance {classes['test/chance']:.1f} / {5 * classes['test/chance']:.1f}")  # fmt: skip
+    noisy = json.loads((out / "noisy_pairs.json").read_text())
+    from data_prep.shards import iter_tar_samples
+
+    kept = [json.loads(m["json"])["extra"]["swapped"] for t in sorted((out / "noisy_filtered").glob("*.tar"))
+            for _, m in iter_tar_samples(t)]  # fmt: skip
+    n_swapped = sum(e["swapped"] for e in noisy)
+    filt = {"swapped": n_swapped, "true": len(noisy) - n_swapped, "swapped_removed": n_swapped - sum(kept),
+            "true_kept": len(kept) - sum(kept)}  # fmt: skip
+    lines.append(f"data_prep.filter --min-itc 0.5 on {len(noisy)} held-out pairs, {n_swapped} of them with another "
+                 "image's caption:")
+    lines.append(f"  removed {filt['swapped_removed']} of {n_swapped} swapped pairs "
+                 f"({100 * filt['swapped_removed'] / max(1, n_swapped):.0f}%), kept {filt['true_kept']} of {filt['true']} "
+                 f"true ones ({100 * filt['true_kept'] / max(1, filt['true']):.0f}%)")  # fmt: skip
     ve_rows = [r for r in rows(out / "ve" / "metrics.jsonl") if "test/prior_acc" in r] if (out / "ve").is_dir() else []
     if ve_rows:
         v = ve_rows[-1]
@@ -307,7 +346,7 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
     print(text, flush=True)
     (out / "summary.txt").write_text(text + "\n")
     (out / "summary.json").write_text(json.dumps({"pretrain": pre_sum, "zero_shot": zero, "fine_tuned": ft,
-                                                  "zero_shot_classes": classes,
+                                                  "zero_shot_classes": classes, "filter": filt,
                                                   "ve": ve_rows[-1] if ve_rows else {},
                                                   "chance": {"txt": chance_tr, "img": chance_ir},
                                                   "seconds": times, "total_seconds": total}, indent=1))  # fmt: skip

@@ -1,0 +1,141 @@
+"""Filter a shard set by an ALBEF model's own ITC/ITM scores (BLIP's CapFilt filter step, without a captioner).
+
+    python -m data_prep.filter data/web --checkpoint ALBEF_4M.pth --output data/web_filtered --min-itm 0.5
+    python -m data_prep.filter data/web --checkpoint coco.pth --output data/web_capfilt --capfilt --min-itm 0.3
+
+Every caption line of every sample is scored: ``itc`` (cosine similarity of the normalised ITC features) and ``itm``
+(the ITM head's match probability), with ``albef.embed``'s scoring. A sample is judged by its alt text (its first
+caption line) or, with ``--capfilt``, by its best line by ITM, which then becomes its only caption (the other
+lines of a sample are its "other captions": a second crawl's alt text, an annotation's other captions). It is kept
+when that caption's ``itc >= --min-itc`` and ``itm >= --min-itm``; otherwise it is dropped as ``low_itc`` (checked
+first) or ``low_itm``. A sample without image or caption is dropped as ``unreadable``.
+
+Output: shards with the input's indices (a kept sample keeps its key, image and metadata, plus
+``"albef_filter": {"itc", "itm", "caption"}`` in its ``.json``), each with ``NNNNNN_stats.json`` (input samples,
+kept, dropped by reason, captions replaced by CapFilt, 20-bin histograms of the judged captions' ITC in [-1, 1] and
+ITM in [0, 1]) and a ``manifest.json`` naming the thresholds and the checkpoint. Shards already written are
+skipped on a rerun; ranks from torchrun/SLURM take every world-th shard, and the rank that finds every shard
+written writes the manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from data_prep.shards import ShardWriter, finished_shards, iter_tar_samples, merge_stats, read_manifest, write_manifest
+
+BINS = 20
+
+
+def judge(itc: np.ndarray, itm: np.ndarray, capfilt: bool, min_itc: float, min_itm: float):
+    """(index of the judged caption, drop reason or None) for one sample's caption scores."""
+    best = int(np.argmax(itm)) if capfilt else 0
+    if itc[best] < min_itc:
+        return best, "low_itc"
+    if itm[best] < min_itm:
+        return best, "low_itm"
+    return best, None
+
+
+def filter_shard(path: Path, out_dir: Path, index: int, scorer, capfilt: bool, min_itc: float, min_itm: float,
+                 bar=None) -> Dict:  # fmt: skip
+    """Score and filter one input shard into output shard ``index``; returns its stats."""
+    from albef.data.samples import IMAGE_EXTENSIONS  # (albef.data imports torch: only once a model is in use)
+
+    samples, rows, unreadable = [], [], 0
+    for key, members in iter_tar_samples(path):
+        ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+        lines = [x.strip() for x in members.get("txt", b"").decode("utf-8", "replace").splitlines() if x.strip()]
+        if ext is None or not lines:
+            unreadable += 1
+            continue
+        samples.append((key, ext, members, lines, len(rows)))
+        rows += [(f"{key}#{j}", key, members[ext], line) for j, line in enumerate(lines)]
+    scores = scorer(rows) if rows else {"itc": np.zeros(0), "itm": np.zeros(0)}
+    dropped = {"low_itc": 0, "low_itm": 0, "unreadable": unreadable}
+    judged_itc, judged_itm, replaced = [], [], 0
+    with ShardWriter(out_dir, index) as writer:
+        for key, ext, members, lines, start in samples:
+            itc, itm = scores["itc"][start : start + len(lines)], scores["itm"][start : start + len(lines)]
+            best, reason = judge(itc, itm, capfilt, min_itc, min_itm)
+            judged_itc.append(float(itc[best]))
+            judged_itm.append(float(itm[best]))
+            if bar is not None:
+                bar.update(1)
+            if reason is not None:
+                dropped[reason] += 1
+                continue
+            meta = json.loads(members["json"]) if "json" in members else {}
+            meta["albef_filter"] = {"itc": round(float(itc[best]), 6), "itm": round(float(itm[best]), 6),
+                                    "caption": best}  # fmt: skip
+            replaced += capfilt and best != 0
+            writer.write(key, members[ext], [lines[best]] if capfilt else lines, meta, ext)
+        stats = {"input_samples": len(samples) + unreadable, "kept": writer.num_samples, "dropped": dropped,
+                 "capfilt_replaced": int(replaced),
+                 "hist": {"itc": np.histogram(judged_itc, BINS, (-1.0, 1.0))[0].tolist(),
+                          "itm": np.histogram(judged_itm, BINS, (0.0, 1.0))[0].tolist()}}  # fmt: skip
+        writer.commit(stats)
+    return stats
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.filter", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("input", type=Path, help="a shard folder with manifest.json (data_prep's output)")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--min-itc", type=float, default=-1.0, help="lowest ITC cosine similarity kept (-1: no limit)")
+    p.add_argument("--min-itm", type=float, default=0.0, help="lowest ITM match probability kept (0: no limit)")
+    p.add_argument("--capfilt", action="store_true", help="judge (and keep) each sample's best caption line by ITM")
+    from albef.embed import add_model_arguments, embed_part, load_model  # (torch: this tool runs a model)
+
+    add_model_arguments(p)
+    a = p.parse_args(argv)
+    try:
+        shards = read_manifest(a.input)["shards"]
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {a.input}: {e}", file=sys.stderr)
+        return 2
+    if a.output.resolve() == a.input.resolve():
+        print(f"error: --output {a.output} is the input folder: write the filtered set elsewhere", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    from albef.engine.dist import detect
+
+    env = detect()
+    done = finished_shards(a.output) if a.output.is_dir() else {}
+    mine = [i for i in range(len(shards)) if i % env.world_size == env.rank and i not in done]
+    model, preprocess, tokenizer, device, dtype = load_model(a)
+
+    def scorer(rows):
+        return embed_part(rows, model, preprocess, tokenizer, "score", a.batch_size, a.workers, device, dtype)
+
+    t0 = time.time()
+    bar = tqdm(total=sum(shards[i]["num_samples"] for i in mine), unit="sample", desc="filter", file=sys.stderr,
+               disable=a.no_progress or env.rank != 0, dynamic_ncols=True)  # fmt: skip
+    for i in mine:
+        filter_shard(a.input / shards[i]["name"], a.output, i, scorer, a.capfilt, a.min_itc, a.min_itm, bar)
+    bar.close()
+    if len(finished_shards(a.output)) == len(shards):
+        settings = {"checkpoint": str(a.checkpoint), "input": str(a.input.resolve()), "min_itc": a.min_itc,
+                    "min_itm": a.min_itm, "capfilt": a.capfilt}  # fmt: skip
+        manifest = write_manifest(a.output, {"filter": settings})
+        total = merge_stats(a.output)
+        dropped = ", ".join(f"{k[8:]} {v}" for k, v in sorted(total.items()) if k.startswith("dropped.") and v)
+        print(f"data_prep.filter: kept {manifest['num_samples']} of {total.get('input_samples', 0)} samples "
+              f"({dropped or 'none dropped'}; {total.get('capfilt_replaced', 0)} captions replaced) in "
+              f"{time.time() - t0:.1f}s -> {a.output}", flush=True)  # fmt: skip
+    else:
+        print(f"data_prep.filter rank {env.rank}: {len(mine)} shard(s) written; waiting for the other ranks' shards "
+              "before the manifest", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
