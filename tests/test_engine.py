@@ -360,3 +360,29 @@ def test_matmul_peak_measurement_is_bounded_in_time():
         t0 = time.perf_counter()
         peak = measured_matmul_peak(dtype, torch.device("cpu"))
         assert peak > 1e8 and time.perf_counter() - t0 < 5.0, (dtype, peak, time.perf_counter() - t0)
+
+
+def test_pretraining_evaluates_held_out_retrieval_and_zero_shot_classes_every_n_steps(world_shards, demo_world, tmp_path):
+    """train.eval_every_steps with the pretraining eval section: the retrieval and zero-shot tasks' own evaluations
+    on held-out files at steps 2 and 4 and at the end, in metrics.jsonl and as W&B curves (offline run read back)."""
+    run = tmp_path / "run"
+    overrides = base_overrides(world_shards, run, **{
+        "train.max_steps": 5, "train.eval_every_steps": 2, "train.eval_every_epochs": 100, "wandb.mode": "offline",
+        "eval.retrieval_file": demo_world / "retrieval_val.json", "eval.zeroshot_file": demo_world / "zeroshot_val.json",
+        "eval.image_root": demo_world / "images", "eval.templates": "['a {}', 'one shape: a {}']", "eval.k_test": 4})
+    code, out = launch(overrides)
+    assert code == 0, out[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "heldout/r_mean" in r}
+    assert sorted(evals) == [2, 4, 5], sorted(evals)
+    val = json.loads((demo_world / "retrieval_val.json").read_text())
+    zs = json.loads((demo_world / "zeroshot_val.json").read_text())
+    for r in evals.values():
+        assert {"heldout/txt_r1", "heldout/img_r1", "heldout/itc_txt_r1", "heldout/itm_match_acc", "heldout/zs_top1",
+                "heldout/zs_top5", "heldout/zs_mean_per_class"} <= set(r)  # fmt: skip
+        assert r["heldout/zs_num_images"] == len(zs) and 0 <= r["heldout/txt_r1"] <= 100
+    result = json.loads((run / "heldout_eval" / "retrieval_test.json").read_text())
+    assert len(result["text_retrieval"]) == len(val)  # the retrieval task's own result file, for the last evaluation
+    wandb_file = next(run.glob("wandb/offline-run-*/run-*.wandb"))
+    logged = {row["_step"]: row for row in history(wandb_file) if "heldout/r_mean" in row}
+    assert sorted(logged) == [2, 4, 5] and logged[4]["heldout/zs_top1"] == pytest.approx(evals[4]["heldout/zs_top1"])

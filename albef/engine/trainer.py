@@ -326,6 +326,9 @@ class Trainer:
                         if t.save_every and state["step"] % t.save_every == 0:
                             checkpoint()
                             state["last_saved"] = state["step"]
+                        if t.eval_every_steps and self.task.eval_splits and state["step"] % t.eval_every_steps == 0 \
+                                and state["step"] < total_steps:  # fmt: skip
+                            evaluate()
                         if state["step"] >= total_steps:
                             break
                     t_data = time.perf_counter()

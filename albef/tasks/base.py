@@ -61,6 +61,7 @@ class TrainConfig:
     num_threads: int = 0  # torch intra-op threads per rank (0: torch's default)
     collective_timeout_s: int = 1800  # a collective (all-reduce, barrier) that waits longer fails the run
     eval_every_epochs: int = 1  # evaluate the task's splits every this many epochs (tasks with an evaluation)
+    eval_every_steps: int = 0  # ... and every this many optimizer steps (0: only at epoch ends and at the end)
     evaluate_only: bool = False  # evaluate init.checkpoint on the task's splits and exit, no training
     export_final: bool = True  # write final.pth (and best.pth) in the official layout at the end (rank 0)
 
@@ -69,7 +70,7 @@ class TrainConfig:
             raise ValueError(f"train.betas={self.betas}: expected two numbers in [0, 1), AdamW's (beta1, beta2)")
         for key, low in (("log_every", 1), ("eval_every_epochs", 1), ("max_nonfinite_steps", 1), ("epochs", 1),
                          ("save_every", 0), ("max_steps", 0), ("keep_last", 0), ("warmup_granularity", 1),
-                         ("itm_random_negative_steps", 0), ("mlm_weight", 0),
+                         ("itm_random_negative_steps", 0), ("mlm_weight", 0), ("eval_every_steps", 0),
                          ("collective_timeout_s", 1)):
             if getattr(self, key) < low:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must be >= {low}")
