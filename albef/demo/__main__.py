@@ -138,19 +138,25 @@ def run(cmd, log: Path, env=None, name: str | None = None, total_steps: int | No
     return time.time() - t0
 
 
-def noisy_pairs(world: Path, out: Path, fraction: float = 0.3, seed: int = 0) -> Path:
-    """The held-out (val + test) images with their first caption, a ``fraction`` of them given another image's caption
-    (a cyclic swap among a seeded sample; ``"swapped": true`` in their entries, kept in the shards' metadata): web
-    noise of a known size for the filter stage."""
+def swap_captions(entries: list, fraction: float, seed: int) -> list:
+    """Web noise of a known size: a seeded sample of ``fraction`` of the entries pass their ``caption`` on to the next
+    one of the sample (a cyclic swap); every entry gets ``"swapped"`` (kept in the shards' metadata by data_prep)."""
     import random
 
-    rows = [{"image": e["image"], "caption": e["caption"][0], "swapped": False}
-            for split in ("val", "test") for e in json.loads((world / f"retrieval_{split}.json").read_text())]  # fmt: skip
-    chosen = sorted(random.Random(seed).sample(range(len(rows)), round(fraction * len(rows))))
-    captions = [rows[i]["caption"] for i in chosen]
+    chosen = sorted(random.Random(seed).sample(range(len(entries)), round(fraction * len(entries))))
+    captions = [entries[i]["caption"] for i in chosen]
+    for e in entries:
+        e["swapped"] = False
     for i, caption in zip(chosen, captions[1:] + captions[:1]):
-        rows[i].update(caption=caption, swapped=True)
-    out.write_text(json.dumps(rows))
+        entries[i].update(caption=caption, swapped=True)
+    return entries
+
+
+def noisy_pairs(world: Path, out: Path, fraction: float = 0.3, seed: int = 0) -> Path:
+    """The held-out (val + test) images with their first caption, ``fraction`` of them swapped (``swap_captions``)."""
+    rows = [{"image": e["image"], "caption": e["caption"][0]}
+            for split in ("val", "test") for e in json.loads((world / f"retrieval_{split}.json").read_text())]  # fmt: skip
+    out.write_text(json.dumps(swap_captions(rows, fraction, seed)))
     return out
 
 
