@@ -53,10 +53,11 @@ class PretrainTask(Task):
 
     def __init__(self, cfg: PretrainConfig):
         super().__init__(cfg)
-        e = cfg.eval
-        self.eval_splits = ("heldout",) if e.retrieval_file or e.zeroshot_file else ()
-        self.primary_metric = "r_mean" if e.retrieval_file else "zs_top1"
-        self._evaluators = self._build_evaluators() if self.eval_splits else []
+        self._evaluators = []
+        if cfg.eval.retrieval_file or cfg.eval.zeroshot_file:  # (otherwise the class's: none, or a subclass's own)
+            self.eval_splits = ("heldout",)
+            self.primary_metric = "r_mean" if cfg.eval.retrieval_file else "zs_top1"
+            self._evaluators = self._build_evaluators()
 
     def _build_evaluators(self) -> list:
         """The retrieval and zero-shot tasks' own evaluations, configured from the ``eval`` section (evaluation
