@@ -144,7 +144,7 @@ def test_deterministic_for_a_seed(out):
     world.generate_world(c, seed=4, image_size=SIZE, **COUNTS)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    assert len(files) == 21 + sum(COUNTS.values())
+    assert len(files) == 23 + sum(COUNTS.values())
     for f in files:
         data_a, data_b = (a / f).read_bytes(), (b / f).read_bytes()
         if f.name == "pretrain.json":  # absolute paths differ by the output directory only
@@ -157,6 +157,16 @@ def test_deterministic_for_a_seed(out):
     for f in files:
         if f.name.startswith(("val_", "test_")):
             assert (a / f).read_bytes() == (out / "d" / f).read_bytes(), f
+
+
+def test_zero_shot_files_are_the_one_object_images_labelled_colour_and_shape(out, w):
+    for split in ("val", "test"):
+        entries = load(out / "a", f"zeroshot_{split}.json")
+        ones = sorted(k for k, s in w.items() if s["split"] == split and len(s["objects"]) == 1)
+        assert [e["image"] for e in entries] == [f"{k}.jpg" for k in ones] and len(ones) >= 2
+        for e in entries:
+            obj = w[e["image"][:-4]]["objects"][0]
+            assert e["label"] == f"{obj['colour']} {obj['shape']}"
 
 
 def test_official_formats(out, w):
