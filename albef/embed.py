@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from albef.data.json_dataset import read_json_list
 from albef.data.samples import IMAGE_EXTENSIONS
+from albef.fsutil import atomic_write, durable_replace
 from albef.tokenizer import pre_caption
 
 Record = tuple  # (id, image name, image bytes or path, caption or None)
@@ -167,9 +168,7 @@ def write_part(columns: Dict[str, object], path: Path, fmt: str) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **{k: v if isinstance(v, np.ndarray) else np.array(["" if x is None else x for x in v], dtype=str)
                            for k, v in columns.items()})  # fmt: skip
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    durable_replace(tmp, path)
 
 
 def read_part(path: Path) -> Dict[str, object]:
@@ -250,9 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if all(f.is_file() for f in files):
         manifest = {"mode": a.mode, "format": a.format, "checkpoint": str(a.checkpoint), "input": a.input,
                     "embed_dim": model.cfg.embed_dim, "parts": [f.name for f in files]}  # fmt: skip
-        tmp = out / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(out / "manifest.json")
+        atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
         print(f"albef.embed: all {len(files)} part(s) present; wrote {out / 'manifest.json'}", flush=True)
     return 0
 

@@ -35,6 +35,7 @@ from albef.checkpoint import (CheckpointError, load_pretrained, model_kind_of, r
                               unwrap_state_dict)
 from albef.config import from_dict, load_config
 from albef.data.transforms import normalize_images, test_transform
+from albef.fsutil import atomic_write
 from albef.models import ALBEFBase, ModelConfig, build_model
 from albef.tokenizer import Tokenizer
 
@@ -93,7 +94,7 @@ def save_pretrained(model: ALBEFBase, directory: Union[str, Path], *, descriptio
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.asdict(model.cfg)
     save_official(model, out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(yaml.safe_dump({"model": cfg}, sort_keys=False))
+    atomic_write(out / CONFIG_FILE, yaml.safe_dump({"model": cfg}, sort_keys=False))
     v, t = model.cfg.vision, model.cfg.text
     params = sum(p.numel() for n, p in model.named_parameters() if "_m." not in n and not n.endswith("_m"))
     lines = ["---", "library_name: albef", "tags: [vision-language, albef, image-text-retrieval]", "---", "",
@@ -112,7 +113,7 @@ def save_pretrained(model: ALBEFBase, directory: Union[str, Path], *, descriptio
         lines.append("Not stated.")
     lines += ["", "## Use", "", "```python", "import albef", "",
               f'model, preprocess, tokenizer = albef.load("{out.name}")', "```", ""]  # fmt: skip
-    (out / CARD_FILE).write_text("\n".join(lines))
+    atomic_write(out / CARD_FILE, "\n".join(lines))
     return out
 
 
