@@ -4,28 +4,29 @@
     python bench/train_step.py --presets small --steps 5 --json out.json
     python bench/train_step.py --presets base --device cuda --precisions bf16 fp16   # used by bench/gpu_check.sh
 
-Every variant runs in a fresh process (alternating order, so that drift hits both sides) and reports the median
-step time over ``--steps`` steps after ``--warmup`` steps, on one fixed synthetic batch:
+Every variant runs in fresh processes (2 x ``--rounds``, in alternating order, so that drift hits both sides) and
+reports its fastest process's median step time over ``--steps`` steps after ``--warmup`` steps, on one fixed synthetic batch:
 
 * ``baseline``: the official step re-created plainly: our model in float32 with the explicit-softmax attention
-  (the official op order), the MLM head projecting every position onto the 30522-word vocabulary before taking the
-  masked ones (``model.mlm_projection=all``, as the official ``BertForMaskedLM``), ``torch.optim.AdamW`` (its
-  default foreach implementation), no DeepSpeed. What still differs from the unchanged official code: no DDP
-  wrapper and no ``concat_all_gather`` at world size 1 (the official code calls both, each a no-op copy at one
-  process), our fused momentum update (``torch._foreach_*``, the same float32 formula) instead of its Python loop
-  over parameter pairs, and our WordPiece-free synthetic batch.
+  (the official op order), every text position computed, padding included (``model.text_packing=false``), the MLM
+  head projecting every position onto the 30522-word vocabulary before taking the masked ones
+  (``model.mlm_projection=all``, as the official ``BertForMaskedLM``), ``torch.optim.AdamW`` in its default
+  implementation (a for-loop over the tensors on CPU, foreach on CUDA), no DeepSpeed. What still differs from the
+  unchanged official code: no DDP wrapper and no ``concat_all_gather`` at world size 1 (the official code calls
+  both, each a no-op copy at one process), our fused momentum update (``torch._foreach_*``, the same float32
+  formula) instead of its Python loop over parameter pairs, and our WordPiece-free synthetic batch (captions of
+  10-24 of 25 tokens, a third of the positions padding).
 * ``ours-<precision>[-gc]``: the engine's configuration: DeepSpeed ZeRO-2 (world size 1; ``--stage 0`` or ``1``
-  for ``ds_configs/zero<N>_*``), fused attention, the given precision, with or without gradient checkpointing.
-  Measured 2026-12-06 at SMALL fp32 (load 0.5): baseline 2.37 s, ZeRO-2 2.79 s (opt 0.36 s, 2003 MB), ZeRO-0
-  2.46 s (opt 0.14 s, 1462 MB): at one rank, most of ZeRO-2's cost is its flat-buffer optimizer step.
+  for ``ds_configs/zero<N>_*``), fused attention, token packing (the text and fusion layers run on the real tokens
+  only), fused AdamW (``albef.engine.optim``), the given precision, with or without gradient checkpointing.
 
 Per phase (median over the timed steps, seconds): ``fwd`` the forward pass without the momentum parts, ``mom`` the
 momentum update and the momentum encoders' forward passes, ``queue`` the momentum features' all-gather and enqueue,
 ``bwd`` the backward pass (with DeepSpeed: its gradient hooks and bucket reduction, and fp16's loss scaling),
 ``opt`` the optimizer step (with DeepSpeed: ZeRO's partition step, gradient unscaling and the overflow check).
 
-MFU = analytic matmul FLOPs of the step (albef.engine.flops, checked against torch's FlopCounterMode in the tests)
-/ step time / this machine's measured matmul peak in the same dtype and thread count. Peak memory is the process's
+MFU = analytic matmul FLOPs of the step (albef.engine.flops, checked against torch's FlopCounterMode in the tests;
+the text layers at the real tokens only, so the baseline's work on padding does not count) / step time / this machine's measured matmul peak in the same dtype and thread count. Peak memory is the process's
 peak RSS on CPU (max GPU memory allocated on CUDA) minus the RSS before the model was built.
 Printed: one row per variant and the ratios against the baseline, all measured in this run.
 """
@@ -60,6 +61,7 @@ def _child(args) -> dict:
     official = args.variant == "baseline"
     cfg = model_config(args.preset, [f"attn_impl={'eager' if official else 'sdpa'}",
                                      f"mlm_projection={'all' if official else 'masked'}",
+                                     f"text_packing={'false' if official else 'true'}",
                                      f"grad_checkpointing={'true' if args.gc else 'false'}"])  # fmt: skip
     bs = args.batch or BATCH[args.preset]
     if cfg.queue_size % bs:
@@ -157,7 +159,7 @@ def _child(args) -> dict:
         for name in PHASES:
             phases[name].append(phase[name])
     t = statistics.median(times)
-    flops = pretrain_step_flops(cfg, bs, ids.shape[1], 0.15 * float(mask[:, 1:].sum()) / bs)
+    flops = pretrain_step_flops(cfg, bs, float(mask.sum()) / bs, 0.15 * float(mask[:, 1:].sum()) / bs)
     peak = measured_matmul_peak(dtype if args.variant != "baseline" else torch.float32, device)
     mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
         (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # fmt: skip
@@ -175,6 +177,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="run every variant 2 x ROUNDS times (this machine's speed "
+                   "drifts between processes by up to 20%%: more rounds, steadier ratios)")  # fmt: skip
     p.add_argument("--batch", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -194,7 +198,7 @@ def main() -> None:
         variants = [("baseline", "fp32", False, "baseline-fp32")] if args.device == "cpu" else []
         for prec in args.precisions:
             variants += [("ours", prec, False, f"ours-{prec}"), ("ours", prec, True, f"ours-{prec}-gc")]
-        order = variants + variants[::-1]  # each variant twice, in alternating order; keep the faster run
+        order = (variants + variants[::-1]) * args.rounds  # alternating order; keep each variant's fastest run
         best = {}
         for variant, prec, gc, label in order:
             cmd = [sys.executable, __file__, "--child", "--preset", preset, "--variant", variant, "--precision", prec,

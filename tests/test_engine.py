@@ -119,19 +119,27 @@ def test_slurm_environment_is_translated(monkeypatch):
     assert env.master_port == 20000 + 123456 % 20000
 
 
-def test_analytic_flops_match_the_flop_counter():
+@pytest.mark.parametrize("padded", [False, True])
+def test_analytic_flops_match_the_flop_counter(padded):
+    """Without padding, and with a third of the positions padding under token packing (the text layers then count
+    the real tokens)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = model_config("tiny")
     model = build_model(cfg, "pretrain", seed=0)
     ids = torch.randint(1000, 2000, (4, 12))
     ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    if padded:
+        for i, n in enumerate((12, 8, 6, 6)):
+            mask[i, n:], ids[i, n:] = 0, 0
     torch.manual_seed(0)
     with FlopCounterMode(display=False) as counter:
-        out = model(torch.randn(4, 3, 64, 64), ids, torch.ones_like(ids), alpha=0.4, return_details=True)
+        out = model(torch.randn(4, 3, 64, 64), ids, mask, alpha=0.4, return_details=True)
         (out["loss_mlm"] + out["loss_ita"] + out["loss_itm"]).backward()
     masked = (out["details"]["mlm_labels"] != -100).sum().item() / 4
-    assert pretrain_step_flops(cfg, 4, 12, masked) == pytest.approx(counter.get_total_flops(), rel=0.05)
+    tokens = float(mask.sum()) / 4
+    assert pretrain_step_flops(cfg, 4, tokens, masked) == pytest.approx(counter.get_total_flops(), rel=0.05)
 
 
 # ------------------------------------------------------------------------------------------------ runs

@@ -1,8 +1,10 @@
 """Parity with the official ALBEF implementation (shared/parity, tiny configuration).
 
 Our models load the official state dicts by name and must reproduce every recorded output within 1e-5, with
-both attention implementations; the full pretraining and retrieval forwards replay the official random
-draws (hard negatives, MLM masking) from the same seeds and so reproduce the RNG-dependent losses too.
+both attention implementations, with and without token packing; the full pretraining and retrieval forwards
+replay the official random draws (hard negatives, MLM masking) from the same seeds and so reproduce the
+RNG-dependent losses too. Per-token text states are compared at the real tokens; without packing the padding
+positions must match too, with packing they are zero (ALBEF never reads them).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from albef.models import build_model
 from albef.models.bert import mlm_loss
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-IMPLS = ["sdpa", "eager"]
+VARIANTS = [("sdpa", True), ("sdpa", False), ("eager", True), ("eager", False)]  # (attn_impl, text_packing)
 
 
 def close(actual, expected, name, **tol):
@@ -26,8 +28,18 @@ def close(actual, expected, name, **tol):
     assert torch.allclose(actual.double(), expected.double(), **tol), f"{name}: max abs error {err:.3e}"
 
 
-def pretrain_model(ref, impl):
-    model = build_model("tiny", "pretrain", overrides=[f"attn_impl={impl}"])
+def close_tokens(actual, expected, mask, packing, name):
+    """Per-token states (B, L, ...): equal at the real tokens; at the padding, zero under packing, else equal."""
+    real = mask.bool()
+    close(actual[real], expected[real], name)
+    if packing:
+        assert not actual.detach()[~real].any(), f"{name}: a padding position is not zero"
+    else:
+        close(actual, expected, name)
+
+
+def pretrain_model(ref, impl, packing=True):
+    model = build_model("tiny", "pretrain", overrides=[f"attn_impl={impl}", f"text_packing={packing}"])
     report = load_pretrained(model, ref["state_dict"])
     assert report.missing == [] and report.unexpected == [] and not report.momentum_from_online
     model.train()
@@ -39,10 +51,10 @@ def pretrain_model(ref, impl):
     return model
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_features_fusion_and_itm(parity_pretrain, impl):
+@pytest.mark.parametrize("impl, packing", VARIANTS)
+def test_features_fusion_and_itm(parity_pretrain, impl, packing):
     ref = parity_pretrain
-    model = pretrain_model(ref, impl)
+    model = pretrain_model(ref, impl, packing)
     ids, mask = ref["input_ids"], ref["attention_mask"]
     with torch.no_grad():
         image_embeds = model.encode_image(ref["image"])
@@ -50,34 +62,40 @@ def test_features_fusion_and_itm(parity_pretrain, impl):
         fused = model.fuse(text_embeds, mask, image_embeds)
         close(image_embeds, ref["image_embeds"], "image_embeds")
         close(model.image_feat(image_embeds), ref["image_feat"], "image_feat")
-        close(text_embeds, ref["text_embeds"], "text_embeds")
+        close_tokens(text_embeds, ref["text_embeds"], mask, packing, "text_embeds")
         close(model.text_feat(text_embeds), ref["text_feat"], "text_feat")
-        close(fused, ref["fusion_embeds"], "fusion_embeds")
+        close_tokens(fused, ref["fusion_embeds"], mask, packing, "fusion_embeds")
         close(model.itm_head(fused[:, 0]), ref["itm_logits_pos"], "itm_logits_pos")
-        close(model.mlm_hidden(ids, mask, image_embeds), ref["multimodal_embeds"], "multimodal_embeds")
+        multimodal = model.mlm_hidden(ids, mask, image_embeds)
+        close_tokens(multimodal, ref["multimodal_embeds"], mask, packing, "multimodal_embeds")
+    assert not mask.all(), "the parity batch must have padding, or packing is not tested"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_fixed_mask_mlm(parity_pretrain, impl):
+@pytest.mark.parametrize("impl, packing", VARIANTS)
+def test_fixed_mask_mlm(parity_pretrain, impl, packing):
     ref = parity_pretrain
-    model = pretrain_model(ref, impl)
+    model = pretrain_model(ref, impl, packing)
     ids, mask, labels = ref["mlm_input_ids"], ref["attention_mask"], ref["mlm_labels"]
     with torch.no_grad():
         logits = model.mlm_head(model.mlm_hidden(ids, mask, model.encode_image(ref["image"])))
         image_m = model.encode_image(ref["image"], momentum=True)
         logits_m = model.mlm_head(model.mlm_hidden(ids, mask, image_m, momentum=True), momentum=True)
-    close(logits, ref["mlm_logits"], "mlm_logits")
-    close(logits_m, ref["mlm_logits_m"], "mlm_logits_m")
+    real = mask.bool()  # the head maps a zero padding state to its constant, not to the official by-product
+    close(logits[real], ref["mlm_logits"][real], "mlm_logits")
+    close(logits_m[real], ref["mlm_logits_m"][real], "mlm_logits_m")
+    if not packing:
+        close(logits, ref["mlm_logits"], "mlm_logits")
+        close(logits_m, ref["mlm_logits_m"], "mlm_logits_m")
     soft = F.softmax(logits_m, dim=-1)
     close(mlm_loss(logits, labels, soft, 0.0), ref["mlm_loss_alpha0"], "mlm_loss_alpha0")
     close(mlm_loss(logits, labels, soft, 0.4), ref["mlm_loss_alpha04"], "mlm_loss_alpha04")
     close(mlm_loss(logits, labels), ref["mlm_loss_hard_only"], "mlm_loss_hard_only")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_full_pretraining_step(parity_pretrain, impl):
+@pytest.mark.parametrize("impl, packing", VARIANTS)
+def test_full_pretraining_step(parity_pretrain, impl, packing):
     ref = parity_pretrain
-    model = pretrain_model(ref, impl)
+    model = pretrain_model(ref, impl, packing)
     torch.manual_seed(ref["forward_seed"])
     out = model(ref["image"], ref["input_ids"], ref["attention_mask"], alpha=ref["forward_alpha"], return_details=True)
     d = out["details"]
@@ -117,7 +135,7 @@ def test_full_pretraining_step(parity_pretrain, impl):
         assert torch.equal(after[k], ref["state_dict"][k]), f"{k} changed"
 
     # A second seed: same ITC loss, other (recorded) ITM and MLM losses.
-    model = pretrain_model(ref, impl)
+    model = pretrain_model(ref, impl, packing)
     torch.manual_seed(ref["forward_seed2"])
     out2 = model(ref["image"], ref["input_ids"], ref["attention_mask"], alpha=ref["forward_alpha"])
     close(out2["loss_ita"], ref["loss_ita_seed2"], "loss_ita_seed2")
@@ -168,8 +186,9 @@ def test_export_is_the_official_layout(parity_pretrain):
 # ----------------------------------------------------------------------------------------------- retrieval
 
 
-def retrieval_model(pre, impl="sdpa"):
-    model = build_model("tiny", "retrieval", overrides=["vision.img_size=96", f"attn_impl={impl}"])
+def retrieval_model(pre, impl="sdpa", packing=True):
+    overrides = ["vision.img_size=96", f"attn_impl={impl}", f"text_packing={packing}"]
+    model = build_model("tiny", "retrieval", overrides=overrides)
     report = load_pretrained(model, {"model": pre["state_dict"]})
     model.train()
     for m in model.modules():
@@ -195,10 +214,10 @@ def test_retrieval_loading(parity_pretrain, parity_retrieval):
             assert torch.equal(sd[k], v), k
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_retrieval_features_and_scores(parity_pretrain, parity_retrieval, impl):
+@pytest.mark.parametrize("impl, packing", VARIANTS)
+def test_retrieval_features_and_scores(parity_pretrain, parity_retrieval, impl, packing):
     ref = parity_retrieval
-    model, _ = retrieval_model(parity_pretrain, impl)
+    model, _ = retrieval_model(parity_pretrain, impl, packing)
     ids, mask = ref["input_ids"], ref["attention_mask"]
     with torch.no_grad():
         image_embeds = model.encode_image(ref["image96"])
@@ -207,10 +226,10 @@ def test_retrieval_features_and_scores(parity_pretrain, parity_retrieval, impl):
         text_feat = model.text_feat(text_embeds)
         close(image_embeds, ref["image_embeds96"], "image_embeds96")
         close(image_feat, ref["image_feat96"], "image_feat96")
-        close(text_embeds, ref["text_embeds"], "text_embeds")
+        close_tokens(text_embeds, ref["text_embeds"], mask, packing, "text_embeds")
         close(text_feat, ref["text_feat"], "text_feat")
         fused = model.fuse(text_embeds, mask, image_embeds)
-        close(fused, ref["fusion_embeds96"], "fusion_embeds96")
+        close_tokens(fused, ref["fusion_embeds96"], mask, packing, "fusion_embeds96")
         close(model.itm_head(fused[:, 0]), ref["itm_logits_pos96"], "itm_logits_pos96")
         close(image_feat @ text_feat.T, ref["sims_matrix"], "sims_matrix")
         n = ids.shape[0]

@@ -3,7 +3,9 @@
 MFU = (matmul FLOPs per step) / (step time) / (peak matmul FLOP/s of the device in the training dtype). The count
 follows the pretraining forward exactly (online: ViT, text layers, fusion on B positives and 2B negatives, the
 full multimodal MLM pass, the MLM head on the masked tokens; momentum: ViT, text layers, MLM pass and head, forward
-only); backward is twice the online forward. tests/test_engine.py checks it against torch's FlopCounterMode.
+only); backward is twice the online forward. Text layers count a batch's real tokens: padding is not model work
+(the official code computes it; token packing skips it), so the same batch has the same count in every variant.
+tests/test_engine.py checks it against torch's FlopCounterMode.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ def _layer(n: int, d: int, ffn: int, kv_len: int = 0, kv_width: int = 0) -> floa
     return f
 
 
-def pretrain_step_flops(cfg: ModelConfig, batch: int, text_len: int, masked_per_sample: float) -> float:
+def pretrain_step_flops(cfg: ModelConfig, batch: int, text_len: float, masked_per_sample: float) -> float:
+    """``text_len``: real (non-padding) tokens per caption, on average over the batch."""
     v, t = cfg.vision, cfg.text
     n_img = (v.img_size // v.patch_size) ** 2 + 1
     vit = 2 * (n_img - 1) * 3 * v.patch_size**2 * v.embed_dim + v.depth * _layer(

@@ -53,6 +53,9 @@ class ModelConfig:
     # MLM vocabulary projection: "masked" (only the ~15% masked positions, the loss is the same) or "all" (every
     # position, then the masked ones are taken: the official op order, for the bench's official-equivalent baseline)
     mlm_projection: str = "masked"
+    # Run the text and fusion layers on a batch's real tokens only, padding dropped (see albef.models.bert); false
+    # computes every position, padding included, as the official code does (the bench's baseline)
+    text_packing: bool = True
 
     def __post_init__(self) -> None:
         if self.text.encoder_width != self.vision.embed_dim:
@@ -198,6 +201,7 @@ class ALBEFBase(nn.Module):
             self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
 
         self.set_attn_impl(cfg.attn_impl)
+        self.set_text_packing(cfg.text_packing)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     # --- structure -------------------------------------------------------------------------------------------
@@ -228,6 +232,11 @@ class ALBEFBase(nn.Module):
         for m in self.modules():
             if hasattr(m, "attn_impl"):
                 m.attn_impl = impl
+
+    def set_text_packing(self, enable: bool = True) -> None:
+        for m in self.modules():
+            if isinstance(m, BertModel):
+                m.packing = enable
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations of every ViT block and BERT layer in backward (online encoders only: the

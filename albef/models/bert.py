@@ -17,12 +17,18 @@ when cross-attention is enabled, neither of which matches ALBEF.
 Attention runs through ``F.scaled_dot_product_attention`` (``attn_impl="sdpa"``, within 5e-7 of the official
 explicit softmax) or the explicit form (``attn_impl="eager"``, bitwise the official op order; it is also the
 form that can keep attention maps for Grad-CAM).
+
+Token packing (``BertModel.packing``, set model-wide from ``model.text_packing``): when a batch has padding, the
+layers run on its real tokens only, packed into one ``(tokens, width)`` matrix, so the linear maps, LayerNorms and
+GELUs skip the padding; only inside attention are queries/keys/values scattered back to ``(B, L)`` for the masked
+softmax. A real token's state is the same as without packing (the padding never reaches it: its attention weight
+is ``exp(-10000)``); a padding position's state, which ALBEF never reads, is zero instead of a by-product.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +89,30 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+class Packing(NamedTuple):
+    """Where the real tokens of a ``(batch, length)`` text batch sit: ``index`` are their flat positions."""
+
+    index: torch.Tensor
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> Optional["Packing"]:
+        """The packing of a (B, L) 0/1 mask; None when nothing is padding (then packing would only copy)."""
+        if bool(mask.all()):
+            return None
+        return cls(mask.reshape(-1).nonzero().squeeze(1), mask.shape[0], mask.shape[1])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) -> (tokens, ...)."""
+        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, ...) -> (B, L, ...), zero at the padding."""
+        out = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.index, x)
+        return out.view(self.batch, self.length, *x.shape[1:])
+
+
 class BertSelfAttention(nn.Module):
     def __init__(self, cfg: BertConfig, kv_width: int):
         super().__init__()
@@ -106,8 +136,16 @@ class BertSelfAttention(nn.Module):
     def _save_gradients(self, grad: torch.Tensor) -> None:
         self.attn_gradients = grad
 
-    def forward(self, hidden: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(kv)), self._heads(self.value(kv))
+    def forward(self, hidden: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor],
+                packing: Optional[Packing] = None) -> torch.Tensor:  # fmt: skip
+        """``hidden`` (B, L, D), or (tokens, D) under ``packing``; ``kv`` is ``hidden`` (self-attention) or the
+        image tokens (B, N, W) (cross-attention, never packed)."""
+        q, k, v = self.query(hidden), self.key(kv), self.value(kv)
+        if packing is not None:
+            q = packing.unpack(q)
+            if kv is hidden:
+                k, v = packing.unpack(k), packing.unpack(v)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
         p = self.dropout_p if self.training else 0.0
         if self.attn_impl == "sdpa" and not self.save_attention:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -123,7 +161,8 @@ class BertSelfAttention(nn.Module):
                     probs.register_hook(self._save_gradients)
             ctx = torch.matmul(F.dropout(probs, p, self.training), v)
         b, h, n, d = ctx.shape
-        return ctx.transpose(1, 2).reshape(b, n, h * d)
+        ctx = ctx.transpose(1, 2).reshape(b, n, h * d)
+        return ctx if packing is None else packing.pack(ctx)
 
 
 class BertResidualOutput(nn.Module):
@@ -145,8 +184,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg, kv_width)
         self.output = BertResidualOutput(cfg.hidden_size, cfg)
 
-    def forward(self, hidden, kv, mask):
-        return self.output(self.self(hidden, kv, mask), hidden)
+    def forward(self, hidden, kv, mask, packing=None):
+        return self.output(self.self(hidden, kv, mask, packing), hidden)
 
 
 class BertIntermediate(nn.Module):
@@ -168,12 +207,12 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertResidualOutput(cfg.intermediate_size, cfg)
 
-    def forward(self, hidden, mask, image_embeds=None, image_mask=None):
-        hidden = self.attention(hidden, hidden, mask)
+    def forward(self, hidden, mask, image_embeds=None, image_mask=None, packing=None):
+        hidden = self.attention(hidden, hidden, mask, packing)
         if self.has_cross_attention:
             if image_embeds is None:
                 raise ValueError("a fusion layer needs image_embeds (encoder_hidden_states)")
-            hidden = self.crossattention(hidden, image_embeds, image_mask)
+            hidden = self.crossattention(hidden, image_embeds, image_mask, packing)
         return self.output(self.intermediate(hidden), hidden)
 
 
@@ -201,7 +240,9 @@ class BertEncoder(nn.Module):
             raise ValueError(f"mode={mode!r}: expected one of {sorted(ranges)}")
         return ranges[mode]
 
-    def forward(self, hidden, mask, image_embeds: Optional[ImageStates] = None, image_mask=None, mode="multi_modal"):
+    def forward(self, hidden, mask, image_embeds: Optional[ImageStates] = None, image_mask=None, mode="multi_modal",
+                packing: Optional[Packing] = None):  # fmt: skip
+        """``hidden`` is (B, L, D), or (tokens, D) under ``packing`` (see ``BertModel.forward``)."""
         for i in self.layer_range(mode):
             img, img_mask = image_embeds, image_mask
             if isinstance(image_embeds, (list, tuple)):
@@ -211,9 +252,9 @@ class BertEncoder(nn.Module):
                 img_mask = image_mask[j] if isinstance(image_mask, (list, tuple)) else image_mask
             layer = self.layer[i]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, mask, img, img_mask, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, mask, img, img_mask, packing, use_reentrant=False)
             else:
-                hidden = layer(hidden, mask, img, img_mask)
+                hidden = layer(hidden, mask, img, img_mask, packing)
         return hidden
 
 
@@ -225,6 +266,7 @@ class BertModel(nn.Module):
         self.cfg = cfg
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg)
+        self.packing = False  # set model-wide from model.text_packing (see the module docstring)
 
     def forward(
         self,
@@ -262,7 +304,10 @@ class BertModel(nn.Module):
             img_mask = [extended_mask(m, hidden.dtype) for m in encoder_attention_mask]
         else:
             img_mask = extended_mask(encoder_attention_mask, hidden.dtype)
-        return self.encoder(hidden, mask, encoder_hidden_states, img_mask, mode)
+        packing = Packing.of(attention_mask) if self.packing and not self.cfg.is_decoder else None
+        if packing is None:
+            return self.encoder(hidden, mask, encoder_hidden_states, img_mask, mode)
+        return packing.unpack(self.encoder(packing.pack(hidden), mask, encoder_hidden_states, img_mask, mode, packing))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable

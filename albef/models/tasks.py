@@ -88,6 +88,7 @@ class TaskModel(nn.Module):
         for p in self.momentum_parameters():
             p.requires_grad_(False)
         self.set_attn_impl(self.cfg.attn_impl)
+        self.set_text_packing(self.cfg.text_packing)
         self.set_grad_checkpointing(self.cfg.grad_checkpointing)
 
     @property
@@ -99,6 +100,7 @@ class TaskModel(nn.Module):
     momentum_update = ALBEFBase.momentum_update
     keep_momentum_fp32 = ALBEFBase.keep_momentum_fp32
     momentum_state_fp32 = ALBEFBase.momentum_state_fp32
+    set_text_packing = ALBEFBase.set_text_packing
 
     def _momentum_ctx(self):
         """Autocast the float32 momentum modules to the online dtype under half-precision training."""

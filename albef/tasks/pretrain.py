@@ -98,6 +98,6 @@ class PretrainTask(Task):
         return loss, {k: v.detach() for k, v in out.items()}
 
     def step_flops(self, batch) -> float:
-        ids = batch["input_ids"]
-        masked = 0.15 * float(batch["attention_mask"][:, 1:].sum()) / ids.shape[0]
-        return pretrain_step_flops(self.cfg.model, ids.shape[0], ids.shape[1], masked)
+        mask = batch["attention_mask"]
+        masked = 0.15 * float(mask[:, 1:].sum()) / mask.shape[0]
+        return pretrain_step_flops(self.cfg.model, mask.shape[0], float(mask.sum()) / mask.shape[0], masked)
