@@ -5,7 +5,8 @@
     python bench/train_step.py --presets base --device cuda --precisions bf16 fp16   # used by bench/gpu_check.sh
 
 Every variant runs in fresh processes (2 x ``--rounds``, in alternating order, so that drift hits both sides) and
-reports its fastest process's median step time over ``--steps`` steps after ``--warmup`` steps, on one fixed synthetic batch:
+reports its fastest process's median step time over ``--steps`` steps after ``--warmup`` steps, on one fixed
+synthetic batch:
 
 * ``baseline``: the official step re-created plainly: our model in float32 with the explicit-softmax attention
   (the official op order), every text position computed, padding included (``model.text_packing=false``), the MLM
