@@ -6,8 +6,9 @@
 Both sides start from images already in memory and tokenised captions (padded to 30, as the official evaluation),
 encode every image and caption, compute the ITC similarities, re-rank the top-k of every image and every caption
 with the ITM head, and produce the two score matrices; the official side runs one fusion forward per query
-(``Retrieval.py`` ``evaluation()``), ours batches the (query, candidate) pairs of many queries
-(``albef.eval.retrieval.itm_rerank``). The score matrices are checked to agree before timing. Each side runs in
+(``Retrieval.py`` ``evaluation()``) in the official op order (explicit softmax, every padding position computed),
+ours batches the (query, candidate) pairs of many queries (``albef.eval.retrieval.itm_rerank``) with the model's
+defaults (fused attention, token packing); both models have the same weights. The score matrices are checked to agree before timing. Each side runs in
 fresh processes, alternating, and the median is reported with the ratio (goal: ours <= 0.33x).
 """
 from __future__ import annotations
@@ -23,15 +24,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _setup(args):
+OFFICIAL = ["attn_impl=eager", "text_packing=false"]  # the official op order: explicit softmax, padding computed
+
+
+def _setup(args, side):
     sys.path.insert(0, str(REPO))
     import torch
 
     from albef.models import build_model
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = build_model(args.preset, "retrieval").eval()
+    model = build_model(args.preset, "retrieval", seed=0, overrides=OFFICIAL if side == "official" else []).eval()
     res = model.cfg.vision.img_size
     g = torch.Generator().manual_seed(1)
     images = torch.randn(args.images, 3, res, res, generator=g)
@@ -80,7 +83,7 @@ def _ours(model, images, ids, mask, k):
 
 
 def child(args) -> None:
-    model, images, ids, mask = _setup(args)
+    model, images, ids, mask = _setup(args, args.side)
     fn = _ours if args.side == "ours" else _official
     fn(model, images, ids, mask, args.k_test)  # warm-up
     t0 = time.perf_counter()
@@ -102,8 +105,7 @@ def main() -> None:
 
     import torch
 
-    model, images, ids, mask = _setup(args)
-    a, b = _official(model, images, ids, mask, args.k_test), _ours(model, images, ids, mask, args.k_test)
+    a, b = _official(*_setup(args, "official"), args.k_test), _ours(*_setup(args, "ours"), args.k_test)
     for x, y, name in zip(a, b, ("i2t", "t2i")):
         assert torch.allclose(x, y, atol=1e-4), f"score matrices differ ({name}): {(x - y).abs().max():.2e}"
     times = {"official": [], "ours": []}

@@ -177,6 +177,9 @@ def test_world_size_two_equals_single_process_reference(world_shards, tmp_path):
 
     cfg = load_config(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", overrides)
     t = cfg.train
+    # the ranks' thread count: a matmul's rounding depends on how its work is split over threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, "pretrain")
     model.train()
@@ -220,6 +223,7 @@ def test_world_size_two_equals_single_process_reference(world_shards, tmp_path):
             g["lr"] = lr
         optimizer.step()
 
+    torch.set_num_threads(threads)
     del iters, loaders  # stop the loader workers now: a failing assertion below must not leave them to hang the exit
 
     trained = build_model(cfg.model, "pretrain")

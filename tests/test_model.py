@@ -84,6 +84,23 @@ def _packing_step(task, packing, gc):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def test_token_packing_only_where_it_pays():
+    """Packing drops the padding rows of a batch with at least Packing.MIN_PADDING (10%) padding; below that it would
+    only add its scatter/gather (e.g. retrieval re-ranking's batches, cut to their longest caption)."""
+    from albef.models.bert import Packing
+
+    mask = torch.ones(4, 10, dtype=torch.long)
+    assert Packing.of(mask) is None
+    mask[0, 7:] = 0  # 3 of 40 positions padding
+    assert Packing.of(mask) is None
+    mask[1, 8:] = 0  # 5 of 40
+    packing = Packing.of(mask)
+    assert packing is not None and packing.index.tolist() == [i for i in range(40) if i not in (7, 8, 9, 18, 19)]
+    x = torch.randn(4, 10, 3)
+    assert torch.equal(packing.pack(x), x.reshape(40, 3)[packing.index])
+    assert torch.equal(packing.unpack(packing.pack(x)), x * mask[..., None])
+
+
 @pytest.mark.parametrize("task", ["pretrain", "retrieval", "vqa", "nlvr", "ve"])
 def test_token_packing_gives_the_same_losses_and_gradients(task):
     """``model.text_packing`` runs the BERT layers on the real tokens only: the same step as computing the padding

@@ -15,8 +15,9 @@ than patch transformers' ``BertModel``: HF puts cross-attention in every layer a
 when cross-attention is enabled, neither of which matches ALBEF.
 
 Attention runs through ``F.scaled_dot_product_attention`` (``attn_impl="sdpa"``, within 5e-7 of the official
-explicit softmax) or the explicit form (``attn_impl="eager"``, bitwise the official op order; it is also the
-form that can keep attention maps for Grad-CAM).
+explicit softmax; on CPU without gradients the explicit form, which is faster there) or the explicit form
+(``attn_impl="eager"``, bitwise the official op order; it is also the form that can keep attention maps for
+Grad-CAM).
 
 Token packing (``BertModel.packing``, set model-wide from ``model.text_packing``): when a batch has padding, the
 layers run on its real tokens only, packed into one ``(tokens, width)`` matrix, so the linear maps, LayerNorms and
@@ -96,10 +97,15 @@ class Packing(NamedTuple):
     batch: int
     length: int
 
+    #: Pack only when at least this fraction of the positions is padding: below it, the scatter and gather around
+    #: each attention cost more than the skipped rows save (retrieval re-ranking, whose batches are cut to their
+    #: longest caption, ran 13% slower with packing at TINY; bench/retrieval_eval.py).
+    MIN_PADDING = 0.1
+
     @classmethod
     def of(cls, mask: torch.Tensor) -> Optional["Packing"]:
-        """The packing of a (B, L) 0/1 mask; None when nothing is padding (then packing would only copy)."""
-        if bool(mask.all()):
+        """The packing of a (B, L) 0/1 mask, or None when packing does not pay (little or no padding)."""
+        if float(mask.sum()) > (1.0 - cls.MIN_PADDING) * mask.numel():
             return None
         return cls(mask.reshape(-1).nonzero().squeeze(1), mask.shape[0], mask.shape[1])
 
@@ -147,10 +153,14 @@ class BertSelfAttention(nn.Module):
                 k, v = packing.unpack(k), packing.unpack(v)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         p = self.dropout_p if self.training else 0.0
-        if self.attn_impl == "sdpa" and not self.save_attention:
+        if self.attn_impl == "sdpa" and not self.save_attention and (torch.is_grad_enabled() or q.is_cuda):
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
-            # Official op order: divide after the matmul, add the mask, softmax, dropout, @v.
+            # Official op order: divide after the matmul, add the mask, softmax, dropout, @v. Also the CPU form
+            # without gradients (evaluation, the momentum encoders): at ALBEF's text lengths (~20 queries) torch's
+            # CPU flash kernel is slower there, e.g. self-attention 7.8 vs 4.5 ms and cross-attention to 197 image
+            # tokens 25.9 vs 27.0 ms at BASE, 7.5 vs 4.3 and 13.5 vs 11.2 ms at SMALL (2 threads); with gradients
+            # the fused kernel is faster (forward + backward 25 vs 34 ms, 144 vs 183 ms at BASE).
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
             if mask is not None:
                 scores = scores + mask
