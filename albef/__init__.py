@@ -29,3 +29,11 @@ def save_pretrained(model, directory, **card):
     from albef.pretrained import save_pretrained as _save
 
     return _save(model, directory, **card)
+
+
+def push_to_hub(model_or_folder, repo_id, **kwargs):
+    """Upload a model (with its model card) or a ``save_pretrained`` folder to the HuggingFace hub:
+    ``albef.pretrained.push_to_hub``."""
+    from albef.pretrained import push_to_hub as _push
+
+    return _push(model_or_folder, repo_id, **kwargs)

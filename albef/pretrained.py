@@ -1,4 +1,4 @@
-"""One call from a checkpoint to a usable model: ``albef.load`` and ``albef.save_pretrained``.
+"""One call from a checkpoint to a usable model: ``albef.load``; and back: ``save_pretrained``, ``push_to_hub``.
 
     model, preprocess, tokenizer = albef.load("ALBEF_4M.pth", task="retrieval")
     image = preprocess("photo.jpg")[None]                  # (1, 3, H, W), normalised
@@ -87,9 +87,11 @@ def load(name_or_path: Union[str, Path], task: Optional[str] = None, device: Uni
 
 
 def save_pretrained(model: ALBEFBase, directory: Union[str, Path], *, description: str = "",
-                    training_data: str = "", metrics: Optional[Mapping[str, float]] = None) -> Path:  # fmt: skip
+                    training_data: str = "", metrics: Optional[Mapping[str, float]] = None,
+                    name: Optional[str] = None) -> Path:  # fmt: skip
     """A hub-layout folder ``load`` reads: ``model.pth`` (official layout), ``config.yaml`` (the model config) and a
-    model card ``README.md`` (architecture, training data, metrics). Upload it with ``huggingface-cli upload``."""
+    model card ``README.md`` (architecture, training data, metrics; its usage example loads ``name``, by default the
+    folder's name). Upload it with ``push_to_hub``."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.asdict(model.cfg)
@@ -112,9 +114,40 @@ def save_pretrained(model: ALBEFBase, directory: Union[str, Path], *, descriptio
     else:
         lines.append("Not stated.")
     lines += ["", "## Use", "", "```python", "import albef", "",
-              f'model, preprocess, tokenizer = albef.load("{out.name}")', "```", ""]  # fmt: skip
+              f'model, preprocess, tokenizer = albef.load("{name or out.name}")', "```", ""]  # fmt: skip
     atomic_write(out / CARD_FILE, "\n".join(lines))
     return out
+
+
+def push_to_hub(model_or_folder: Union[ALBEFBase, str, Path], repo_id: str, *, token: Optional[str] = None,
+                private: Optional[bool] = None, revision: Optional[str] = None,
+                commit_message: str = "Upload ALBEF model", endpoint: Optional[str] = None, **card) -> str:  # fmt: skip
+    """Upload a model to the HuggingFace hub as one commit to ``repo_id`` (created if missing); returns the commit
+    URL. ``model_or_folder`` is a model (saved first by ``save_pretrained`` with ``card``: description, training_data,
+    metrics) or a folder ``save_pretrained`` wrote. ``albef.load(repo_id)`` then loads it. ``token``/``endpoint``
+    default to huggingface_hub's (``HF_TOKEN``, ``HF_ENDPOINT``)."""
+    import tempfile
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    if isinstance(model_or_folder, ALBEFBase):
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_pretrained(model_or_folder, Path(tmp) / "model", name=repo_id, **card)
+            return push_to_hub(folder, repo_id, token=token, private=private, revision=revision,
+                               commit_message=commit_message, endpoint=endpoint)  # fmt: skip
+    if card:
+        raise ValueError(f"model card fields {sorted(card)} apply when pushing a model, not a saved folder")
+    folder = Path(model_or_folder)
+    files = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE]
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: not a save_pretrained folder (missing {', '.join(missing)})")
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    # One create_commit of the three files: the hub decides per file whether it goes through LFS/Xet.
+    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+    info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+    return info.commit_url
 
 
 # ------------------------------------------------------------------------------------------------------- reading

@@ -1,6 +1,7 @@
-"""``albef.load`` / ``albef.save_pretrained``: one call from an official checkpoint (architecture read from its
-tensors), our export, a run directory, a saved folder or a hub id (a real huggingface_hub cache, offline) to a model
-in eval mode with its image preprocessing and tokenizer."""
+"""``albef.load`` / ``albef.save_pretrained`` / ``albef.push_to_hub``: one call from an official checkpoint
+(architecture read from its tensors), our export, a run directory, a saved folder or a hub id (a real
+huggingface_hub cache, offline) to a model in eval mode with its image preprocessing and tokenizer; and a model
+pushed through huggingface_hub's commit API (to a hub on 127.0.0.1) comes back the same."""
 from __future__ import annotations
 
 import dataclasses
@@ -85,6 +86,108 @@ def test_hub_id_resolves_through_the_huggingface_cache_offline(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout.splitlines()[-1]) == ["ALBEFRetrieval", 64]
+
+
+class _Hub:
+    """The hub's commit API on 127.0.0.1, as much of it as a one-commit upload uses: create a repo, validate a model
+    card's YAML, ask each file's upload mode (here always "regular": the content travels in the commit), commit."""
+
+    def __init__(self):
+        import base64
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.repos, self.commits, self.requests = {}, [], []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, code, obj):
+                body = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                path = self.path.split("?")[0]
+                hub.requests.append((path, self.headers.get("Authorization")))
+                if path == "/api/repos/create":
+                    req = json.loads(data)
+                    repo = f"{req['organization']}/{req['name']}"
+                    hub.repos.setdefault(repo, {"private": req.get("visibility") == "private", "files": {}})
+                    return self._reply(200, {"url": f"http://{self.headers['Host']}/{repo}"})
+                if path == "/api/validate-yaml":
+                    return self._reply(200, {})
+                parts = path.split("/")  # /api/models/<org>/<name>/<preupload|commit>/<revision>
+                repo = "/".join(parts[3:5])
+                if repo not in hub.repos:
+                    return self._reply(404, {"error": f"Repository {repo} not found"})
+                if parts[5] == "preupload":
+                    files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                             for f in json.loads(data)["files"]]  # fmt: skip
+                    return self._reply(200, {"files": files})
+                lines = [json.loads(x) for x in data.splitlines() if x.strip()]
+                header = next(x["value"] for x in lines if x["key"] == "header")
+                for x in lines:
+                    if x["key"] == "file":
+                        hub.repos[repo]["files"][x["value"]["path"]] = base64.b64decode(x["value"]["content"])
+                hub.commits.append((repo, parts[6], header["summary"]))
+                oid = f"{len(hub.commits):040x}"
+                return self._reply(200, {"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{oid}",
+                                         "commitOid": oid})  # fmt: skip
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_push_to_hub_uploads_a_folder_that_loads_back(tmp_path, monkeypatch):
+    """push_to_hub through huggingface_hub's real client: a model (saved with its card on the way) and a
+    save_pretrained folder each become one commit of config.yaml, model.pth and README.md; the pushed files load
+    back into the same model; the card's example loads the repo id; a folder that is not a saved model is refused
+    before anything is sent."""
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    hub = _Hub()
+    try:
+        torch.manual_seed(0)
+        model = build_model("tiny", "retrieval").eval()
+        url = albef.push_to_hub(model, "someorg/albef-tiny", token="hf_test", endpoint=hub.url, private=True,
+                                training_data="The demo world.", metrics={"r_mean": 50.0})  # fmt: skip
+        assert url.startswith(f"{hub.url}/someorg/albef-tiny/commit/")
+        repo = hub.repos["someorg/albef-tiny"]
+        assert repo["private"] and sorted(repo["files"]) == ["README.md", "config.yaml", "model.pth"]
+        assert hub.commits == [("someorg/albef-tiny", "main", "Upload ALBEF model")]
+        assert all(auth == "Bearer hf_test" for _, auth in hub.requests)
+        card = repo["files"]["README.md"].decode()
+        assert 'albef.load("someorg/albef-tiny")' in card and "| r_mean | 50.00 |" in card
+        pulled = tmp_path / "pulled"
+        pulled.mkdir()
+        for name, content in repo["files"].items():
+            (pulled / name).write_bytes(content)
+        loaded = albef.load(pulled).model
+        assert loaded.cfg == model.cfg
+        for k, v in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k
+
+        folder = albef.save_pretrained(model, tmp_path / "saved")
+        albef.push_to_hub(folder, "someorg/albef-tiny", token="hf_test", endpoint=hub.url, commit_message="again")
+        assert hub.commits[-1] == ("someorg/albef-tiny", "main", "again")
+        assert repo["files"]["model.pth"] == (folder / "model.pth").read_bytes()
+
+        sent = len(hub.requests)
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(FileNotFoundError, match="not a save_pretrained folder .missing config.yaml, model.pth"):
+            albef.push_to_hub(tmp_path / "empty", "someorg/other", token="hf_test", endpoint=hub.url)
+        with pytest.raises(ValueError, match="model card fields"):
+            albef.push_to_hub(folder, "someorg/other", token="hf_test", endpoint=hub.url, metrics={"a": 1})
+        assert len(hub.requests) == sent
+    finally:
+        hub.server.shutdown()
 
 
 def test_preprocess_takes_paths_bytes_and_pil_images(tmp_path):
