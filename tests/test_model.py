@@ -114,6 +114,39 @@ def test_token_packing_gives_the_same_losses_and_gradients(task):
             assert torch.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4), (gc, k, (g0[k] - g1[k]).abs().max())
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_cls_only_last_layer_gives_the_same_itm_logits_and_gradients(packing):
+    """ITM logits and the momentum ITC text features read [CLS] only, so their last layer is computed at [CLS] only:
+    the same values and gradients as computing every row and taking [CLS]."""
+    model = build_model("tiny", "retrieval", seed=0, overrides=[f"text_packing={packing}"]).train()
+    for m in model.modules():
+        if hasattr(m, "dropout_p"):
+            m.dropout_p = 0.0
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    img, _, _ = batch(4)
+    text = Tokenizer()(["a red square", "three small purple dots on the left", "a star", "a big orange one"])
+    ids, mask = text["input_ids"], text["attention_mask"]
+    results = []
+    for cls_only in (False, True):
+        model.zero_grad()
+        text_embeds = model.encode_text(ids, mask)
+        fused = model.fuse(text_embeds, mask, model.encode_image(img), cls_only=cls_only)
+        assert fused.shape[1] == (1 if cls_only else ids.shape[1])
+        logits = model.itm_head(fused[:, 0])
+        feat = model.text_feat(model.encode_text(ids, mask, cls_only=cls_only))
+        (logits[:, 1].sum() + feat.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), feat.detach(), grads))
+    (l0, f0, g0), (l1, f1, g1) = results
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(f1, f0, atol=1e-6, rtol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) > 30
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], atol=1e-6, rtol=1e-4, msg=k)
+    torch.testing.assert_close(model.itm_logits(text_embeds, mask, model.encode_image(img)), l0, atol=1e-6, rtol=1e-5)
+
+
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     img, ids, mask = batch(8)

@@ -58,7 +58,8 @@ def test_batched_rerank_reproduces_the_official_score_matrix(parity_pretrain, pa
         # A pair that an image query and a caption query both ask for is fused once, and each batch is cut to its
         # longest caption: the official code fuses 2 x 4 x 4 pairs at full padded width.
         calls, fuse = [], model.fuse
-        model.fuse = lambda t, m, i: calls.append((t.shape[0], t.shape[1], int(m.sum(1).max()))) or fuse(t, m, i)
+        model.fuse = lambda t, m, i, **kw: calls.append((t.shape[0], t.shape[1], int(m.sum(1).max()))) or \
+            fuse(t, m, i, **kw)  # fmt: skip
         itm_rerank(model, sims, image_embeds, text_embeds, ref["attention_mask"], k_test=4, pair_batch=5)
         del model.fuse
         n_txt, width = ref["input_ids"].shape

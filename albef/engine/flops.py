@@ -24,8 +24,17 @@ def _layer(n: int, d: int, ffn: int, kv_len: int = 0, kv_width: int = 0) -> floa
     return f
 
 
+def _cls_layer(n: int, d: int, ffn: int, kv_len: int = 0, kv_width: int = 0) -> float:
+    """The same layer computed at [CLS] only: keys and values of all n tokens, everything else for one row."""
+    f = 2 * n * d * (2 * d) + 2 * d * d + 2 * 2 * n * d + 2 * d * d + 2 * 2 * d * ffn
+    if kv_len:
+        f += 2 * d * d + 2 * 2 * kv_len * kv_width * d + 2 * 2 * kv_len * d + 2 * d * d
+    return f
+
+
 def pretrain_step_flops(cfg: ModelConfig, batch: int, text_len: float, masked_per_sample: float) -> float:
-    """``text_len``: real (non-padding) tokens per caption, on average over the batch."""
+    """``text_len``: real (non-padding) tokens per caption, on average over the batch. The ITM fusion passes and the
+    momentum ITC text pass read [CLS] only, so their last layer counts at [CLS] (``BertModel``'s ``cls_only``)."""
     v, t = cfg.vision, cfg.text
     n_img = (v.img_size // v.patch_size) ** 2 + 1
     vit = 2 * (n_img - 1) * 3 * v.patch_size**2 * v.embed_dim + v.depth * _layer(
@@ -33,11 +42,14 @@ def pretrain_step_flops(cfg: ModelConfig, batch: int, text_len: float, masked_pe
     )
     d, ffn, f = t.hidden_size, t.intermediate_size, t.fusion_layer
     text = f * _layer(text_len, d, ffn)
-    fusion = (t.num_hidden_layers - f) * _layer(text_len, d, ffn, n_img, t.encoder_width)
+    text_cls = (f - 1) * _layer(text_len, d, ffn) + _cls_layer(text_len, d, ffn)
+    fusion_layer = _layer(text_len, d, ffn, n_img, t.encoder_width)
+    fusion = (t.num_hidden_layers - f) * fusion_layer
+    fusion_cls = fusion - fusion_layer + _cls_layer(text_len, d, ffn, n_img, t.encoder_width)
     head = masked_per_sample * (2 * d * d + 2 * d * t.vocab_size)
     proj = 2 * (v.embed_dim + d) * cfg.embed_dim
-    online_fwd = batch * (vit + text + 3 * fusion + text + fusion + head + proj + 2 * 3 * d)
-    momentum_fwd = batch * (vit + text + text + fusion + head + proj)
+    online_fwd = batch * (vit + text + 3 * fusion_cls + text + fusion + head + proj + 2 * 3 * d)
+    momentum_fwd = batch * (vit + text_cls + text + fusion + head + proj)
     return 3 * online_fwd + momentum_fwd
 
 

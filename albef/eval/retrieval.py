@@ -89,8 +89,7 @@ def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, 
         sel = order[start : start + pair_batch]
         t, i = u_t[sel], u_i[sel]
         width = int(lengths[t].max())
-        fused = model.fuse(text_embeds[t, :width], text_mask[t, :width], image_embeds[i])
-        logits[sel] = model.itm_head(fused[:, 0, :])[:, 1].float()
+        logits[sel] = model.itm_logits(text_embeds[t, :width], text_mask[t, :width], image_embeds[i])[:, 1].float()
     n_i2t = len(q_img) * k_i2t
     if n_i2t:
         score_i2t[q_img.unsqueeze(1), cand_txt] = logits[where[:n_i2t]].view(len(q_img), k_i2t)

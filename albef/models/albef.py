@@ -312,9 +312,10 @@ class ALBEFBase(nn.Module):
         vit = self.visual_encoder_m if momentum else self.visual_encoder
         return vit.forward_features(image)
 
-    def encode_text(self, input_ids, attention_mask, momentum: bool = False) -> torch.Tensor:
+    def encode_text(self, input_ids, attention_mask, momentum: bool = False, cls_only: bool = False) -> torch.Tensor:
+        """Text-encoder states (B, L, D); ``cls_only``: the [CLS] state (B, 1, D) only, enough for ``text_feat``."""
         bert = self.bert_m if momentum else self.bert
-        return bert(input_ids, attention_mask, mode="text")
+        return bert(input_ids, attention_mask, mode="text", cls_only=cls_only)
 
     def image_feat(self, image_embeds: torch.Tensor, momentum: bool = False) -> torch.Tensor:
         proj = self.vision_proj_m if momentum else self.vision_proj
@@ -324,19 +325,21 @@ class ALBEFBase(nn.Module):
         proj = self.text_proj_m if momentum else self.text_proj
         return F.normalize(proj(text_embeds[:, 0, :]), dim=-1)
 
-    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None) -> torch.Tensor:
-        """Fusion layers: text states cross-attend to the image tokens."""
+    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None, cls_only: bool = False) -> torch.Tensor:
+        """Fusion layers: text states cross-attend to the image tokens. ``cls_only``: the [CLS] state (B, 1, D)
+        only, the last layer computed at [CLS] only (see ``BertModel.forward``)."""
         return self.bert(
             encoder_embeds=text_embeds,
             attention_mask=attention_mask,
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=image_mask,
             mode="fusion",
+            cls_only=cls_only,
         )
 
     def itm_logits(self, text_embeds, attention_mask, image_embeds) -> torch.Tensor:
         """ITM logits (column 1 = match) of the pairs (text b, image b)."""
-        return self.itm_head(self.fuse(text_embeds, attention_mask, image_embeds)[:, 0, :])
+        return self.itm_head(self.fuse(text_embeds, attention_mask, image_embeds, cls_only=True)[:, 0, :])
 
     # --- the shared ITC / ITM computation -------------------------------------------------------------------
     def _itc_itm(self, image, input_ids, attention_mask, alpha, idx=None, hard_negatives: bool = True):
@@ -357,7 +360,7 @@ class ALBEFBase(nn.Module):
                 self.momentum_update()
                 image_embeds_m = self.encode_image(image, momentum=True)
                 image_feat_m = self.image_feat(image_embeds_m, momentum=True).float()
-                text_embeds_m = self.encode_text(input_ids, attention_mask, momentum=True)
+                text_embeds_m = self.encode_text(input_ids, attention_mask, momentum=True, cls_only=True)
                 text_feat_m = self.text_feat(text_embeds_m, momentum=True).float()
             image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach().float()], dim=1)
             text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach().float()], dim=1)
@@ -373,7 +376,7 @@ class ALBEFBase(nn.Module):
         self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
 
         bs = image.shape[0]
-        fused_pos = self.fuse(text_embeds, attention_mask, image_embeds)
+        fused_pos = self.fuse(text_embeds, attention_mask, image_embeds, cls_only=True)
         with torch.no_grad():
             weights_i2t = hard_negative_weights(sim_i2t, bs, idx, hard_negatives)
             weights_t2i = hard_negative_weights(sim_t2i, bs, idx, hard_negatives)
@@ -381,7 +384,7 @@ class ALBEFBase(nn.Module):
         text_embeds_all = torch.cat([text_embeds, text_embeds[neg_text]], dim=0)
         text_mask_all = torch.cat([attention_mask, attention_mask[neg_text]], dim=0)
         image_embeds_all = torch.cat([image_embeds[neg_image], image_embeds], dim=0)
-        fused_neg = self.fuse(text_embeds_all, text_mask_all, image_embeds_all)
+        fused_neg = self.fuse(text_embeds_all, text_mask_all, image_embeds_all, cls_only=True)
         itm_logits = self.itm_head(torch.cat([fused_pos[:, 0, :], fused_neg[:, 0, :]], dim=0)).float()
         itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(
             image.device

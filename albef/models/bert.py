@@ -91,9 +91,11 @@ class BertEmbeddings(nn.Module):
 
 
 class Packing(NamedTuple):
-    """Where the real tokens of a ``(batch, length)`` text batch sit: ``index`` are their flat positions."""
+    """Where the real tokens of a ``(batch, length)`` text batch sit: ``index`` are their flat positions, ``first``
+    the packed row of each caption's first token ([CLS])."""
 
     index: torch.Tensor
+    first: torch.Tensor
     batch: int
     length: int
 
@@ -107,7 +109,8 @@ class Packing(NamedTuple):
         """The packing of a (B, L) 0/1 mask, or None when packing does not pay (little or no padding)."""
         if float(mask.sum()) > (1.0 - cls.MIN_PADDING) * mask.numel():
             return None
-        return cls(mask.reshape(-1).nonzero().squeeze(1), mask.shape[0], mask.shape[1])
+        counts = mask.sum(1)
+        return cls(mask.reshape(-1).nonzero().squeeze(1), counts.cumsum(0) - counts, mask.shape[0], mask.shape[1])
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, ...) -> (tokens, ...)."""
@@ -144,13 +147,14 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor],
                 packing: Optional[Packing] = None) -> torch.Tensor:  # fmt: skip
-        """``hidden`` (B, L, D), or (tokens, D) under ``packing``; ``kv`` is ``hidden`` (self-attention) or the
-        image tokens (B, N, W) (cross-attention, never packed)."""
+        """Queries from ``hidden``, keys and values from ``kv``: each (B, L, D), or packed (tokens, D) under
+        ``packing`` (2-d). ``kv`` is the text (self-attention) or the image tokens (B, N, W) (cross-attention);
+        ``hidden`` may be the [CLS] rows only (B, 1, D) of a packed text (``BertLayer``'s ``cls_only``)."""
         q, k, v = self.query(hidden), self.key(kv), self.value(kv)
-        if packing is not None:
+        if hidden.dim() == 2:
             q = packing.unpack(q)
-            if kv is hidden:
-                k, v = packing.unpack(k), packing.unpack(v)
+        if kv.dim() == 2:
+            k, v = packing.unpack(k), packing.unpack(v)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         p = self.dropout_p if self.training else 0.0
         if self.attn_impl == "sdpa" and not self.save_attention and (torch.is_grad_enabled() or q.is_cuda):
@@ -172,7 +176,7 @@ class BertSelfAttention(nn.Module):
             ctx = torch.matmul(F.dropout(probs, p, self.training), v)
         b, h, n, d = ctx.shape
         ctx = ctx.transpose(1, 2).reshape(b, n, h * d)
-        return ctx if packing is None else packing.pack(ctx)
+        return packing.pack(ctx) if hidden.dim() == 2 else ctx
 
 
 class BertResidualOutput(nn.Module):
@@ -217,8 +221,13 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertResidualOutput(cfg.intermediate_size, cfg)
 
-    def forward(self, hidden, mask, image_embeds=None, image_mask=None, packing=None):
-        hidden = self.attention(hidden, hidden, mask, packing)
+    def forward(self, hidden, mask, image_embeds=None, image_mask=None, packing=None, cls_only=False):
+        """``cls_only``: compute the output at [CLS] only, (B, 1, D) (its keys and values still read every token)."""
+        if cls_only:
+            query = hidden[:, :1] if packing is None else hidden[packing.first].unsqueeze(1)
+            hidden = self.attention(query, hidden, mask, packing)
+        else:
+            hidden = self.attention(hidden, hidden, mask, packing)
         if self.has_cross_attention:
             if image_embeds is None:
                 raise ValueError("a fusion layer needs image_embeds (encoder_hidden_states)")
@@ -251,8 +260,9 @@ class BertEncoder(nn.Module):
         return ranges[mode]
 
     def forward(self, hidden, mask, image_embeds: Optional[ImageStates] = None, image_mask=None, mode="multi_modal",
-                packing: Optional[Packing] = None):  # fmt: skip
+                packing: Optional[Packing] = None, cls_only: bool = False):  # fmt: skip
         """``hidden`` is (B, L, D), or (tokens, D) under ``packing`` (see ``BertModel.forward``)."""
+        last = self.layer_range(mode)[-1]
         for i in self.layer_range(mode):
             img, img_mask = image_embeds, image_mask
             if isinstance(image_embeds, (list, tuple)):
@@ -261,10 +271,11 @@ class BertEncoder(nn.Module):
                 img = image_embeds[j]
                 img_mask = image_mask[j] if isinstance(image_mask, (list, tuple)) else image_mask
             layer = self.layer[i]
+            cls = cls_only and i == last
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, mask, img, img_mask, packing, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, mask, img, img_mask, packing, cls, use_reentrant=False)
             else:
-                hidden = layer(hidden, mask, img, img_mask, packing)
+                hidden = layer(hidden, mask, img, img_mask, packing, cls)
         return hidden
 
 
@@ -287,8 +298,11 @@ class BertModel(nn.Module):
         encoder_hidden_states: Optional[ImageStates] = None,
         encoder_attention_mask=None,
         mode: str = "multi_modal",
+        cls_only: bool = False,
     ) -> torch.Tensor:
-        """Return the last hidden state ``(B, L, hidden)``.
+        """Return the last hidden state ``(B, L, hidden)``; with ``cls_only`` only its [CLS] row, ``(B, 1, hidden)``,
+        and the last layer computes its queries, feed-forward and outputs at [CLS] only (ITC features, ITM logits:
+        the other rows of the last layer are never read). Not with saved attention maps in the last layer.
 
         ``mode='fusion'`` takes ``encoder_embeds`` (a text state from ``mode='text'``) instead of ``input_ids``.
         ``encoder_attention_mask`` is a (B, N_img) 0/1 mask or None for "attend to every image token" (ALBEF
@@ -314,10 +328,15 @@ class BertModel(nn.Module):
             img_mask = [extended_mask(m, hidden.dtype) for m in encoder_attention_mask]
         else:
             img_mask = extended_mask(encoder_attention_mask, hidden.dtype)
+        if cls_only:
+            last = self.encoder.layer[self.encoder.layer_range(mode)[-1]]
+            if any(m.save_attention for m in last.modules() if isinstance(m, BertSelfAttention)):
+                return self.encoder(hidden, mask, encoder_hidden_states, img_mask, mode)[:, :1]  # Grad-CAM's maps
         packing = Packing.of(attention_mask) if self.packing and not self.cfg.is_decoder else None
         if packing is None:
-            return self.encoder(hidden, mask, encoder_hidden_states, img_mask, mode)
-        return packing.unpack(self.encoder(packing.pack(hidden), mask, encoder_hidden_states, img_mask, mode, packing))
+            return self.encoder(hidden, mask, encoder_hidden_states, img_mask, mode, None, cls_only)
+        out = self.encoder(packing.pack(hidden), mask, encoder_hidden_states, img_mask, mode, packing, cls_only)
+        return out if cls_only else packing.unpack(out)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
