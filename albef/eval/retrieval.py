@@ -9,8 +9,9 @@
 
 The official code re-ranks one query at a time (a batch of k pairs per fusion call, every caption padded to the
 longest of the set). Here the (caption, image) pairs of all queries are fused together in batches of ``pair_batch``
-pairs, a pair asked for by both an image query and a caption query once, sorted by caption length with each batch
-cut to its longest caption (bench/retrieval_eval.py measures it against the official loops).
+pairs, a pair asked for by both an image query and a caption query once, in blocks of consecutive images sorted by
+caption length, each batch cut to its longest caption and projecting each of its images' cross-attention keys and
+values once (bench/retrieval_eval.py measures it against the official loops).
 
 ``recall_metrics`` implements the official ``itm_eval``: text retrieval ranks, for each image, the best-ranked of
 its ground-truth captions; image retrieval ranks each caption's one image.
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from albef.engine.signals import until_stop
+from albef.models.bert import SharedImages
 
 
 @torch.no_grad()
@@ -63,9 +65,11 @@ def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, 
     """Score matrices (i2t: N_img x N_txt, t2i: N_txt x N_img) as the official evaluation, batched across queries.
 
     The (caption, image) pairs of this rank's image queries and caption queries are gathered first, and a pair that
-    both sides ask for is fused once. The pairs go through the fusion encoder sorted by caption length, each batch
-    cut to its longest caption: the padding the official code carries to every fusion call (masked keys, so the
-    scores are the same) is not computed."""
+    both sides ask for is fused once. The pairs go through the fusion encoder in blocks of consecutive images of
+    about ``pair_batch`` pairs each, sorted by caption length within a block: a batch projects each of its images'
+    cross-attention keys and values once (``SharedImages``; the official code projects them again for every pair)
+    and is cut to its longest caption (the padding the official code carries to every fusion call, masked keys, so
+    the scores are the same)."""
     n_img, n_txt = sims.shape
     k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
     score_i2t = torch.full((n_img, n_txt), -100.0, device=sims.device)
@@ -83,13 +87,17 @@ def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, 
     unique, where = torch.unique(pair_t * n_img + pair_i, return_inverse=True)  # pair -> its unique index
     u_t, u_i = unique // n_img, unique % n_img
     lengths = _lengths(text_mask)
-    order = torch.argsort(lengths[u_t], stable=True)
+    # Blocks of consecutive images holding about one batch of pairs each; within a block, pairs sorted by length.
+    per_block = max(1, pair_batch * n_img // max(1, len(unique)))
+    order = torch.argsort((u_i // per_block) * (text_mask.shape[1] + 1) + lengths[u_t], stable=True)
     logits = torch.empty(len(unique), device=sims.device)
     for start in until_stop(range(0, len(order), pair_batch)):  # a stop request ends it on every rank
         sel = order[start : start + pair_batch]
         t, i = u_t[sel], u_i[sel]
         width = int(lengths[t].max())
-        logits[sel] = model.itm_logits(text_embeds[t, :width], text_mask[t, :width], image_embeds[i])[:, 1].float()
+        images, which = torch.unique(i, return_inverse=True)
+        shared = SharedImages(image_embeds[images], which)
+        logits[sel] = model.itm_logits(text_embeds[t, :width], text_mask[t, :width], shared)[:, 1].float()
     n_i2t = len(q_img) * k_i2t
     if n_i2t:
         score_i2t[q_img.unsqueeze(1), cand_txt] = logits[where[:n_i2t]].view(len(q_img), k_i2t)

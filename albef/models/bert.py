@@ -122,6 +122,16 @@ class Packing(NamedTuple):
         return out.view(self.batch, self.length, *x.shape[1:])
 
 
+@dataclass
+class SharedImages:
+    """Image tokens shared by several texts: text b reads ``states[index[b]]`` (U, N, W). Cross-attention projects
+    each image's keys and values once and gathers them per text, instead of once per (text, image) pair: retrieval
+    re-ranking pairs every image with its many candidate captions."""
+
+    states: torch.Tensor
+    index: torch.Tensor
+
+
 class BertSelfAttention(nn.Module):
     def __init__(self, cfg: BertConfig, kv_width: int):
         super().__init__()
@@ -150,10 +160,14 @@ class BertSelfAttention(nn.Module):
         """Queries from ``hidden``, keys and values from ``kv``: each (B, L, D), or packed (tokens, D) under
         ``packing`` (2-d). ``kv`` is the text (self-attention) or the image tokens (B, N, W) (cross-attention);
         ``hidden`` may be the [CLS] rows only (B, 1, D) of a packed text (``BertLayer``'s ``cls_only``)."""
-        q, k, v = self.query(hidden), self.key(kv), self.value(kv)
+        q = self.query(hidden)
+        if isinstance(kv, SharedImages):
+            k, v = self.key(kv.states)[kv.index], self.value(kv.states)[kv.index]
+        else:
+            k, v = self.key(kv), self.value(kv)
         if hidden.dim() == 2:
             q = packing.unpack(q)
-        if kv.dim() == 2:
+        if k.dim() == 2:
             k, v = packing.unpack(k), packing.unpack(v)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         p = self.dropout_p if self.training else 0.0
@@ -242,7 +256,7 @@ def extended_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[
     return (1.0 - mask[:, None, None, :].to(dtype)) * -10000.0
 
 
-ImageStates = Union[torch.Tensor, Sequence[torch.Tensor]]
+ImageStates = Union[torch.Tensor, Sequence[torch.Tensor], SharedImages]
 
 
 class BertEncoder(nn.Module):
