@@ -9,9 +9,9 @@
 
 The official code re-ranks one query at a time (a batch of k pairs per fusion call, every caption padded to the
 longest of the set). Here the (caption, image) pairs of all queries are fused together in batches of ``pair_batch``
-pairs, a pair asked for by both an image query and a caption query once, in blocks of consecutive images sorted by
-caption length, each batch cut to its longest caption and projecting each of its images' cross-attention keys and
-values once (bench/retrieval_eval.py measures it against the official loops).
+pairs, a pair asked for by both an image query and a caption query once, sorted by caption length and then image,
+each batch cut to its longest caption and projecting each of its images' cross-attention keys and values once
+(bench/retrieval_eval.py measures it against the official loops).
 
 ``recall_metrics`` implements the official ``itm_eval``: text retrieval ranks, for each image, the best-ranked of
 its ground-truth captions; image retrieval ranks each caption's one image.
@@ -65,11 +65,10 @@ def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, 
     """Score matrices (i2t: N_img x N_txt, t2i: N_txt x N_img) as the official evaluation, batched across queries.
 
     The (caption, image) pairs of this rank's image queries and caption queries are gathered first, and a pair that
-    both sides ask for is fused once. The pairs go through the fusion encoder in blocks of consecutive images of
-    about ``pair_batch`` pairs each, sorted by caption length within a block: a batch projects each of its images'
-    cross-attention keys and values once (``SharedImages``; the official code projects them again for every pair)
-    and is cut to its longest caption (the padding the official code carries to every fusion call, masked keys, so
-    the scores are the same)."""
+    both sides ask for is fused once. The pairs go through the fusion encoder sorted by caption length and, within a
+    length, by image: each batch is cut to its longest caption (the padding the official code carries to every
+    fusion call, masked keys, so the scores are the same) and projects each of its images' cross-attention keys and
+    values once (``SharedImages``; the official code projects them again for every pair)."""
     n_img, n_txt = sims.shape
     k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
     score_i2t = torch.full((n_img, n_txt), -100.0, device=sims.device)
@@ -87,9 +86,7 @@ def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, 
     unique, where = torch.unique(pair_t * n_img + pair_i, return_inverse=True)  # pair -> its unique index
     u_t, u_i = unique // n_img, unique % n_img
     lengths = _lengths(text_mask)
-    # Blocks of consecutive images holding about one batch of pairs each; within a block, pairs sorted by length.
-    per_block = max(1, pair_batch * n_img // max(1, len(unique)))
-    order = torch.argsort((u_i // per_block) * (text_mask.shape[1] + 1) + lengths[u_t], stable=True)
+    order = torch.argsort(lengths[u_t] * n_img + u_i, stable=True)  # by caption length, then image
     logits = torch.empty(len(unique), device=sims.device)
     for start in until_stop(range(0, len(order), pair_batch)):  # a stop request ends it on every rank
         sel = order[start : start + pair_batch]
