@@ -62,11 +62,13 @@ def test_quick_demo_learns(tmp_path):
     assert s["zero_shot"]["test/itm_match_acc"] > 62 and s["fine_tuned"]["test/itm_match_acc"] > 72, \
         (s["zero_shot"]["test/itm_match_acc"], s["fine_tuned"]["test/itm_match_acc"])  # fmt: skip
     assert any(x.startswith("  zero-shot (pretrained) R@1 TR") and "matched-vs-random" in x for x in shown), shown
-    # ... and re-ranking ITC's top k by ITM keeps most of ITC's text R@1 (one quick run: 39.1 -> 35.9%). With MLM at
-    # the official weight 1 in the sum, ITM learned no hard negatives and re-ranking halved it (28.1 -> 12.5%;
-    # README "Does the fusion encoder use the image?", train.mlm_weight)
+    # ... and re-ranking ITC's top k by ITM keeps most of ITC's text R@1. With MLM at the official weight 1 in the
+    # sum, ITM learned no hard negatives and re-ranking halved it (28.1 -> 12.5%, 0.44x; README "Does the fusion
+    # encoder use the image?", train.mlm_weight). Quick runs since: 39.1 -> 35.9% (0.92x), and 51.6 -> 34.4% (0.67x)
+    # once token packing drew other dropout masks (the same model and data otherwise): the ratio moves with the
+    # training trajectory, so the bound sits between those runs and the 0.44x regression
     zs = s["zero_shot"]
-    assert zs["test/txt_r1"] > 0.7 * zs["test/itc_txt_r1"], (zs["test/txt_r1"], zs["test/itc_txt_r1"])
+    assert zs["test/txt_r1"] > 0.6 * zs["test/itc_txt_r1"], (zs["test/txt_r1"], zs["test/itc_txt_r1"])
     # zero-shot classification of the held-out one-object images into 24 "colour shape" classes from prompts (one
     # quick run: top-1 36% of 22 val images, chance 4.2%)
     zc = s["zero_shot_classes"]
