@@ -107,9 +107,9 @@ class Packing(NamedTuple):
     @classmethod
     def of(cls, mask: torch.Tensor) -> Optional["Packing"]:
         """The packing of a (B, L) 0/1 mask, or None when packing does not pay (little or no padding)."""
-        if float(mask.sum()) > (1.0 - cls.MIN_PADDING) * mask.numel():
-            return None
         counts = mask.sum(1)
+        if float(counts.sum()) > (1.0 - cls.MIN_PADDING) * mask.numel():
+            return None
         return cls(mask.reshape(-1).nonzero().squeeze(1), counts.cumsum(0) - counts, mask.shape[0], mask.shape[1])
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
