@@ -8,7 +8,6 @@ Run: ``OMP_NUM_THREADS=1 python -m pytest tests/test_demo_world.py -q``
 """
 from __future__ import annotations
 
-import html
 import importlib.util
 import json
 import re

@@ -75,6 +75,46 @@ def test_batched_rerank_reproduces_the_official_score_matrix(parity_pretrain, pa
             assert set(torch.nonzero(i2t[i] > -100).flatten().tolist()) == set(top2[i].tolist())
 
 
+def _rerank_on_rank(rank: int, port: int, tensors: dict, out: str) -> None:
+    """One of two gloo ranks: re-rank with the rank's share of the queries (albef.engine.dist.rank_share)."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = build_model("tiny", "retrieval", overrides=["vision.img_size=96"])
+    load_pretrained(model, tensors["state_dict"])
+    with torch.no_grad():
+        i2t, t2i = itm_rerank(model.eval(), tensors["sims"], tensors["image_embeds"], tensors["text_embeds"],
+                              tensors["mask"], k_test=3, pair_batch=5)  # fmt: skip
+    torch.save({"i2t": i2t, "t2i": t2i}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_rerank_over_two_ranks_equals_one_process(parity_pretrain, parity_retrieval, tmp_path):
+    """Each of two ranks fuses the pairs of its share of the image and caption queries; the merged score matrices
+    (every rank holds them whole) equal the single-process ones."""
+    import socket
+
+    ref = parity_retrieval
+    model = build_model("tiny", "retrieval", overrides=["vision.img_size=96"])
+    load_pretrained(model, parity_pretrain["state_dict"])
+    model.eval()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        image_embeds = model.encode_image(ref["image96"])
+        text_embeds, text_feat = encode_texts(model, ref["input_ids"], ref["attention_mask"], batch_size=3)
+        sims = model.image_feat(image_embeds) @ text_feat.T
+        i2t, t2i = itm_rerank(model, sims, image_embeds, text_embeds, ref["attention_mask"], k_test=3, pair_batch=5)
+    tensors = {"state_dict": parity_pretrain["state_dict"], "sims": sims, "image_embeds": image_embeds,
+               "text_embeds": text_embeds, "mask": ref["attention_mask"]}  # fmt: skip
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_rerank_on_rank, args=(port, tensors, str(tmp_path / "scores")), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"scores.{rank}", weights_only=True)
+        assert torch.allclose(got["i2t"], i2t, atol=1e-5) and torch.allclose(got["t2i"], t2i, atol=1e-5), rank
+        assert ((got["i2t"] > -100).sum(1) == 3).all()
+
+
 def _run(args, out, wandb_mode="disabled"):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE=wandb_mode, WANDB_SILENT="true")
     p = subprocess.run([sys.executable, "-m", "finetune.retrieval", *args], cwd=REPO, env=env, capture_output=True,

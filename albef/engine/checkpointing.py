@@ -169,7 +169,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: Dict, rank_state: Dict
         raise CheckpointError("; ".join(f"checkpoint {tag} failed on rank {r}: {m}" for r, m in failures) +
                               f" ({tag_dir} is incomplete; the previous complete checkpoint is kept)") from error
     if rank == 0:
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        world = dist.rank_and_world()[1]
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
         atomic_write(tag_dir / "COMPLETE", json.dumps({"step": step, "world_size": world, "files": files}))
         atomic_write(ckpt_dir / LATEST, tag)
@@ -248,7 +248,7 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, model=None) -> Tuple[Dict,
     parameters and buffers (momentum encoders, queues: outside the optimizer, whole on every rank) from the
     checkpoint's module state."""
     tag_dir = ckpt_dir / tag
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = dist.rank_and_world()[1]
     same_world = saved_world_size(ckpt_dir, tag) == world
     universal = not same_world and is_partitioned(tag_dir)
     try:

@@ -13,7 +13,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import List
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -102,23 +102,69 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
     return device
 
 
+def initialized() -> bool:
+    """Whether a process group is running (every helper below is a no-op / the identity without one)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank_and_world() -> Tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    if initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def rank_share(n: int) -> range:
+    """This rank's share of ``range(n)`` when evaluation is split over ranks: every world-th index from its rank,
+    so the shares differ by at most one item. The one way every task splits evaluation."""
+    rank, world = rank_and_world()
+    return range(rank, n, world)
+
+
 def gather_objects(obj) -> List:
     """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not initialized():
         return [obj]
     out = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
 
 
+def gather_lists(items: Sequence) -> list:
+    """Every rank's list, concatenated in rank order (identical on every rank)."""
+    return [x for part in gather_objects(list(items)) for x in part]
+
+
+def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
+    """Element-wise sums over ranks (float64, so that counts stay exact)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if rank_and_world()[1] > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def all_gather_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0, without gradient (``x`` itself without a process group)."""
+    if rank_and_world()[1] == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if initialized():
         torch.distributed.barrier()
 
 
 def all_reduce_max(value: float) -> float:
     """The maximum of a scalar over ranks (used so that every rank takes the same decision)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not initialized():
         return value
     t = torch.tensor([float(value)], dtype=torch.float64)
     if torch.distributed.get_backend() == "nccl":
@@ -128,5 +174,5 @@ def all_reduce_max(value: float) -> float:
 
 
 def shutdown() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if initialized():
         torch.distributed.destroy_process_group()

@@ -22,8 +22,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from albef.engine import dist
 from albef.engine.signals import until_stop
 from albef.models.bert import SharedImages
 
@@ -50,15 +50,6 @@ def encode_images(model, images) -> tuple:
     return torch.cat(embeds), torch.cat(feats)
 
 
-def _rank_slice(n: int) -> range:
-    if dist.is_available() and dist.is_initialized():
-        world, rank = dist.get_world_size(), dist.get_rank()
-    else:
-        world, rank = 1, 0
-    step = (n + world - 1) // world
-    return range(rank * step, min(n, (rank + 1) * step))
-
-
 @torch.no_grad()
 def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, k_test: int,
                pair_batch: int = 512) -> tuple:  # fmt: skip
@@ -76,9 +67,9 @@ def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, 
     filled_i2t = torch.zeros_like(score_i2t)
     filled_t2i = torch.zeros_like(score_t2i)
 
-    images, texts = _rank_slice(n_img), _rank_slice(n_txt)
-    q_img = torch.arange(images.start, images.stop, device=sims.device)
-    q_txt = torch.arange(texts.start, texts.stop, device=sims.device)
+    images, texts = dist.rank_share(n_img), dist.rank_share(n_txt)
+    q_img = torch.arange(images.start, images.stop, images.step, device=sims.device)
+    q_txt = torch.arange(texts.start, texts.stop, texts.step, device=sims.device)
     cand_txt = sims[q_img].topk(k_i2t, dim=1).indices if len(q_img) else q_img.new_zeros(0, k_i2t)  # (Qi, k)
     cand_img = sims.t()[q_txt].topk(k_t2i, dim=1).indices if len(q_txt) else q_txt.new_zeros(0, k_t2i)
     pair_t = torch.cat([cand_txt.reshape(-1), q_txt.repeat_interleave(k_t2i)])
@@ -103,13 +94,13 @@ def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, 
         score_t2i[q_txt.unsqueeze(1), cand_img] = logits[where[n_i2t:]].view(len(q_txt), k_t2i)
         filled_t2i[q_txt.unsqueeze(1), cand_img] = 1.0
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.rank_and_world()[1] > 1:
         # Each rank filled its own query rows: sum the filled entries, then put -100 back everywhere else.
         merged = []
         for score, filled in ((score_i2t, filled_i2t), (score_t2i, filled_t2i)):
             score = score * filled
-            dist.all_reduce(score)
-            dist.all_reduce(filled)
+            torch.distributed.all_reduce(score)
+            torch.distributed.all_reduce(filled)
             merged.append(torch.where(filled > 0, score, torch.full_like(score, -100.0)))
         score_i2t, score_t2i = merged
     return score_i2t, score_t2i

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from albef.engine.dist import all_gather_tensor
 from albef.models.bert import BertConfig, BertForMaskedLM, BertModel, init_bert_weights, mlm_loss
 from albef.models.vit import VisionConfig, build_vit, set_vit_attn_impl
 
@@ -151,16 +151,6 @@ def mask_tokens(input_ids: torch.Tensor, vocab_size: int, probability: float):
     return ids.to(device), labels.to(device)
 
 
-@torch.no_grad()
-def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 without gradient (a no-op outside a multi-process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -274,7 +264,7 @@ class ALBEFBase(nn.Module):
         """
         if self.cfg.queue_size == 0:
             return
-        image_feats, text_feats = concat_all_gather(image_feat_m), concat_all_gather(text_feat_m)
+        image_feats, text_feats = all_gather_tensor(image_feat_m), all_gather_tensor(text_feat_m)
         bs = image_feats.shape[0]
         ptr = int(self.queue_ptr)
         if self.cfg.queue_size % bs:
@@ -285,7 +275,7 @@ class ALBEFBase(nn.Module):
         self.image_queue[:, ptr : ptr + bs] = image_feats.T
         self.text_queue[:, ptr : ptr + bs] = text_feats.T
         if self.has_idx_queue and idx is not None:
-            self.idx_queue[:, ptr : ptr + bs] = concat_all_gather(idx.view(-1)).view(1, -1)
+            self.idx_queue[:, ptr : ptr + bs] = all_gather_tensor(idx.view(-1)).view(1, -1)
         self.queue_ptr[0] = (ptr + bs) % self.cfg.queue_size
 
     def keep_momentum_fp32(self, fp32_state: Dict[str, torch.Tensor]) -> None:

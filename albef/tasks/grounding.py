@@ -53,12 +53,12 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from albef.data.transforms import (AugmentConfig, ImageTransform, read_image_header, stack_images, test_transform,
                                    to_device)
+from albef.engine import dist
 from albef.engine.signals import until_stop
 from albef.eval.grounding import (
     GRADCAM_MODES, centre_choice, check_block, box_iou, gradcam, ground, random_choice_accuracy, upsample_map,
@@ -297,8 +297,8 @@ class GroundingTask(RetrievalTask):
 
     def evaluate(self, model, split, device, dtype) -> Dict[str, float]:
         ds, e = self._eval_data(split), self.cfg.eval
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        mine = list(range(rank, len(ds), world))
+        rank, world = dist.rank_and_world()
+        mine = dist.rank_share(len(ds))
         loader = DataLoader(Subset(ds, mine), batch_size=e.batch_size, num_workers=self.cfg.data.num_workers,
                             collate_fn=_collate)  # fmt: skip
         max_len = self.cfg.model.text.max_position_embeddings  # official: no length limit at evaluation
@@ -320,9 +320,7 @@ class GroundingTask(RetrievalTask):
                 if rank == 0 and len(examples) < e.num_examples:
                     examples.append((rows[-1], cam.detach().float().cpu()))
         if world > 1:
-            gathered: List[List[Dict]] = [None] * world  # type: ignore[list-item]
-            dist.all_gather_object(gathered, rows)
-            rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+            rows = sorted(dist.gather_lists(rows), key=lambda r: r["index"])
         metrics = grounding_metrics(rows, split)
         if rank == 0:
             self._write_outputs(split, rows, metrics, examples)

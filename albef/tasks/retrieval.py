@@ -30,6 +30,7 @@ from albef.data.finetune import MapLoader
 from albef.data.json_dataset import read_json_list
 from albef.data.samples import BadSample, make_sample
 from albef.data.transforms import AugmentConfig, stack_images, test_transform, to_device
+from albef.engine import dist
 from albef.engine.signals import until_stop
 from albef.eval.retrieval import (encode_images, encode_texts, ground_truth, itm_match_accuracy, itm_rerank,
                                   recall_metrics)
@@ -190,7 +191,7 @@ class RetrievalTask(Task):
         return metrics
 
     def _write_results(self, split, ds, score_i2t, score_t2i, metrics) -> None:
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        if not dist.is_main():
             return
         n = self.cfg.eval.top_n_results
         i2t = score_i2t.topk(min(n, score_i2t.shape[1]), dim=1)

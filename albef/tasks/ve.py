@@ -19,17 +19,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from albef.data.finetune import MapLoader
 from albef.data.samples import BadSample
 from albef.data.transforms import (AugmentConfig, ImageDecodeError, ImageTransform, stack_images, test_transform,
                                    to_device)
+from albef.engine import dist
 from albef.engine.signals import until_stop
 from albef.eval.priors import TextPrior, compare_with_prior
 from albef.models import ModelConfig
@@ -73,38 +73,6 @@ class ClassifierConfig:
 
     def __post_init__(self) -> None:
         check_image_res(self)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Ranks: evaluation runs on a slice per rank; counts are summed and per-sample results gathered.
-
-
-def rank_and_world() -> tuple:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_indices(n: int) -> List[int]:
-    """This rank's share of ``range(n)`` (strided, so the shares differ by at most one)."""
-    rank, world = rank_and_world()
-    return list(range(rank, n, world))
-
-
-def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    if rank_and_world()[1] > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def gather_over_ranks(items: list) -> list:
-    """Every rank's list, concatenated in rank order (identical on every rank)."""
-    if rank_and_world()[1] == 1:
-        return list(items)
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
 
 
 def read_image(path: str, transform: ImageTransform, rng) -> np.ndarray:
@@ -202,7 +170,7 @@ class ClassifierTask(Task):
             self._eval_sets[split] = ClassifierDataset(self._items(getattr(d, f"{split}_file")),
                                                        test_transform(d.image_res))  # fmt: skip
         ds = self._eval_sets[split]
-        subset = torch.utils.data.Subset(ds, rank_indices(len(ds)))
+        subset = torch.utils.data.Subset(ds, dist.rank_share(len(ds)))
         loader = DataLoader(subset, batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.data.num_workers,
                             collate_fn=self.collate(self._tokenizer))  # fmt: skip
         correct, predictions = 0, []
@@ -212,10 +180,10 @@ class ClassifierTask(Task):
             predicted = logits.argmax(1).cpu()
             correct += int((predicted == batch["label"]).sum())
             predictions += predicted.tolist()
-        correct, total = sum_over_ranks([correct, len(subset)], device)
+        correct, total = dist.sum_over_ranks([correct, len(subset)], device)
         metrics = {"acc": 100.0 * correct / total}
         if self.cfg.data.train_files:  # the text-only prior (per sentence), overall and per gold label
-            pairs = sorted(gather_over_ranks(list(zip(subset.indices, predictions))))
+            pairs = sorted(dist.gather_lists(list(zip(subset.indices, predictions))))
             items = [ds.items[i] for i, _ in pairs]
             labels = [label for _, _, label in items]
             metrics.update(compare_with_prior(labels, [sentence for _, sentence, _ in items],

@@ -36,13 +36,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from albef.data.finetune import MapLoader
 from albef.data.transforms import AugmentConfig, stack_images, test_transform, to_device
+from albef.engine import dist
 from albef.engine.signals import until_stop
 from albef.eval.priors import TextPrior, compare_with_prior, question_type
 from albef.eval.vqa import load_vqa_answers, vqa_accuracy, vqa_score
 from albef.models import ModelConfig
 from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
 from albef.data.json_dataset import read_json_list
-from albef.tasks.ve import check_image_res, gather_over_ranks, rank_and_world, rank_indices, read_image
+from albef.tasks.ve import check_image_res, read_image
 from albef.tokenizer import Tokenizer, pre_question
 
 EOS = "[SEP]"  # appended to every answer: the decoder's end of sequence (official config `eos`)
@@ -211,7 +212,7 @@ class VQATask(Task):
     def evaluate(self, model, split, device, dtype) -> Dict[str, float]:
         ds, (answers, answer_tokens) = self._eval_data(split)
         answer_ids, answer_mask = answer_tokens["input_ids"].to(device), answer_tokens["attention_mask"].to(device)
-        loader = DataLoader(torch.utils.data.Subset(ds, rank_indices(len(ds))), batch_size=self.cfg.eval.batch_size,
+        loader = DataLoader(torch.utils.data.Subset(ds, dist.rank_share(len(ds))), batch_size=self.cfg.eval.batch_size,
                             num_workers=self.cfg.data.num_workers, collate_fn=_eval_collate)  # fmt: skip
         mine = []
         for images, questions, qids, indices in until_stop(loader):
@@ -220,8 +221,8 @@ class VQATask(Task):
             states = model.encode_question(to_device(images, device, dtype), q_ids, q_mask)
             best, _, _ = model.rank_answer(states, q_mask, answer_ids, answer_mask, self.cfg.eval.k_test)
             mine += [(i, qid, answers[b]) for i, qid, b in zip(indices, qids, best.tolist())]
-        results = [{"question_id": qid, "answer": a} for _, qid, a in sorted(gather_over_ranks(mine))]
-        if rank_and_world()[0] == 0:
+        results = [{"question_id": qid, "answer": a} for _, qid, a in sorted(dist.gather_lists(mine))]
+        if dist.is_main():
             out = Path(self.cfg.train.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / f"vqa_result_{split}.json").write_text(json.dumps(results))

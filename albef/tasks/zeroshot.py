@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from albef.data.json_dataset import read_json_list
 from albef.data.transforms import stack_images, to_device
+from albef.engine import dist
 from albef.engine.signals import until_stop
 from albef.eval.retrieval import encode_images, encode_texts
 from albef.models import ModelConfig
@@ -144,7 +145,7 @@ class ZeroShotTask(Task):
         return metrics
 
     def _write_results(self, split: str, ds: ZeroShotSet, top, metrics: Dict[str, float]) -> None:
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        if not dist.is_main():
             return
         rows = [{"image": image, "label": self.classes[int(label)],
                  "top": [{"class": self.classes[j], "score": s} for j, s in zip(idx.tolist(), sc.tolist())]}
