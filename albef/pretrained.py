@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import yaml
 
-from albef.checkpoint import (CheckpointError, load_pretrained, model_kind_of, read_checkpoint, save_official,
+from albef.models.convert import (CheckpointError, load_pretrained, model_kind_of, read_checkpoint, save_official,
                               unwrap_state_dict)
 from albef.config import from_dict, load_config
 from albef.data.transforms import normalize_images, test_transform

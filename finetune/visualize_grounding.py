@@ -7,7 +7,7 @@
         --box 10 12 20 20 --box 40 5 18 18 --true-box 10 12 20 20             # score proposals, mark the best
 
 The model is an ``ALBEFRetrieval`` of preset/YAML ``--model`` (``--set key=value`` overrides its fields) loaded
-with ``albef.checkpoint.load_pretrained`` (official ``ALBEF.pth``/``refcoco.pth``, our ``final.pth``/``best.pth``
+with ``albef.models.convert.load_pretrained`` (official ``ALBEF.pth``/``refcoco.pth``, our ``final.pth``/``best.pth``
 exports, DeepSpeed model states; the feature queues, training state only, are ignored); the image size is read
 from the checkpoint's position embedding unless ``--image-res`` is given. ``--mode itm`` (official) takes Grad-CAM
 of the ITM match logit on the cross-attention of fusion layer ``--block-num``; ``--mode itc`` of the ITC
@@ -41,7 +41,7 @@ def _image_res_from_checkpoint(sd, patch_size: int, path: str) -> int:
 
 def run(argv: Optional[List[str]] = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m finetune.visualize_grounding", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="model weights (any layout albef.checkpoint reads)")
+    p.add_argument("--checkpoint", required=True, help="model weights (any layout albef.models.convert reads)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--text", required=True, help="referring expression")
     p.add_argument("--out", required=True, help="output PNG")
@@ -59,7 +59,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
 
-    from albef.checkpoint import QUEUE_KEYS, load_pretrained, read_state_dict
+    from albef.models.convert import QUEUE_KEYS, load_pretrained, read_state_dict
     from albef.data.transforms import stack_images, test_transform, to_device
     from albef.eval.grounding import box_iou, check_block, gradcam, select_box, upsample_map
     from albef.models import build_model, model_config
@@ -105,7 +105,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
 
 
 def main() -> None:
-    from albef.checkpoint import CheckpointError
+    from albef.models.convert import CheckpointError
 
     try:
         run()

@@ -642,7 +642,7 @@ def test_official_json_errors_name_file_index_and_field(tmp_path):
 def test_data_config_validation_names_field_and_value():
     assert from_dict(DataConfig, {"shards": ["/x"], "batch_size": 8}).batch_size == 8
     cases = [
-        ({"shards": ["/x"], "batch_size": 0}, r"data\.batch_size=0: must be >= 1"),
+        ({"shards": ["/x"], "batch_size": -1}, r"data\.batch_size=-1: must be >= 0"),
         ({"shards": ["/x"], "weights": [1.0]}, r"data\.weights=\[1\.0\]: mixing weights need data\.resampled"),
         ({"shards": ["/x", "/y"], "resampled": True, "weights": [1.0]}, r"one weight per data\.shards entry"),
         ({"shards": ["/x"], "resampled": True, "weights": [0.0]}, r"every weight must be > 0"),
@@ -654,8 +654,10 @@ def test_data_config_validation_names_field_and_value():
     for data, pattern in cases:
         with pytest.raises(ConfigError, match=pattern):
             from_dict(DataConfig, data, "train.yaml:data")
+    with pytest.raises(ValueError, match=r"data\.batch_size=0: the loader needs a per-rank batch"):
+        build_pretrain_loader(DataConfig(shards=["/x"]), None, 0, 1, 0)
     with pytest.raises(ValueError, match="both empty"):
-        build_pretrain_loader(DataConfig(), None, 0, 1, 0)
+        build_pretrain_loader(DataConfig(batch_size=4), None, 0, 1, 0)
 
 
 # ---- the fine-tuning tasks' loader (map-style datasets) -----------------------------------------------------------

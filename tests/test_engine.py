@@ -162,7 +162,7 @@ def test_zero_stages_and_precisions_train(world_shards, tmp_path, stage, precisi
 @pytest.mark.slow
 def test_world_size_two_equals_single_process_reference(world_shards, tmp_path):
     """Two gloo ranks vs one process computing both ranks' half batches with the same weights and queue."""
-    from albef.checkpoint import load_pretrained
+    from albef.models.convert import load_pretrained
     from albef.config import load_config
     from albef.data import build_pretrain_loader, normalize_images
     from albef.engine.optim import build_optimizer

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from albef.checkpoint import (
+from albef.models.convert import (
     CheckpointError, export_official, load_pretrained, model_kind_of, pretrain_to_nlvr, pretrain_to_vqa,
 )  # fmt: skip
 from albef.eval.vqa import load_vqa_answers, normalize_answer, vqa_accuracy, vqa_score
@@ -62,7 +62,7 @@ def pretrain_sd(request, parity_pretrain):
 
 def _source_key_vqa(key: str) -> str:
     """Where the official VQA loader takes model key ``key`` from, in a pretraining checkpoint (written out
-    independently of albef.checkpoint: one rule per key family)."""
+    independently of albef.models.convert: one rule per key family)."""
     m = re.match(r"^text_decoder(_m)?\.bert\.encoder\.layer\.(\d+)\.(.*)$", key)
     if m:
         return f"text_encoder{m[1] or ''}.bert.encoder.layer.{int(m[2]) + F_TINY}.{m[3]}"
@@ -538,6 +538,25 @@ def test_nlvr2_text_assignment_then_finetune_on_world(world, tmp_path):
     majority = 100.0 * max(labels.values()) / sum(labels.values())  # 50: the labels are balanced
     assert _last(rows, "val/acc") > majority + 6, rows[-1]
     _against_prior(rows, "val"), _against_prior(rows, "test")
+
+
+@pytest.mark.parametrize("schema, config", [
+    ("retrieval:RetrievalConfig", "retrieval_coco.yaml"), ("zeroshot:ZeroShotConfig", "zeroshot.yaml"),
+    ("vqa:VQAConfig", "vqa_v2.yaml"), ("classifier:ClassifierConfig", "snli_ve.yaml"),
+    ("classifier:ClassifierConfig", "nlvr2.yaml"), ("grounding:GroundingConfig", "grounding_refcoco+.yaml"),
+    ("nlvr:NLVRPretrainConfig", "nlvr2_ta.yaml"),
+])  # fmt: skip
+def test_every_task_checks_the_image_size_against_the_model(schema, config):
+    """``data.image_res`` must equal ``model.vision.img_size`` in every task's schema (checked once, in RunConfig)."""
+    import importlib
+
+    from albef.config import ConfigError, load_config
+
+    module, name = schema.split(":")
+    cls = getattr(importlib.import_module(f"albef.tasks.{module}"), name)
+    size = load_config(cls, REPO / "finetune" / "configs" / config, []).model.vision.img_size
+    with pytest.raises(ConfigError, match=rf"override 'data.image_res=224'.*must equal model.vision.img_size={size}"):
+        load_config(cls, REPO / "finetune" / "configs" / config, ["data.image_res=224"])
 
 
 def test_text_priors_follow_the_train_file():

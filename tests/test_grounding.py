@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from albef.checkpoint import load_pretrained, save_official
+from albef.models.convert import load_pretrained, save_official
 from albef.config import ConfigError, load_config
 from albef.demo.world import generate_world
 from albef.eval.grounding import (

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from albef.checkpoint import (
+from albef.models.convert import (
     CheckpointError, export_official, init_text_from_hf, init_vit_from_deit, load_pretrained, read_state_dict,
     save_official,
 )  # fmt: skip

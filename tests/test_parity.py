@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from albef.checkpoint import export_official, load_pretrained
+from albef.models.convert import export_official, load_pretrained
 from albef.models import build_model
 from albef.models.bert import mlm_loss
 

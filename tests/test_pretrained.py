@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 import albef
-from albef.checkpoint import CheckpointError, save_official
+from albef.models.convert import CheckpointError, save_official
 from albef.models import build_model, model_config
 from albef.pretrained import Preprocess, infer_model_config
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from albef.checkpoint import load_pretrained
+from albef.models.convert import load_pretrained
 from albef.eval.retrieval import encode_texts, ground_truth, itm_rerank, recall_metrics
 from albef.models import build_model
 

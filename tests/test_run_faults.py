@@ -38,6 +38,9 @@ CONFIG = "pretrain/configs/tiny_cpu.yaml"
     ("train.lr=[1e-4", r"override 'train.lr=\[1e-4': not valid YAML"),
     ("train.max_steps=ten", r"override 'train.max_steps=ten'.*expected an integer"),
     ("train.no_such_key=1", r"override 'train.no_such_key=1'.*unknown key\(s\) \['no_such_key'\]"),
+    # one owner per value: the per-rank batch is train.micro_batch_size (8 here), the image size the model's
+    ("data.batch_size=32", r"override 'data.batch_size=32'.*train.micro_batch_size=8; leave data.batch_size unset"),
+    ("data.image_res=32", r"override 'data.image_res=32'.*must equal model.vision.img_size=64"),
 ])  # fmt: skip
 def test_bad_overrides_are_errors_that_name_the_override(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from albef.checkpoint import save_official
+from albef.models.convert import save_official
 from albef.config import ConfigError, load_config
 from albef.demo.world import generate_world
 from albef.models import build_model

@@ -30,8 +30,9 @@ class DataConfig:
     # Prefix for relative image paths in json_files ("" = paths are used as written, as the official code does).
     image_root: str = ""
     image_res: int = 256
-    # Per-rank micro batch.
-    batch_size: int = 64
+    # Per-rank micro batch of the loader. A run sets it from train.micro_batch_size (its one owner); leave it 0
+    # (unset) in a run YAML.
+    batch_size: int = 0
     num_workers: int = 4
     # Raw samples held per worker for sample-level shuffling (0 or 1 = no buffer); shards only.
     shuffle_buffer: int = 2000
@@ -59,10 +60,10 @@ class DataConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"data.{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("image_res", "batch_size", "max_words", "max_text_len", "prefetch_factor"):
+        for name in ("image_res", "max_words", "max_text_len", "prefetch_factor"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
-        for name in ("num_workers", "shuffle_buffer", "samples_per_epoch", "log_bad_samples"):
+        for name in ("batch_size", "num_workers", "shuffle_buffer", "samples_per_epoch", "log_bad_samples"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

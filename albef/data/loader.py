@@ -734,4 +734,7 @@ class PretrainLoader:
 
 def build_pretrain_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, seed: int) -> PretrainLoader:
     """The pretraining loader for this rank (see the module docstring)."""
+    if cfg.batch_size < 1:
+        raise ValueError(f"data.batch_size={cfg.batch_size}: the loader needs a per-rank batch >= 1 (a run sets it "
+                         "from train.micro_batch_size)")  # fmt: skip
     return PretrainLoader(cfg, tokenizer, rank, world_size, seed)

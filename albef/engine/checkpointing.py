@@ -304,7 +304,7 @@ def export_official_file(run_dir: Path, out: Path, tag: Optional[str] = None) ->
     model built from the run's ``config.yaml``."""
     import yaml
 
-    from albef.checkpoint import load_pretrained, model_kind_of, save_official
+    from albef.models.convert import load_pretrained, model_kind_of, save_official
     from albef.config import from_dict
     from albef.models import ModelConfig, build_model
 

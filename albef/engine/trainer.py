@@ -122,7 +122,7 @@ class Trainer:
         return p, tag
 
     def _init_weights(self, model) -> None:
-        from albef.checkpoint import init_text_from_hf, init_vit_from_deit, load_pretrained
+        from albef.models.convert import init_text_from_hf, init_vit_from_deit, load_pretrained
 
         init = self.cfg.init
         if init.checkpoint:

@@ -6,7 +6,7 @@ from typing import Iterable, Optional, Union
 from albef.config import load_config
 from albef.models.albef import MODEL_CLASSES, ALBEFBase, ALBEFPretrain, ALBEFRetrieval, ModelConfig
 from albef.models.bert import BertConfig
-from albef.models.tasks import TASK_MODEL_CLASSES, ALBEFNLVR, ALBEFNLVRPretrain, ALBEFVE, ALBEFVQA
+from albef.models.downstream import TASK_MODEL_CLASSES, ALBEFNLVR, ALBEFNLVRPretrain, ALBEFVE, ALBEFVQA
 from albef.models.vit import VisionConfig
 
 __all__ = [
@@ -15,7 +15,7 @@ __all__ = [
     "build_model", "model_config",
 ]  # fmt: skip
 
-MODEL_CLASSES.update(TASK_MODEL_CLASSES)  # the downstream heads (albef/models/tasks.py) live beside the core models
+MODEL_CLASSES.update(TASK_MODEL_CLASSES)  # the downstream heads (albef/models/downstream.py) live beside the core models
 
 
 def model_config(preset: Union[str, ModelConfig] = "base", overrides: Iterable[str] = ()) -> ModelConfig:
@@ -30,7 +30,7 @@ def build_model(
     preset: Union[str, ModelConfig] = "base", task: str = "pretrain", overrides: Iterable[str] = (),
     seed: Optional[int] = None,
 ) -> ALBEFBase:
-    """Build a randomly initialised model; load weights with ``albef.checkpoint``."""
+    """Build a randomly initialised model; load weights with ``albef.models.convert``."""
     if task not in MODEL_CLASSES:
         raise ValueError(f"task={task!r}: expected one of {sorted(MODEL_CLASSES)}")
     cfg = model_config(preset, overrides)

@@ -11,7 +11,7 @@ are positives for ITC, in the batch and in the queue.
 Attribute names are the checkpoint format of the official code (``visual_encoder``, ``text_encoder``,
 ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``, the ``*_m`` momentum twins and the queues), so official
 ``ALBEF_4M.pth`` / ``ALBEF.pth`` load by name; the only conversions (0-d ``temp``, ``bert.`` prefixes,
-``pos_embed`` size) live in ``albef.checkpoint``.
+``pos_embed`` size) live in ``albef.models.convert``.
 
 Random draws (hard negatives, MLM masking) follow the official call sequence on the same generators, so a
 forward from the same state and seed reproduces the official losses (see tests/test_parity.py).
@@ -174,7 +174,7 @@ class ALBEFBase(nn.Module):
         self.text_proj = nn.Linear(text_width, cfg.embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
         # Shape [1], not 0-d as in official checkpoints: DeepSpeed cannot broadcast 0-d parameters.
-        # albef.checkpoint converts at load/export time.
+        # albef.models.convert converts at load/export time.
         self.temp = nn.Parameter(torch.full((1,), cfg.temp))
 
         self.visual_encoder_m = copy.deepcopy(self.visual_encoder)

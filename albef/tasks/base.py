@@ -19,7 +19,7 @@ from albef.models import ALBEFBase, ModelConfig
 class InitConfig:
     """Where the weights come from before training starts (all optional; a resumed run ignores them)."""
 
-    checkpoint: Optional[str] = None  # an official ALBEF / our checkpoint file (albef.checkpoint.load_pretrained)
+    checkpoint: Optional[str] = None  # an official ALBEF / our checkpoint file (albef.models.convert.load_pretrained)
     vit: Optional[str] = None  # a DeiT / timm ViT checkpoint file (official pretraining: DeiT-B/16 224px)
     bert: Optional[str] = None  # a HuggingFace BERT: hub id (bert-base-uncased) or local directory
 
@@ -84,6 +84,29 @@ class TrainConfig:
 
 
 @dataclass
+class RunConfig:
+    """The sections every run YAML has. A task's schema subclasses it and adds its typed ``data`` (and ``eval``)
+    sections; the values that two sections both mention are checked here, once, for every task."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        data = getattr(self, "data", None)
+        res = getattr(data, "image_res", None)
+        if res is not None and res != self.model.vision.img_size:
+            raise ValueError(f"data.image_res={res} must equal model.vision.img_size={self.model.vision.img_size}: "
+                             "set both (the ViT's patch grid and position embedding are built for that size; "
+                             "checkpoints are resized to the model's size on load)")  # fmt: skip
+        batch = getattr(data, "batch_size", None)  # the pretraining loader's; its one owner is the train section
+        if batch is not None and batch not in (0, self.train.micro_batch_size):
+            raise ValueError(f"data.batch_size={batch}: the per-rank batch is train.micro_batch_size="
+                             f"{self.train.micro_batch_size}; leave data.batch_size unset")  # fmt: skip
+
+
+@dataclass
 class Progress:
     """Where training stands, handed to ``training_step`` (drives the alpha ramp)."""
 
@@ -99,11 +122,15 @@ class Task:
     name: str = "task"
     model_kind: str = "pretrain"
     config_cls: type = None  # a dataclass with at least model, init, data, train, wandb sections
-    eval_splits: tuple = ()  # e.g. ("val", "test"); the first one selects the best checkpoint
+    # e.g. ("val", "test"); the first one selects the best checkpoint. A split whose ``data.<split>_file`` is ""
+    # is left out (no validation: best = last).
+    eval_splits: tuple = ()
     primary_metric: Optional[str] = None  # e.g. "r_mean"; higher is better
 
     def __init__(self, cfg):
         self.cfg = cfg
+        data = getattr(cfg, "data", None)
+        self.eval_splits = tuple(s for s in type(self).eval_splits if getattr(data, f"{s}_file", None) != "")
         # W&B-only values (images, tables) made by the last evaluation; the engine logs them in the evaluation's
         # metrics row (same step) and clears them. Filled only while a W&B run is active (see ``wandb_module``).
         self.media: Dict[str, Any] = {}
@@ -122,6 +149,12 @@ class Task:
         from albef.models import build_model
 
         return build_model(self.cfg.model, self.model_kind)
+
+    def train_files(self) -> List[str]:
+        """``data.train_files``, refused when empty."""
+        if not self.cfg.data.train_files:
+            raise ValueError("data.train_files is empty: nothing to fine-tune on")
+        return self.cfg.data.train_files
 
     def build_train_loader(self, tokenizer, rank: int, world_size: int, micro_batch_size: int, seed: int):
         """A loader with ``len``, ``set_epoch``, ``state_dict``/``load_state_dict`` yielding dict batches; images as
@@ -150,4 +183,4 @@ class Task:
         return 0.0
 
 
-__all__ = ["InitConfig", "TrainConfig", "Progress", "Task", "WandbConfig"]
+__all__ = ["InitConfig", "Progress", "RunConfig", "Task", "TrainConfig", "WandbConfig"]

@@ -56,16 +56,28 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from albef.data.transforms import (AugmentConfig, ImageTransform, read_image_header, stack_images, test_transform,
-                                   to_device)
+from albef.data.json_dataset import read_json_list
+from albef.data.transforms import (
+    AugmentConfig,
+    ImageTransform,
+    read_image_header,
+    stack_images,
+    test_transform,
+    to_device,
+)
 from albef.engine import dist
 from albef.engine.signals import until_stop
 from albef.eval.grounding import (
-    GRADCAM_MODES, centre_choice, check_block, box_iou, gradcam, ground, random_choice_accuracy, upsample_map,
+    GRADCAM_MODES,
+    box_iou,
+    centre_choice,
+    check_block,
+    gradcam,
+    ground,
+    random_choice_accuracy,
+    upsample_map,
 )  # fmt: skip
-from albef.models import ModelConfig
-from albef.tasks.base import InitConfig, TrainConfig, WandbConfig
-from albef.data.json_dataset import read_json_list
+from albef.tasks.base import RunConfig
 from albef.tasks.retrieval import RetrievalDataConfig, RetrievalTask, RetrievalTrainSet
 from albef.tokenizer import pre_caption
 
@@ -101,13 +113,9 @@ class GroundingEvalConfig:
 
 
 @dataclass
-class GroundingConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    init: InitConfig = field(default_factory=InitConfig)
+class GroundingConfig(RunConfig):
     data: GroundingDataConfig = field(default_factory=GroundingDataConfig)
     eval: GroundingEvalConfig = field(default_factory=GroundingEvalConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 # ------------------------------------------------------------------------------------------------ annotations
@@ -271,9 +279,6 @@ class GroundingTask(RetrievalTask):
             check_block(cfg.model, cfg.eval.mode, cfg.eval.block_num)
         except ValueError as e:
             raise ValueError(f"eval.block_num / eval.mode: {e}") from None
-        if cfg.data.image_res != cfg.model.vision.img_size:
-            raise ValueError(f"data.image_res={cfg.data.image_res} must equal model.vision.img_size="
-                             f"{cfg.model.vision.img_size} (the ViT's position embedding is built for that size)")
         if self.eval_splits and not cfg.data.refs_file:
             raise ValueError("data.refs_file is empty: evaluating data.val_file/test_file needs the true boxes")
         self._refs: Optional[Dict] = None

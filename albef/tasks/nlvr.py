@@ -6,7 +6,7 @@
     python -m finetune.nlvr2 finetune/configs/nlvr2.yaml init.checkpoint=nlvr.pth train.evaluate_only=true
 
 The model (``ALBEFNLVR``) doubles the fusion layers: for the base model 6 text layers, then 12 fusion layers that
-attend image 0 and image 1 alternately, each pair sharing its cross-attention key/value. ``albef.checkpoint`` maps
+attend image 0 and image 1 alternately, each pair sharing its cross-attention key/value. ``albef.models.convert`` maps
 a pretraining checkpoint onto it (fusion layer k -> layers 2(k-6)+6 and 2(k-6)+7); a TA or fine-tuned checkpoint
 loads as it is.
 
@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from typing import List
 
 from albef.data import DataConfig, build_pretrain_loader
-from albef.models import ModelConfig
-from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
 from albef.data.json_dataset import read_json_list
-from albef.tasks.ve import ClassifierTask, check_image_res
+from albef.tasks.base import RunConfig, Task
+from albef.tasks.classifier import ClassifierTask
 from albef.tokenizer import pre_caption
 
 
@@ -57,17 +56,10 @@ class NLVRTask(ClassifierTask):
 
 
 @dataclass
-class NLVRPretrainConfig:
+class NLVRPretrainConfig(RunConfig):
     """The TA pretraining YAML: the pretraining data section, no evaluation."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-    def __post_init__(self) -> None:
-        check_image_res(self)
 
 
 class NLVRPretrainTask(Task):

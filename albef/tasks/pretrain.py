@@ -19,8 +19,7 @@ from typing import List
 
 from albef.data import DataConfig, build_pretrain_loader
 from albef.engine.flops import pretrain_step_flops
-from albef.models import ModelConfig
-from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
+from albef.tasks.base import RunConfig, Task
 
 
 @dataclass
@@ -35,14 +34,10 @@ class PretrainEvalConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunConfig):
     """The whole pretraining YAML. ``model`` may be a preset name (tiny, small, base) or a YAML path."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: PretrainEvalConfig = field(default_factory=PretrainEvalConfig)
 
 

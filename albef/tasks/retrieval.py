@@ -32,10 +32,15 @@ from albef.data.samples import BadSample, make_sample
 from albef.data.transforms import AugmentConfig, stack_images, test_transform, to_device
 from albef.engine import dist
 from albef.engine.signals import until_stop
-from albef.eval.retrieval import (encode_images, encode_texts, ground_truth, itm_match_accuracy, itm_rerank,
-                                  recall_metrics)
-from albef.models import ModelConfig
-from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
+from albef.eval.retrieval import (
+    encode_images,
+    encode_texts,
+    ground_truth,
+    itm_match_accuracy,
+    itm_rerank,
+    recall_metrics,
+)
+from albef.tasks.base import RunConfig, Task
 from albef.tokenizer import Tokenizer, pre_caption
 
 
@@ -64,13 +69,9 @@ class RetrievalEvalConfig:
 
 
 @dataclass
-class RetrievalConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    init: InitConfig = field(default_factory=InitConfig)
+class RetrievalConfig(RunConfig):
     data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
     eval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 class RetrievalTrainSet:
@@ -135,7 +136,6 @@ class RetrievalTask(Task):
 
     def __init__(self, cfg: RetrievalConfig):
         super().__init__(cfg)
-        self.eval_splits = tuple(s for s in ("val", "test") if getattr(cfg.data, f"{s}_file"))
         self._eval_cache: Dict[str, tuple] = {}
         self._tokenizer = Tokenizer()
 
@@ -146,8 +146,7 @@ class RetrievalTask(Task):
 
     def build_train_loader(self, tokenizer, rank, world_size, micro_batch_size, seed):
         d = self.cfg.data
-        if not d.train_files:
-            raise ValueError("data.train_files is empty: nothing to fine-tune on")
+        self.train_files()
         dataset = self.build_train_set()
 
         def collate(samples):

@@ -1,5 +1,5 @@
-"""SNLI-VE fine-tuning and evaluation (official ``VE.py``, ``configs/VE.yaml``), and the classification task shared
-with NLVR2.
+"""SNLI-VE fine-tuning and evaluation (official ``VE.py``, ``configs/VE.yaml``) on the classification task shared
+with NLVR2 (``albef.tasks.classifier``).
 
     python -m finetune.ve finetune/configs/snli_ve.yaml init.checkpoint=ALBEF_4M.pth
     python -m finetune.ve finetune/configs/snli_ve.yaml init.checkpoint=ve.pth train.evaluate_only=true
@@ -9,102 +9,15 @@ entailment (2), neutral (1), contradiction (0), images under ``data.image_root``
 [CLS] -> ``cls_head`` (3 classes), cross-entropy distilled from the momentum model (``ALBEFVE``). The official
 config has no alpha warm-up (``warm_up: False``), hence ``train.alpha_warmup_epochs: 0``. Evaluation: accuracy (%)
 on ``val`` and ``test``; the best ``val`` accuracy selects the checkpoint.
-
-Shared here: ``ClassifierTask`` (NLVR2 and SNLI-VE: data loading, the training step, rank-sliced accuracy) and the
-rank helpers used by VQA too. The train augmentation is ``data.augment`` (``albef.data.transforms.AugmentConfig``,
-official by default; turn flip/crop off for data whose text speaks of left/right or counts, e.g. the demo world).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
-
-from albef.data.finetune import MapLoader
-from albef.data.samples import BadSample
-from albef.data.transforms import (AugmentConfig, ImageDecodeError, ImageTransform, stack_images, test_transform,
-                                   to_device)
-from albef.engine import dist
-from albef.engine.signals import until_stop
-from albef.eval.priors import TextPrior, compare_with_prior
-from albef.models import ModelConfig
-from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
 from albef.data.json_dataset import read_json_list
-from albef.tokenizer import Tokenizer, pre_caption
-
-
-def check_image_res(cfg) -> None:
-    """The images must have the size the ViT was built for (its patch grid and position embedding)."""
-    if cfg.data.image_res != cfg.model.vision.img_size:
-        raise ValueError(f"data.image_res={cfg.data.image_res} differs from model.vision.img_size="
-                         f"{cfg.model.vision.img_size}: set both (checkpoints are resized to the model's size on load)")
-
-
-@dataclass
-class ClassifierDataConfig:
-    train_files: List[str] = field(default_factory=list)
-    val_file: str = ""  # "" = no validation split (best = last)
-    test_file: str = ""
-    image_root: str = ""
-    image_res: int = 384
-    max_words: int = 30  # pre_caption word limit (the official code sets no token limit)
-    num_workers: int = 4
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # official fine-tuning: crop 0.5-1, flip, RandAugment
-
-
-@dataclass
-class ClassifierEvalConfig:
-    batch_size: int = 64  # per rank
-
-
-@dataclass
-class ClassifierConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    init: InitConfig = field(default_factory=InitConfig)
-    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
-    eval: ClassifierEvalConfig = field(default_factory=ClassifierEvalConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-    def __post_init__(self) -> None:
-        check_image_res(self)
-
-
-def read_image(path: str, transform: ImageTransform, rng) -> np.ndarray:
-    """Decoded and transformed image; ``BadSample`` (missing / undecodable) naming the file."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise BadSample("missing_image", f"{path}: {e.strerror or e}") from None
-    try:
-        return transform(data, rng)
-    except ImageDecodeError as e:
-        raise BadSample("decode_error", f"{path}: {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class ClassifierDataset(Dataset):
-    """Entries ``(image paths, sentence, label)``; ``load(i, rng)`` for training, ``[i]`` for evaluation."""
-
-    def __init__(self, items: List[tuple], transform: ImageTransform):
-        self.items, self.transform = items, transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def load(self, index: int, rng) -> Dict:
-        paths, sentence, label = self.items[index]
-        return {"images": [read_image(p, self.transform, rng) for p in paths], "sentence": sentence, "label": label}
-
-    def __getitem__(self, index: int) -> Dict:
-        return self.load(index, None)  # the test transform draws nothing
+from albef.tasks.classifier import ClassifierTask
+from albef.tokenizer import pre_caption
 
 
 def read_ve(path: str, image_root: str, max_words: int) -> List[tuple]:
@@ -119,86 +32,8 @@ def read_ve(path: str, image_root: str, max_words: int) -> List[tuple]:
     return items
 
 
-class ClassifierTask(Task):
-    """One or more images + a sentence -> a class, accuracy per split (NLVR2, SNLI-VE)."""
-
-    config_cls = ClassifierConfig
-    primary_metric = "acc"
-    reader = staticmethod(read_ve)  # (path, image_root, max_words) -> items
-    label_names = ("contradiction", "neutral", "entailment")  # by class index: per-label accuracy in evaluation
-
-    def __init__(self, cfg: ClassifierConfig):
-        super().__init__(cfg)
-        self.eval_splits = tuple(s for s in ("val", "test") if getattr(cfg.data, f"{s}_file"))
-        self._eval_sets: Dict[str, ClassifierDataset] = {}
-        self._text_prior: Optional[TextPrior] = None
-        self._tokenizer = Tokenizer()
-
-    def _items(self, path: str) -> List[tuple]:
-        return self.reader(path, self.cfg.data.image_root, self.cfg.data.max_words)
-
-    def collate(self, tokenizer):
-        def collate(samples: List[Dict]) -> Dict:
-            pixels = stack_images([img for s in samples for img in s["images"]])  # (B * n, H, W, 3)
-            text = tokenizer([s["sentence"] for s in samples], max_length=None)
-            return {"images": pixels.view(len(samples), -1, *pixels.shape[1:]), **text,
-                    "label": torch.tensor([s["label"] for s in samples])}  # fmt: skip
-
-        return collate
-
-    def build_train_loader(self, tokenizer, rank, world_size, micro_batch_size, seed):
-        d = self.cfg.data
-        if not d.train_files:
-            raise ValueError("data.train_files is empty: nothing to fine-tune on")
-        items = [item for path in d.train_files for item in self._items(path)]
-        dataset = ClassifierDataset(items, d.augment.transform(d.image_res))
-        return MapLoader(dataset, self.collate(tokenizer), micro_batch_size, rank, world_size, seed, d.num_workers)
-
-    def training_step(self, model, batch, progress):
-        out = model(list(batch["images"].unbind(1)), batch["input_ids"], batch["attention_mask"], batch["label"],
-                    alpha=progress.alpha)  # fmt: skip
-        acc = (out["logits"].argmax(1) == batch["label"]).float().mean()
-        return out["loss"], {"acc": acc}
-
-    def check_batch_geometry(self, model_cfg, global_micro_batch) -> None:
-        """No queues in these models: any batch size works."""
-
-    @torch.no_grad()
-    def evaluate(self, model, split, device, dtype) -> Dict[str, float]:
-        if split not in self._eval_sets:
-            d = self.cfg.data
-            self._eval_sets[split] = ClassifierDataset(self._items(getattr(d, f"{split}_file")),
-                                                       test_transform(d.image_res))  # fmt: skip
-        ds = self._eval_sets[split]
-        subset = torch.utils.data.Subset(ds, dist.rank_share(len(ds)))
-        loader = DataLoader(subset, batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.data.num_workers,
-                            collate_fn=self.collate(self._tokenizer))  # fmt: skip
-        correct, predictions = 0, []
-        for batch in until_stop(loader):
-            images = list(to_device(batch["images"], device, dtype).unbind(1))
-            logits = model.logits(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            predicted = logits.argmax(1).cpu()
-            correct += int((predicted == batch["label"]).sum())
-            predictions += predicted.tolist()
-        correct, total = dist.sum_over_ranks([correct, len(subset)], device)
-        metrics = {"acc": 100.0 * correct / total}
-        if self.cfg.data.train_files:  # the text-only prior (per sentence), overall and per gold label
-            pairs = sorted(dist.gather_lists(list(zip(subset.indices, predictions))))
-            items = [ds.items[i] for i, _ in pairs]
-            labels = [label for _, _, label in items]
-            metrics.update(compare_with_prior(labels, [sentence for _, sentence, _ in items],
-                                              [self.label_names[y] for y in labels], [p for _, p in pairs],
-                                              self._prior()))  # fmt: skip
-        return metrics
-
-    def _prior(self) -> TextPrior:
-        """Most frequent label of each train sentence (hypothesis, statement), else of the whole train set."""
-        if self._text_prior is None:
-            items = [item for path in self.cfg.data.train_files for item in self._items(path)]
-            self._text_prior = TextPrior((sentence, "", {label: 1.0}) for _, sentence, label in items)
-        return self._text_prior
-
-
 class VETask(ClassifierTask):
     name = "snli_ve"
     model_kind = "ve"
+    reader = staticmethod(read_ve)
+    label_names = ("contradiction", "neutral", "entailment")  # by class index

@@ -4,7 +4,7 @@
     python -m finetune.vqa finetune/configs/vqa_v2.yaml init.checkpoint=vqa.pth train.evaluate_only=true
 
 Model (``ALBEFVQA``): the 12-layer encoder reads question + image; a 6-layer causal decoder, initialised from the
-pretrained fusion layers by ``albef.checkpoint`` (layer k -> decoder layer k-6, embeddings and MLM head copied),
+pretrained fusion layers by ``albef.models.convert`` (layer k -> decoder layer k-6, embeddings and MLM head copied),
 generates the answer while cross-attending to the question states.
 
 Data, as the official files, under ``data.image_root`` (VQA / COCO) and ``data.vg_image_root`` (Visual Genome):
@@ -35,15 +35,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from albef.data.finetune import MapLoader
+from albef.data.json_dataset import read_json_list
 from albef.data.transforms import AugmentConfig, stack_images, test_transform, to_device
 from albef.engine import dist
 from albef.engine.signals import until_stop
 from albef.eval.priors import TextPrior, compare_with_prior, question_type
 from albef.eval.vqa import load_vqa_answers, vqa_accuracy, vqa_score
-from albef.models import ModelConfig
-from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
-from albef.data.json_dataset import read_json_list
-from albef.tasks.ve import check_image_res, read_image
+from albef.tasks.base import RunConfig, Task
+from albef.tasks.classifier import read_image
 from albef.tokenizer import Tokenizer, pre_question
 
 EOS = "[SEP]"  # appended to every answer: the decoder's end of sequence (official config `eos`)
@@ -73,16 +72,9 @@ class VQAEvalConfig:
 
 
 @dataclass
-class VQAConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    init: InitConfig = field(default_factory=InitConfig)
+class VQAConfig(RunConfig):
     data: VQADataConfig = field(default_factory=VQADataConfig)
     eval: VQAEvalConfig = field(default_factory=VQAEvalConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-    def __post_init__(self) -> None:
-        check_image_res(self)
 
 
 def _image_path(d: VQADataConfig, entry: Dict) -> str:
@@ -164,11 +156,11 @@ class VQATask(Task):
     name = "vqa"
     model_kind = "vqa"
     config_cls = VQAConfig
+    eval_splits = ("val", "test")
     primary_metric = "acc"
 
     def __init__(self, cfg: VQAConfig):
         super().__init__(cfg)
-        self.eval_splits = tuple(s for s in ("val", "test") if getattr(cfg.data, f"{s}_file"))
         self._eval_sets: Dict[str, VQAEvalSet] = {}
         self._answers = None
         self._text_prior: Optional[TextPrior] = None
@@ -176,8 +168,7 @@ class VQATask(Task):
 
     def build_train_loader(self, tokenizer, rank, world_size, micro_batch_size, seed):
         d = self.cfg.data
-        if not d.train_files:
-            raise ValueError("data.train_files is empty: nothing to fine-tune on")
+        self.train_files()
 
         def collate(samples: List[Dict]) -> Dict:
             q = tokenizer([s["question"] for s in samples], max_length=d.max_question_len)

@@ -30,8 +30,7 @@ from albef.data.transforms import stack_images, to_device
 from albef.engine import dist
 from albef.engine.signals import until_stop
 from albef.eval.retrieval import encode_images, encode_texts
-from albef.models import ModelConfig
-from albef.tasks.base import InitConfig, Task, TrainConfig, WandbConfig
+from albef.tasks.base import RunConfig, Task
 from albef.tasks.retrieval import EvalImages
 from albef.tokenizer import Tokenizer, pre_caption
 
@@ -66,15 +65,12 @@ class ZeroShotEvalConfig:
 
 
 @dataclass
-class ZeroShotConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    init: InitConfig = field(default_factory=InitConfig)
+class ZeroShotConfig(RunConfig):
     data: ZeroShotDataConfig = field(default_factory=ZeroShotDataConfig)
     eval: ZeroShotEvalConfig = field(default_factory=ZeroShotEvalConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.train.evaluate_only:
             raise ValueError("train.evaluate_only=false: zero-shot classification has nothing to train; set it true")
         if not (self.data.val_file or self.data.test_file):
@@ -98,12 +94,12 @@ class ZeroShotTask(Task):
     name = "zeroshot"
     model_kind = "retrieval"  # the ITC encoders; pretraining and retrieval checkpoints both load
     config_cls = ZeroShotConfig
+    eval_splits = ("val", "test")
     primary_metric = "top1"
 
     def __init__(self, cfg: ZeroShotConfig):
         super().__init__(cfg)
         d = cfg.data
-        self.eval_splits = tuple(s for s in ("val", "test") if getattr(d, f"{s}_file"))
         files = [getattr(d, f"{s}_file") for s in self.eval_splits]
         self.classes = list(d.classes) or sorted({e["label"] for f in files for e in read_json_list(f, ("image", "label"))})
         self._tokenizer = Tokenizer()

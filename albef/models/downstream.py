@@ -18,7 +18,7 @@ Attribute names are the official checkpoint keys (``visual_encoder``, ``text_enc
 ``text_decoder.cls``, ``cls_head.0`` / ``cls_head.2``, ``ta_head``, ``vision_proj``, the ``*_m`` twins). All four
 take the pretraining ``ModelConfig`` unchanged (``model: {base: base}``); the decoder depth and the duplicated
 fusion layers are derived from ``text.num_hidden_layers`` and ``text.fusion_layer``. Pretrained weights are mapped
-by ``albef.checkpoint`` (the only place for key renames). Build them with ``albef.models.build_model(cfg, kind)``,
+by ``albef.models.convert`` (the only place for key renames). Build them with ``albef.models.build_model(cfg, kind)``,
 kinds ``vqa``, ``nlvr``, ``nlvr_ta``, ``ve``.
 """
 from __future__ import annotations

@@ -389,7 +389,7 @@ def _text_layer_count(sd: Mapping[str, torch.Tensor]) -> int:
 def adapt_task_layout(sd: StateDict, model: nn.Module, report: LoadReport) -> StateDict:
     """Map a pretraining-layout checkpoint onto a VQA / NLVR2 model; a no-op for every other model or when the
     checkpoint is already in the model's layout (a fine-tuned checkpoint)."""
-    from albef.models.tasks import ALBEFNLVR, ALBEFNLVRPretrain, ALBEFVQA
+    from albef.models.downstream import ALBEFNLVR, ALBEFNLVRPretrain, ALBEFVQA
 
     if isinstance(model, ALBEFVQA) and not any(k.startswith("text_decoder.") for k in sd):
         f = model.cfg.text.fusion_layer
@@ -415,7 +415,7 @@ class TaskLoadRules:
 
 
 def task_load_rules(model: nn.Module) -> TaskLoadRules:
-    from albef.models.tasks import ALBEFNLVRPretrain, ALBEFVQA, FusionClassifier
+    from albef.models.downstream import ALBEFNLVRPretrain, ALBEFVQA, FusionClassifier
 
     if isinstance(model, ALBEFVQA):  # the decoder must come from the checkpoint: nothing new may stay at init
         return TaskLoadRules(unexpected=_PRETRAIN_ONLY, momentum=("text_decoder_m.",))
