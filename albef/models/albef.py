@@ -16,6 +16,7 @@ Attribute names are the checkpoint format of the official code (``visual_encoder
 Random draws (hard negatives, MLM masking) follow the official call sequence on the same generators, so a
 forward from the same state and seed reproduces the official losses (see tests/test_parity.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from albef.engine.dist import all_gather_tensor
-from albef.models.bert import BertConfig, BertForMaskedLM, BertModel, init_bert_weights, mlm_loss
+from albef.models.bert import BertConfig, BertForMaskedLM, BertModel, init_bert_weights, mlm_loss, soft_cross_entropy
 from albef.models.vit import VisionConfig, build_vit, set_vit_attn_impl
 
 PAD_ID, CLS_ID, MASK_ID = 0, 101, 103
@@ -90,12 +91,9 @@ def itc_targets(
     return alpha * F.softmax(sim_m, dim=1) + (1 - alpha) * hard
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -torch.sum(F.log_softmax(logits, dim=1) * targets, dim=1).mean()
-
-
-def hard_negative_weights(sim: torch.Tensor, bs: int, idx: Optional[torch.Tensor] = None,
-                          hard: bool = True) -> torch.Tensor:  # fmt: skip
+def hard_negative_weights(
+    sim: torch.Tensor, bs: int, idx: Optional[torch.Tensor] = None, hard: bool = True
+) -> torch.Tensor:
     """Sampling weights over the local batch: softmax of the similarities with the positives zeroed.
 
     Pretraining zeroes the diagonal; retrieval adds 1e-4 inside the softmax (as the official code does) and zeroes
@@ -382,12 +380,22 @@ class ALBEFBase(nn.Module):
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
 
         details = dict(
-            image_feat=image_feat, text_feat=text_feat, image_feat_m=image_feat_m, text_feat_m=text_feat_m,
-            sim_i2t=sim_i2t, sim_t2i=sim_t2i, sim_i2t_m=sim_i2t_m, sim_t2i_m=sim_t2i_m,
-            sim_i2t_targets=sim_i2t_targets, sim_t2i_targets=sim_t2i_targets,
-            itm_weights_i2t=weights_i2t, itm_weights_t2i=weights_t2i,
-            itm_neg_image_idx=neg_image, itm_neg_text_idx=neg_text, itm_logits=itm_logits,
-        )  # fmt: skip
+            image_feat=image_feat,
+            text_feat=text_feat,
+            image_feat_m=image_feat_m,
+            text_feat_m=text_feat_m,
+            sim_i2t=sim_i2t,
+            sim_t2i=sim_t2i,
+            sim_i2t_m=sim_i2t_m,
+            sim_t2i_m=sim_t2i_m,
+            sim_i2t_targets=sim_i2t_targets,
+            sim_t2i_targets=sim_t2i_targets,
+            itm_weights_i2t=weights_i2t,
+            itm_weights_t2i=weights_t2i,
+            itm_neg_image_idx=neg_image,
+            itm_neg_text_idx=neg_text,
+            itm_logits=itm_logits,
+        )
         return {"loss_ita": loss_ita, "loss_itm": loss_itm}, details, (image_embeds, image_embeds_m)
 
 
@@ -416,12 +424,20 @@ class ALBEFPretrain(ALBEFBase):
     def mlm_head(self, hidden: torch.Tensor, momentum: bool = False) -> torch.Tensor:
         return (self.text_encoder_m if momentum else self.text_encoder).cls(hidden)
 
-    def forward(self, image, input_ids, attention_mask, alpha: float = 0.0, return_details: bool = False,
-                hard_negatives: bool = True):  # fmt: skip
+    def forward(
+        self,
+        image,
+        input_ids,
+        attention_mask,
+        alpha: float = 0.0,
+        return_details: bool = False,
+        hard_negatives: bool = True,
+    ):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        losses, details, (image_embeds, image_embeds_m) = self._itc_itm(image, input_ids, attention_mask, alpha,
-                                                                        hard_negatives=hard_negatives)  # fmt: skip
+        losses, details, (image_embeds, image_embeds_m) = self._itc_itm(
+            image, input_ids, attention_mask, alpha, hard_negatives=hard_negatives
+        )
 
         # MLM: a separate full multi-modal pass on the masked text, distilled from the momentum model. The
         # vocabulary projection runs only at the masked positions (about 15% of the tokens): the official code
@@ -432,8 +448,11 @@ class ALBEFPretrain(ALBEFBase):
         every = self.cfg.mlm_projection == "all"
         with torch.no_grad(), self._momentum_ctx():
             hidden_m = self.mlm_hidden(mlm_ids, attention_mask, image_embeds_m, momentum=True)
-            logits_m = (self.mlm_head(hidden_m, momentum=True)[target] if every else
-                        self.mlm_head(hidden_m[target], momentum=True)).float()  # fmt: skip
+            logits_m = (
+                self.mlm_head(hidden_m, momentum=True)[target]
+                if every
+                else self.mlm_head(hidden_m[target], momentum=True)
+            ).float()
         hidden = self.mlm_hidden(mlm_ids, attention_mask, image_embeds)
         logits = (self.mlm_head(hidden)[target] if every else self.mlm_head(hidden[target])).float()
         if labels.numel() == 0:  # no token was drawn: nothing to predict, keep the graph connected
@@ -456,12 +475,21 @@ class ALBEFRetrieval(ALBEFBase):
     text_encoder_cls = BertModel
     has_idx_queue = True
 
-    def forward(self, image, input_ids, attention_mask, idx, alpha: float = 0.0, return_details: bool = False,
-                hard_negatives: bool = True):  # fmt: skip
+    def forward(
+        self,
+        image,
+        input_ids,
+        attention_mask,
+        idx,
+        alpha: float = 0.0,
+        return_details: bool = False,
+        hard_negatives: bool = True,
+    ):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        losses, details, _ = self._itc_itm(image, input_ids, attention_mask, alpha, idx=idx,
-                                           hard_negatives=hard_negatives)  # fmt: skip
+        losses, details, _ = self._itc_itm(
+            image, input_ids, attention_mask, alpha, idx=idx, hard_negatives=hard_negatives
+        )
         if return_details:
             losses["details"] = details
         return losses

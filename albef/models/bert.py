@@ -25,6 +25,7 @@ GELUs skip the padding; only inside attention are queries/keys/values scattered 
 softmax. A real token's state is the same as without packing (the padding never reaches it: its attention weight
 is ``exp(-10000)``); a padding position's state, which ALBEF never reads, is zero instead of a by-product.
 """
+
 from __future__ import annotations
 
 import math
@@ -155,8 +156,9 @@ class BertSelfAttention(nn.Module):
     def _save_gradients(self, grad: torch.Tensor) -> None:
         self.attn_gradients = grad
 
-    def forward(self, hidden: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor],
-                packing: Optional[Packing] = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, hidden: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor], packing: Optional[Packing] = None
+    ) -> torch.Tensor:
         """Queries from ``hidden``, keys and values from ``kv``: each (B, L, D), or packed (tokens, D) under
         ``packing`` (2-d). ``kv`` is the text (self-attention) or the image tokens (B, N, W) (cross-attention);
         ``hidden`` may be the [CLS] rows only (B, 1, D) of a packed text (``BertLayer``'s ``cls_only``)."""
@@ -273,8 +275,16 @@ class BertEncoder(nn.Module):
             raise ValueError(f"mode={mode!r}: expected one of {sorted(ranges)}")
         return ranges[mode]
 
-    def forward(self, hidden, mask, image_embeds: Optional[ImageStates] = None, image_mask=None, mode="multi_modal",
-                packing: Optional[Packing] = None, cls_only: bool = False):  # fmt: skip
+    def forward(
+        self,
+        hidden,
+        mask,
+        image_embeds: Optional[ImageStates] = None,
+        image_mask=None,
+        mode="multi_modal",
+        packing: Optional[Packing] = None,
+        cls_only: bool = False,
+    ):
         """``hidden`` is (B, L, D), or (tokens, D) under ``packing`` (see ``BertModel.forward``)."""
         last = self.layer_range(mode)[-1]
         for i in self.layer_range(mode):
@@ -418,6 +428,33 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
         nn.init.zeros_(module.cls.predictions.bias)
 
 
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy against soft targets over the last dim, ``-sum_k targets_k * log_softmax(logits)_k`` per row;
+    ``reduction``: ``"mean"`` over the rows or ``"none"``. ITC's and ITM's targets, and the distillation term of
+    every momentum-distilled loss (``distilled_cross_entropy``)."""
+    loss = -torch.sum(F.log_softmax(logits, dim=-1) * targets, dim=-1)
+    return loss.mean() if reduction == "mean" else loss
+
+
+def distilled_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    soft_targets: Optional[torch.Tensor],
+    alpha: float,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Momentum distillation, the one loss of MLM, the VQA answer tokens and the NLVR2/SNLI-VE classes:
+    ``(1 - alpha) * CE(logits, labels) + alpha * soft_cross_entropy(logits, soft_targets)``, rows (N, C) labelled
+    -100 left out of both means (``reduction="mean"``) or every row's loss (``"none"``). Without soft targets: CE."""
+    loss = F.cross_entropy(logits, labels, ignore_index=-100, reduction=reduction)
+    if soft_targets is None:
+        return loss
+    distill = soft_cross_entropy(logits, soft_targets, reduction="none")
+    if reduction == "mean":
+        distill = distill[labels != -100].mean()
+    return (1 - alpha) * loss + alpha * distill
+
+
 def mlm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -431,10 +468,5 @@ def mlm_loss(
     with (M,) labels.
     """
     vocab = logits.shape[-1]
-    flat_logits, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1)
-    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
-    if soft_labels is None:
-        return loss
-    distill = -torch.sum(F.log_softmax(flat_logits, dim=-1) * soft_labels.reshape(-1, vocab), dim=-1)
-    distill = distill[flat_labels != -100].mean()
-    return (1 - alpha) * loss + alpha * distill
+    soft = None if soft_labels is None else soft_labels.reshape(-1, vocab)
+    return distilled_cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), soft, alpha)

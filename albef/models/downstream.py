@@ -21,6 +21,7 @@ fusion layers are derived from ``text.num_hidden_layers`` and ``text.fusion_laye
 by ``albef.models.convert`` (the only place for key renames). Build them with ``albef.models.build_model(cfg, kind)``,
 kinds ``vqa``, ``nlvr``, ``nlvr_ta``, ``ve``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,15 +34,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from albef.models.albef import ALBEFBase, ModelConfig, hard_negative_weights
-from albef.models.bert import BertConfig, BertForMaskedLM, BertModel, init_bert_weights
+from albef.models.bert import BertConfig, BertForMaskedLM, BertModel, distilled_cross_entropy, init_bert_weights
 from albef.models.vit import build_vit, set_vit_attn_impl
 
 
 def decoder_config(text: BertConfig) -> BertConfig:
     """The VQA answer decoder: as many layers as the encoder has fusion layers, all causal + cross-attending to the
     question states (official ``config_decoder.fusion_layer = 0, num_hidden_layers = 6``)."""
-    return dataclasses.replace(text, num_hidden_layers=text.num_hidden_layers - text.fusion_layer, fusion_layer=0,
-                               encoder_width=text.hidden_size, is_decoder=True)  # fmt: skip
+    return dataclasses.replace(
+        text,
+        num_hidden_layers=text.num_hidden_layers - text.fusion_layer,
+        fusion_layer=0,
+        encoder_width=text.hidden_size,
+        is_decoder=True,
+    )
 
 
 def two_image_config(text: BertConfig) -> BertConfig:
@@ -58,15 +64,6 @@ def share_cross_attention_kv(bert: BertModel) -> None:
     for first in range(f, n, 2):
         a, b = bert.encoder.layer[first].crossattention.self, bert.encoder.layer[first + 1].crossattention.self
         a.key, a.value = b.key, b.value
-
-
-def distilled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, logits_m, alpha: float) -> torch.Tensor:
-    """``(1 - alpha) * CE(logits, targets) + alpha * CE(logits, softmax(logits_m))`` (official NLVR/VE loss)."""
-    loss = F.cross_entropy(logits, targets)
-    if logits_m is None:
-        return loss
-    distill = -torch.sum(F.log_softmax(logits, dim=1) * F.softmax(logits_m, dim=1), dim=1).mean()
-    return (1 - alpha) * loss + alpha * distill
 
 
 class TaskModel(nn.Module):
@@ -179,14 +176,13 @@ class ALBEFVQA(TaskModel):
         with torch.no_grad(), self._momentum_ctx():
             self.momentum_update()
             states_m = self.encode_question(image, question_ids, question_mask, momentum=True)
-            logits_m, _, _ = self.decode(answer_ids, answer_mask, states_m.repeat_interleave(n, dim=0), states_mask,
-                                         momentum=True)  # fmt: skip
+            logits_m, _, _ = self.decode(
+                answer_ids, answer_mask, states_m.repeat_interleave(n, dim=0), states_mask, momentum=True
+            )
         logits, labels, rows = self.decode(answer_ids, answer_mask, states, states_mask)
         # Official BertLMHeadModel loss with reduction='none': shifted labels, token losses summed per answer,
         # (1 - alpha) * CE + alpha * distillation from the momentum decoder's next-token distribution.
-        ce = F.cross_entropy(logits, labels, reduction="none")
-        distill = -torch.sum(F.log_softmax(logits, dim=-1) * F.softmax(logits_m, dim=-1), dim=-1)
-        token_loss = (1 - alpha) * ce + alpha * distill
+        token_loss = distilled_cross_entropy(logits, labels, F.softmax(logits_m, dim=-1), alpha, reduction="none")
         loss_answer = torch.zeros(answer_ids.shape[0], device=logits.device).index_add(0, rows, token_loss)
         return {"loss_vqa": (weights.float() * loss_answer).sum() / image.shape[0]}
 
@@ -213,8 +209,12 @@ class ALBEFVQA(TaskModel):
         first_logp = first.index_select(1, answer_ids[:, 1])  # (Q, A): log p(first token) of every candidate
         topk_logp, topk_ids = first_logp.topk(k, dim=1)
         cand = topk_ids.reshape(-1)
-        loglik = self.answer_log_likelihood(answer_ids[cand], answer_mask[cand], states.repeat_interleave(k, dim=0),
-                                            states_mask.repeat_interleave(k, dim=0))  # fmt: skip
+        loglik = self.answer_log_likelihood(
+            answer_ids[cand],
+            answer_mask[cand],
+            states.repeat_interleave(k, dim=0),
+            states_mask.repeat_interleave(k, dim=0),
+        )
         scores = topk_logp + loglik.view(q, k)
         best = topk_ids.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
         return best, topk_ids, scores
@@ -261,7 +261,7 @@ class FusionClassifier(TaskModel):
         with torch.no_grad(), self._momentum_ctx():
             self.momentum_update()
             logits_m = self.logits(images, input_ids, attention_mask, momentum=True).float()
-        loss = distilled_cross_entropy(logits.float(), targets, logits_m, alpha)
+        loss = distilled_cross_entropy(logits.float(), targets, F.softmax(logits_m, dim=1), alpha)
         return {"loss": loss, "logits": logits.detach()}
 
 
@@ -301,8 +301,9 @@ class ALBEFNLVRPretrain(TaskModel):
         """``(first, second, labels)``: image indices shown first and second for every caption, and the TA label."""
         bs = image_embeds.shape[0]
         if bs < 3:
-            raise ValueError(f"text assignment draws two negatives per caption: the micro batch must hold >= 3 "
-                             f"images, got {bs}")  # fmt: skip
+            raise ValueError(
+                f"text assignment draws two negatives per caption: the micro batch must hold >= 3 images, got {bs}"
+            )
         feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
         weights = hard_negative_weights(feat @ feat.t() / self.cfg.temp, bs)
         negatives = torch.multinomial(weights, 2)  # two distinct negatives per row (the first serves the 1-neg case)
@@ -318,15 +319,28 @@ class ALBEFNLVRPretrain(TaskModel):
     def forward(self, image, input_ids, attention_mask, alpha: float = 0.0) -> Dict[str, torch.Tensor]:
         image_embeds = self.encode_image(image)
         first, second, labels = self.sample_pairs(image_embeds)
-        hidden = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=[image_embeds[first],
-                                   image_embeds[second]], mode="multi_modal")  # fmt: skip
+        hidden = self.text_encoder(
+            input_ids,
+            attention_mask,
+            encoder_hidden_states=[image_embeds[first], image_embeds[second]],
+            mode="multi_modal",
+        )
         logits = self.ta_head(hidden[:, 0, :]).float()
-        return {"loss_ta": F.cross_entropy(logits, labels),
-                "acc_ta": (logits.argmax(1) == labels).float().mean().detach()}  # fmt: skip
+        return {
+            "loss_ta": F.cross_entropy(logits, labels),
+            "acc_ta": (logits.argmax(1) == labels).float().mean().detach(),
+        }
 
 
-TASK_MODEL_CLASSES: Dict[str, type] = {"vqa": ALBEFVQA, "nlvr": ALBEFNLVR, "nlvr_ta": ALBEFNLVRPretrain,
-                                       "ve": ALBEFVE}  # fmt: skip
-__all__: List[str] = ["ALBEFVQA", "ALBEFNLVR", "ALBEFNLVRPretrain", "ALBEFVE", "TASK_MODEL_CLASSES",
-                      "decoder_config", "two_image_config", "share_cross_attention_kv", "distilled_cross_entropy",
-                      "answer_token_logits"]  # fmt: skip
+TASK_MODEL_CLASSES: Dict[str, type] = {"vqa": ALBEFVQA, "nlvr": ALBEFNLVR, "nlvr_ta": ALBEFNLVRPretrain, "ve": ALBEFVE}
+__all__: List[str] = [
+    "ALBEFVQA",
+    "ALBEFNLVR",
+    "ALBEFNLVRPretrain",
+    "ALBEFVE",
+    "TASK_MODEL_CLASSES",
+    "decoder_config",
+    "two_image_config",
+    "share_cross_attention_kv",
+    "answer_token_logits",
+]
