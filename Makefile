@@ -21,7 +21,7 @@ TORCH_CPU_LINKS ?= $(firstword $(foreach d,$(shell $(PY) -m pip config get globa
                      $(if $(wildcard $(d)/torch-*+cpu-*.whl),$(d))) $(TORCH_CPU_INDEX)/torch/)
 export HAS_PYTHON_H := import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))
 
-.PHONY: setup system demo test clean lock upgrade fresh-check
+.PHONY: setup system demo test lint format clean lock upgrade fresh-check
 
 setup: $(STAMP)
 
@@ -67,6 +67,15 @@ demo: $(STAMP)
 
 test: $(STAMP) system
 	$(VPY) -m pytest tests -q -rs --durations=15
+
+# The linter and the formatter's check (settings in pyproject.toml); `make format` rewrites the files.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 # Regenerate the lock from requirements.txt + requirements-dev.txt (+ constraints.txt), keeping every pin that the
 # loose files still allow; `make upgrade` takes the newest releases instead and runs the tests on them.

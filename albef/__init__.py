@@ -9,6 +9,7 @@ when torchvision is first imported): no argument parsing, no registration, no ne
     from albef.models import build_model
     model = build_model("tiny", task="pretrain")
 """
+
 from albef._compat import install as _install_torchvision_fix
 
 _install_torchvision_fix()

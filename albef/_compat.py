@@ -12,6 +12,7 @@ nothing.
 the first time anything imports torchvision, so importing ``albef`` for its light modules (``albef.fsutil``, which
 ``data_prep`` uses) does not import torch: that cost data_prep 2.8 s per process.
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -25,6 +26,7 @@ def fix_torchvision() -> None:
     global _LIB
     try:
         import torchvision  # noqa: F401
+
         return
     except ImportError:
         return  # torchvision not installed: nothing to fix, timm falls back where it can

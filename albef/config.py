@@ -6,6 +6,7 @@ names the key (and the file), never silently ignored. A YAML file may name one p
 
     cfg = load_config(ModelConfig, "albef/configs/tiny.yaml", ["text.num_hidden_layers=6"])
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -17,6 +17,7 @@ absent where there is no text); ``--mode score`` adds ``itc`` (cosine similarity
 The rank that finds every part written writes ``manifest.json`` (parts, rows, mode, model). Ranks come from
 torchrun or SLURM (``RANK``/``WORLD_SIZE`` or ``SLURM_PROCID``/``SLURM_NTASKS``) and never talk to each other.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,12 @@ def plan_parts(source: str, image_root: str = "", part_size: int = 10000) -> Lis
     p = Path(source)
     if p.is_file() and p.suffix == ".json":
         entries = read_json_list(str(p), ("image", "caption"))
-        rows = [(f"{e['image']}#{j}", e["image"], os.path.join(image_root, e["image"]), c)
-                for e in entries for j, c in enumerate(e["caption"] if isinstance(e["caption"], list) else [e["caption"]])]
-        return _chunks(rows, part_size, by=lambda r: r[1])  # fmt: skip
+        rows = [
+            (f"{e['image']}#{j}", e["image"], os.path.join(image_root, e["image"]), c)
+            for e in entries
+            for j, c in enumerate(e["caption"] if isinstance(e["caption"], list) else [e["caption"]])
+        ]
+        return _chunks(rows, part_size, by=lambda r: r[1])
     if p.is_dir() and not (p / "manifest.json").is_file():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
         if not files:
@@ -110,8 +114,18 @@ class _Images(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------------------------------- compute
 @torch.no_grad()
-def embed_part(rows: List[Record], model, preprocess, tokenizer, mode: str, batch_size: int, workers: int,
-               device, dtype, progress=None) -> Dict[str, object]:  # fmt: skip
+def embed_part(
+    rows: List[Record],
+    model,
+    preprocess,
+    tokenizer,
+    mode: str,
+    batch_size: int,
+    workers: int,
+    device,
+    dtype,
+    progress=None,
+) -> Dict[str, object]:
     """The output columns of one part's rows."""
     names, first = [], {}
     for r in rows:
@@ -129,8 +143,11 @@ def embed_part(rows: List[Record], model, preprocess, tokenizer, mode: str, batc
             progress.update(len(batch))
     image_feat = torch.cat(image_feat) if image_feat else torch.zeros(0, model.cfg.embed_dim)
     index = torch.tensor([first[r[1]] for r in rows], dtype=torch.long)
-    out: Dict[str, object] = {"id": [r[0] for r in rows], "image": [r[1] for r in rows],
-                              "caption": [r[3] for r in rows]}  # fmt: skip
+    out: Dict[str, object] = {
+        "id": [r[0] for r in rows],
+        "image": [r[1] for r in rows],
+        "caption": [r[3] for r in rows],
+    }
     texted = [i for i, r in enumerate(rows) if r[3] is not None]
     text_feat = torch.full((len(rows), model.cfg.embed_dim), float("nan"))
     itc, itm = torch.full((len(rows),), float("nan")), torch.full((len(rows),), float("nan"))
@@ -161,13 +178,24 @@ def write_part(columns: Dict[str, object], path: Path, fmt: str) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        arrays = {k: (pa.array(list(v), type=pa.list_(pa.float32(), v.shape[1])) if isinstance(v, np.ndarray) and v.ndim == 2
-                      else pa.array(v.tolist() if isinstance(v, np.ndarray) else v)) for k, v in columns.items()}  # fmt: skip
+        arrays = {
+            k: (
+                pa.array(list(v), type=pa.list_(pa.float32(), v.shape[1]))
+                if isinstance(v, np.ndarray) and v.ndim == 2
+                else pa.array(v.tolist() if isinstance(v, np.ndarray) else v)
+            )
+            for k, v in columns.items()
+        }
         pq.write_table(pa.table(arrays), tmp)
     else:  # text columns as unicode arrays (no pickled objects; a row without caption has "")
         with open(tmp, "wb") as f:
-            np.savez(f, **{k: v if isinstance(v, np.ndarray) else np.array(["" if x is None else x for x in v], dtype=str)
-                           for k, v in columns.items()})  # fmt: skip
+            np.savez(
+                f,
+                **{
+                    k: v if isinstance(v, np.ndarray) else np.array(["" if x is None else x for x in v], dtype=str)
+                    for k, v in columns.items()
+                },
+            )
     durable_replace(tmp, path)
 
 
@@ -177,9 +205,16 @@ def read_part(path: Path) -> Dict[str, object]:
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        return {k: (np.stack(table[k].to_numpy(zero_copy_only=False)) if k.endswith("_feat") else
-                    table[k].to_numpy(zero_copy_only=False) if k in ("itc", "itm") else table[k].to_pylist())
-                for k in table.column_names}  # fmt: skip
+        return {
+            k: (
+                np.stack(table[k].to_numpy(zero_copy_only=False))
+                if k.endswith("_feat")
+                else table[k].to_numpy(zero_copy_only=False)
+                if k in ("itc", "itm")
+                else table[k].to_pylist()
+            )
+            for k in table.column_names
+        }
     with np.load(path) as z:
         return {k: (z[k].tolist() if z[k].dtype.kind == "U" else z[k]) for k in z.files}
 
@@ -208,8 +243,9 @@ def load_model(a: argparse.Namespace):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m albef.embed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m albef.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--input", required=True, help="shard folder / tar brace pattern, image folder, or ALBEF JSON")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--image-root", default="", help="prefix of the JSON's image paths")
@@ -230,12 +266,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     mine = [i for i in range(len(parts)) if i % env.world_size == env.rank]
     todo = [i for i in mine if not (out / f"part-{i:05d}{suffix}").is_file()]
     model, preprocess, tokenizer, device, dtype = load_model(a)
-    total = sum(len({r[1] for r in parts[i]["rows"]}) if parts[i]["kind"] == "records" else parts[i]["shard"].num_samples
-                for i in todo)  # images to encode: the bar's unit
+    total = sum(
+        len({r[1] for r in parts[i]["rows"]}) if parts[i]["kind"] == "records" else parts[i]["shard"].num_samples
+        for i in todo
+    )  # images to encode: the bar's unit
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="img", desc=f"albef.embed rank {env.rank}", disable=a.no_progress or env.rank != 0,
-               file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=total,
+        unit="img",
+        desc=f"albef.embed rank {env.rank}",
+        disable=a.no_progress or env.rank != 0,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     t0, rows_done = time.time(), 0
     for i in todo:
         rows = part_rows(parts[i])
@@ -243,12 +287,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_part(columns, out / f"part-{i:05d}{suffix}", a.format)
         rows_done += len(rows)
     bar.close()
-    print(f"albef.embed rank {env.rank}/{env.world_size}: {len(todo)} part(s) written, {len(mine) - len(todo)} already "
-          f"there, {rows_done} rows in {time.time() - t0:.1f}s", flush=True)  # fmt: skip
+    print(
+        f"albef.embed rank {env.rank}/{env.world_size}: {len(todo)} part(s) written, {len(mine) - len(todo)} already "
+        f"there, {rows_done} rows in {time.time() - t0:.1f}s",
+        flush=True,
+    )
     files = [out / f"part-{i:05d}{suffix}" for i in range(len(parts))]
     if all(f.is_file() for f in files):
-        manifest = {"mode": a.mode, "format": a.format, "checkpoint": str(a.checkpoint), "input": a.input,
-                    "embed_dim": model.cfg.embed_dim, "parts": [f.name for f in files]}  # fmt: skip
+        manifest = {
+            "mode": a.mode,
+            "format": a.format,
+            "checkpoint": str(a.checkpoint),
+            "input": a.input,
+            "embed_dim": model.cfg.embed_dim,
+            "parts": [f.name for f in files],
+        }
         atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
         print(f"albef.embed: all {len(files)} part(s) present; wrote {out / 'manifest.json'}", flush=True)
     return 0

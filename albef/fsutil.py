@@ -1,6 +1,7 @@
 """Durable file writes: a file that appears under its final name (a checkpoint's COMPLETE marker, a shard, a
 manifest) survives a node crash whole. ``os.replace`` alone orders nothing on disk: the data and the rename must be
 flushed (``fsync`` of the file, then of its directory) before anything points at them."""
+
 from __future__ import annotations
 
 import os

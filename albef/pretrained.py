@@ -20,6 +20,7 @@
 pretraining checkpoint loads into a retrieval model and anything missing is an error naming the keys. Loads never
 run code (``torch.load(weights_only=True)``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,12 +32,18 @@ import numpy as np
 import torch
 import yaml
 
-from albef.models.convert import (CheckpointError, load_pretrained, model_kind_of, read_checkpoint, save_official,
-                              unwrap_state_dict)
 from albef.config import from_dict, load_config
 from albef.data.transforms import normalize_images, test_transform
 from albef.fsutil import atomic_write
 from albef.models import ALBEFBase, ModelConfig, build_model
+from albef.models.convert import (
+    CheckpointError,
+    load_pretrained,
+    model_kind_of,
+    read_checkpoint,
+    save_official,
+    unwrap_state_dict,
+)
 from albef.tokenizer import Tokenizer
 
 PRESETS = ("base", "small", "tiny")  # tried in this order when a checkpoint carries no config
@@ -70,8 +77,13 @@ class Loaded(NamedTuple):
     tokenizer: Tokenizer
 
 
-def load(name_or_path: Union[str, Path], task: Optional[str] = None, device: Union[str, torch.device] = "cpu",
-         dtype: Optional[torch.dtype] = None, model: Union[str, ModelConfig, None] = None) -> Loaded:  # fmt: skip
+def load(
+    name_or_path: Union[str, Path],
+    task: Optional[str] = None,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    model: Union[str, ModelConfig, None] = None,
+) -> Loaded:
     """``(model, preprocess, tokenizer)`` from a checkpoint file, run directory, ``save_pretrained`` folder or hub id
     (module docstring). The model is in eval mode on ``device`` in ``dtype`` (float32 by default). ``model`` (a preset name, YAML path or
     ``ModelConfig``) overrides the architecture the checkpoint implies."""
@@ -86,9 +98,15 @@ def load(name_or_path: Union[str, Path], task: Optional[str] = None, device: Uni
     return Loaded(net, Preprocess(cfg.vision.img_size), Tokenizer())
 
 
-def save_pretrained(model: ALBEFBase, directory: Union[str, Path], *, description: str = "",
-                    training_data: str = "", metrics: Optional[Mapping[str, float]] = None,
-                    name: Optional[str] = None) -> Path:  # fmt: skip
+def save_pretrained(
+    model: ALBEFBase,
+    directory: Union[str, Path],
+    *,
+    description: str = "",
+    training_data: str = "",
+    metrics: Optional[Mapping[str, float]] = None,
+    name: Optional[str] = None,
+) -> Path:
     """A hub-layout folder ``load`` reads: ``model.pth`` (official layout), ``config.yaml`` (the model config) and a
     model card ``README.md`` (architecture, training data, metrics; its usage example loads ``name``, by default the
     folder's name). Upload it with ``push_to_hub``."""
@@ -99,29 +117,62 @@ def save_pretrained(model: ALBEFBase, directory: Union[str, Path], *, descriptio
     atomic_write(out / CONFIG_FILE, yaml.safe_dump({"model": cfg}, sort_keys=False))
     v, t = model.cfg.vision, model.cfg.text
     params = sum(p.numel() for n, p in model.named_parameters() if "_m." not in n and not n.endswith("_m"))
-    lines = ["---", "library_name: albef", "tags: [vision-language, albef, image-text-retrieval]", "---", "",
-             f"# ALBEF ({model_kind_of(model.state_dict())})", "", description or "An ALBEF model.", "",
-             "## Architecture", "",
-             f"* ViT: {v.img_size} px images, patch {v.patch_size}, width {v.embed_dim}, depth {v.depth}, "
-             f"{v.num_heads} heads",
-             f"* BERT: width {t.hidden_size}, {t.num_hidden_layers} layers (fusion from layer {t.fusion_layer}), "
-             f"{t.num_attention_heads} heads, vocabulary {t.vocab_size}",
-             f"* ITC features: {model.cfg.embed_dim}; queue {model.cfg.queue_size}; {params / 1e6:.1f} M parameters "
-             "(without the momentum encoders)", "",
-             "## Training data", "", training_data or "Not stated.", "", "## Metrics", ""]  # fmt: skip
+    lines = [
+        "---",
+        "library_name: albef",
+        "tags: [vision-language, albef, image-text-retrieval]",
+        "---",
+        "",
+        f"# ALBEF ({model_kind_of(model.state_dict())})",
+        "",
+        description or "An ALBEF model.",
+        "",
+        "## Architecture",
+        "",
+        f"* ViT: {v.img_size} px images, patch {v.patch_size}, width {v.embed_dim}, depth {v.depth}, "
+        f"{v.num_heads} heads",
+        f"* BERT: width {t.hidden_size}, {t.num_hidden_layers} layers (fusion from layer {t.fusion_layer}), "
+        f"{t.num_attention_heads} heads, vocabulary {t.vocab_size}",
+        f"* ITC features: {model.cfg.embed_dim}; queue {model.cfg.queue_size}; {params / 1e6:.1f} M parameters "
+        "(without the momentum encoders)",
+        "",
+        "## Training data",
+        "",
+        training_data or "Not stated.",
+        "",
+        "## Metrics",
+        "",
+    ]
     if metrics:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {float(m):.2f} |" for k, m in metrics.items()]
     else:
         lines.append("Not stated.")
-    lines += ["", "## Use", "", "```python", "import albef", "",
-              f'model, preprocess, tokenizer = albef.load("{name or out.name}")', "```", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import albef",
+        "",
+        f'model, preprocess, tokenizer = albef.load("{name or out.name}")',
+        "```",
+        "",
+    ]
     atomic_write(out / CARD_FILE, "\n".join(lines))
     return out
 
 
-def push_to_hub(model_or_folder: Union[ALBEFBase, str, Path], repo_id: str, *, token: Optional[str] = None,
-                private: Optional[bool] = None, revision: Optional[str] = None,
-                commit_message: str = "Upload ALBEF model", endpoint: Optional[str] = None, **card) -> str:  # fmt: skip
+def push_to_hub(
+    model_or_folder: Union[ALBEFBase, str, Path],
+    repo_id: str,
+    *,
+    token: Optional[str] = None,
+    private: Optional[bool] = None,
+    revision: Optional[str] = None,
+    commit_message: str = "Upload ALBEF model",
+    endpoint: Optional[str] = None,
+    **card,
+) -> str:
     """Upload a model to the HuggingFace hub as one commit to ``repo_id`` (created if missing); returns the commit
     URL. ``model_or_folder`` is a model (saved first by ``save_pretrained`` with ``card``: description, training_data,
     metrics) or a folder ``save_pretrained`` wrote. ``albef.load(repo_id)`` then loads it. ``token``/``endpoint``
@@ -133,8 +184,15 @@ def push_to_hub(model_or_folder: Union[ALBEFBase, str, Path], repo_id: str, *, t
     if isinstance(model_or_folder, ALBEFBase):
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_pretrained(model_or_folder, Path(tmp) / "model", name=repo_id, **card)
-            return push_to_hub(folder, repo_id, token=token, private=private, revision=revision,
-                               commit_message=commit_message, endpoint=endpoint)  # fmt: skip
+            return push_to_hub(
+                folder,
+                repo_id,
+                token=token,
+                private=private,
+                revision=revision,
+                commit_message=commit_message,
+                endpoint=endpoint,
+            )
     if card:
         raise ValueError(f"model card fields {sorted(card)} apply when pushing a model, not a saved folder")
     folder = Path(model_or_folder)
@@ -166,8 +224,10 @@ def _read(name_or_path) -> tuple:
     if p.is_dir():
         weights = next((p / f for f in (WEIGHTS_FILE, "best.pth", "final.pth") if (p / f).is_file()), None)
         if weights is None or not (p / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{p}: expected {CONFIG_FILE} with {WEIGHTS_FILE} (a save_pretrained folder) or "
-                                    "with best.pth / final.pth (a run directory)")  # fmt: skip
+            raise FileNotFoundError(
+                f"{p}: expected {CONFIG_FILE} with {WEIGHTS_FILE} (a save_pretrained folder) or "
+                "with best.pth / final.pth (a run directory)"
+            )
         cfg = _model_config(yaml.safe_load((p / CONFIG_FILE).read_text()), str(p / CONFIG_FILE))
         return unwrap_state_dict(read_checkpoint(weights), str(weights)), cfg
     raise FileNotFoundError(f"{name_or_path}: no such checkpoint file or folder (nor an 'org/name' hub id)")
@@ -189,24 +249,37 @@ def _shapes(sd: Mapping[str, torch.Tensor]) -> dict:
         raise CheckpointError(f"checkpoint has none of {keys}: not an ALBEF state dict")
 
     prefix = "text_encoder.bert." if any(k.startswith("text_encoder.bert.") for k in sd) else "text_encoder."
-    layers = {int(k[len(prefix) + 14:].split(".")[0]) for k in sd if k.startswith(prefix + "encoder.layer.")}
+    layers = {int(k[len(prefix) + 14 :].split(".")[0]) for k in sd if k.startswith(prefix + "encoder.layer.")}
     fusion = [i for i in sorted(layers) if f"{prefix}encoder.layer.{i}.crossattention.self.key.weight" in sd]
     patch = first("visual_encoder.patch_embed.proj.weight")
-    return {"vision_width": patch[0], "patch": patch[-1],
-            "depth": len({k.split(".")[2] for k in sd if k.startswith("visual_encoder.blocks.")}),
-            "mlp": first("visual_encoder.blocks.0.mlp.fc1.weight")[0],
-            "vocab": first(prefix + "embeddings.word_embeddings.weight")[0],
-            "text_width": first(prefix + "embeddings.word_embeddings.weight")[1],
-            "layers": len(layers), "fusion": fusion[0] if fusion else len(layers),
-            "intermediate": first(prefix + "encoder.layer.0.intermediate.dense.weight")[0],
-            "embed": first("vision_proj.weight")[0]}  # fmt: skip
+    return {
+        "vision_width": patch[0],
+        "patch": patch[-1],
+        "depth": len({k.split(".")[2] for k in sd if k.startswith("visual_encoder.blocks.")}),
+        "mlp": first("visual_encoder.blocks.0.mlp.fc1.weight")[0],
+        "vocab": first(prefix + "embeddings.word_embeddings.weight")[0],
+        "text_width": first(prefix + "embeddings.word_embeddings.weight")[1],
+        "layers": len(layers),
+        "fusion": fusion[0] if fusion else len(layers),
+        "intermediate": first(prefix + "encoder.layer.0.intermediate.dense.weight")[0],
+        "embed": first("vision_proj.weight")[0],
+    }
 
 
 def _preset_shapes(cfg: ModelConfig) -> dict:
     v, t = cfg.vision, cfg.text
-    return {"vision_width": v.embed_dim, "patch": v.patch_size, "depth": v.depth, "mlp": int(v.embed_dim * v.mlp_ratio),
-            "vocab": t.vocab_size, "text_width": t.hidden_size, "layers": t.num_hidden_layers,
-            "fusion": t.fusion_layer, "intermediate": t.intermediate_size, "embed": cfg.embed_dim}  # fmt: skip
+    return {
+        "vision_width": v.embed_dim,
+        "patch": v.patch_size,
+        "depth": v.depth,
+        "mlp": int(v.embed_dim * v.mlp_ratio),
+        "vocab": t.vocab_size,
+        "text_width": t.hidden_size,
+        "layers": t.num_hidden_layers,
+        "fusion": t.fusion_layer,
+        "intermediate": t.intermediate_size,
+        "embed": cfg.embed_dim,
+    }
 
 
 def infer_model_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> ModelConfig:
@@ -218,7 +291,12 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint
         if _preset_shapes(cfg) == found:
             grid = int(round((sd["visual_encoder.pos_embed"].shape[1] - 1) ** 0.5))
             queue = sd["image_queue"].shape[1] if "image_queue" in sd else cfg.queue_size
-            return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, img_size=grid * cfg.vision.patch_size),
-                                       queue_size=int(queue))  # fmt: skip
-    raise CheckpointError(f"{source}: no preset of {list(PRESETS)} has this architecture ({found}); pass "
-                          "model=<preset or YAML> to albef.load")  # fmt: skip
+            return dataclasses.replace(
+                cfg,
+                vision=dataclasses.replace(cfg.vision, img_size=grid * cfg.vision.patch_size),
+                queue_size=int(queue),
+            )
+    raise CheckpointError(
+        f"{source}: no preset of {list(PRESETS)} has this architecture ({found}); pass "
+        "model=<preset or YAML> to albef.load"
+    )

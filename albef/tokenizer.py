@@ -8,6 +8,7 @@ token here.
 Built on HuggingFace ``tokenizers`` (Rust): BERT normalisation (lower-casing, accent stripping), BERT
 pre-tokenisation and WordPiece over the shipped vocabulary (``albef/assets``), so nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import re
@@ -71,7 +72,9 @@ class Tokenizer:
         tok = _Tok(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
         tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", vocab["[CLS]"])])
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A", special_tokens=[("[CLS]", vocab["[CLS]"])]
+        )
         tok.decoder = decoders.WordPiece()
         tok.add_special_tokens(SPECIAL_TOKENS)
         self._tok = tok

@@ -13,6 +13,7 @@
   in green just outside its pixels (both visible when they coincide), and the label on a dark band at the top.
   The output has exactly the input image's size.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,9 @@ from PIL import Image, ImageDraw, ImageFont
 PRED_COLOUR = (255, 40, 255)  # magenta
 TRUE_COLOUR = (40, 255, 40)  # green
 _RAMP_POS = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
-_RAMP_RGB = np.array([[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0], [128, 0, 0]],
-                     dtype=np.float64)
+_RAMP_RGB = np.array(
+    [[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0], [128, 0, 0]], dtype=np.float64
+)
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -63,9 +65,14 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def render_overlay(image: Union[Image.Image, np.ndarray], heatmap, pred_box: Optional[Sequence[float]] = None,
-                   true_box: Optional[Sequence[float]] = None, label: Optional[str] = None,
-                   alpha: float = 0.6) -> Image.Image:  # fmt: skip
+def render_overlay(
+    image: Union[Image.Image, np.ndarray],
+    heatmap,
+    pred_box: Optional[Sequence[float]] = None,
+    true_box: Optional[Sequence[float]] = None,
+    label: Optional[str] = None,
+    alpha: float = 0.6,
+) -> Image.Image:
     """The image with the heat map blended in, the boxes (``[x, y, w, h]`` pixels) and the label; same size."""
     rgb = _as_rgb_array(image)
     height, width = rgb.shape[:2]
@@ -82,8 +89,9 @@ def render_overlay(image: Union[Image.Image, np.ndarray], heatmap, pred_box: Opt
     for box, colour, pad in ((true_box, TRUE_COLOUR, line), (pred_box, PRED_COLOUR, 0)):
         if box is not None:
             x, y, w, h = (float(v) for v in box[:4])
-            draw.rectangle([x - pad, y - pad, x + max(w - 1, 0) + pad, y + max(h - 1, 0) + pad], outline=colour,
-                           width=line)  # fmt: skip
+            draw.rectangle(
+                [x - pad, y - pad, x + max(w - 1, 0) + pad, y + max(h - 1, 0) + pad], outline=colour, width=line
+            )
     if label:
         font = _font(max(8, min(width, height) // 24))
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)

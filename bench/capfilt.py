@@ -12,6 +12,7 @@ Both are evaluated zero-shot on the 64 held-out test images (x 320 captions). ``
 the clean set, the ceiling. Prints how many swapped and true pairs the filter removed and kept, and A's and B's
 held-out recall. Learning numbers, not timings; the machine's load does not change them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,51 +53,135 @@ def main() -> None:
     n_swapped = noisy_copy(world / "pretrain.json", out / "noisy.json", a.noise, seed=1)
 
     def shards(json_file: Path, name: str) -> Path:
-        run([sys.executable, "-m", "data_prep.annotations", json_file, "--image-root", world / "images", "--output",
-             out / name, "--shard-size", "100", "--image-size", "48", "--no-progress"], out / f"{name}.log", env)  # fmt: skip
+        run(
+            [
+                sys.executable,
+                "-m",
+                "data_prep.annotations",
+                json_file,
+                "--image-root",
+                world / "images",
+                "--output",
+                out / name,
+                "--shard-size",
+                "100",
+                "--image-size",
+                "48",
+                "--no-progress",
+            ],
+            out / f"{name}.log",
+            env,
+        )
         return out / name
 
     def pretrain(data: Path, name: str) -> Path:
-        run(torchrun(2) + ["pretrain.train", "pretrain/configs/demo.yaml", f"data.shards=[{data}]",
-                           f"train.output_dir={out / name}", f"train.max_steps={a.steps}", "train.num_threads=1",
-                           "wandb.mode=disabled"], out / f"{name}.log", env, name, a.steps)  # fmt: skip
+        run(
+            torchrun(2)
+            + [
+                "pretrain.train",
+                "pretrain/configs/demo.yaml",
+                f"data.shards=[{data}]",
+                f"train.output_dir={out / name}",
+                f"train.max_steps={a.steps}",
+                "train.num_threads=1",
+                "wandb.mode=disabled",
+            ],
+            out / f"{name}.log",
+            env,
+            name,
+            a.steps,
+        )
         return out / name / "final.pth"
 
     def evaluate(ckpt: Path, name: str) -> dict:
-        run([sys.executable, "-m", "finetune.retrieval", "finetune/configs/demo_retrieval.yaml",
-             f"data.test_file={world / 'retrieval_test.json'}", f"data.image_root={world / 'images'}",
-             f"init.checkpoint={ckpt}", "train.evaluate_only=true", f"train.output_dir={out / name}",
-             "wandb.mode=disabled"], out / f"{name}.log", env, name)  # fmt: skip
+        run(
+            [
+                sys.executable,
+                "-m",
+                "finetune.retrieval",
+                "finetune/configs/demo_retrieval.yaml",
+                f"data.test_file={world / 'retrieval_test.json'}",
+                f"data.image_root={world / 'images'}",
+                f"init.checkpoint={ckpt}",
+                "train.evaluate_only=true",
+                f"train.output_dir={out / name}",
+                "wandb.mode=disabled",
+            ],
+            out / f"{name}.log",
+            env,
+            name,
+        )
         return json.loads((out / name / "eval.json").read_text())
 
     noisy = shards(out / "noisy.json", "noisy_shards")
     model_a = pretrain(noisy, "pretrain_noisy")
-    clean = [e for e in json.loads((world / "retrieval_train.json").read_text())
-             if int(e["image_id"].split("_")[1]) < a.clean]  # fmt: skip
+    clean = [
+        e
+        for e in json.loads((world / "retrieval_train.json").read_text())
+        if int(e["image_id"].split("_")[1]) < a.clean
+    ]
     (out / "clean_train.json").write_text(json.dumps(clean))
-    run(torchrun(2) + ["finetune.retrieval", "finetune/configs/demo_retrieval.yaml",
-                       f"data.train_files=[{out / 'clean_train.json'}]", f"data.image_root={world / 'images'}",
-                       f"init.checkpoint={model_a}", f"train.output_dir={out / 'filter_model'}", "train.epochs=100",
-                       "train.max_steps=100", "train.num_threads=1", "wandb.mode=disabled"],
-        out / "filter_model.log", env, "filter model", 100)  # fmt: skip
-    run([sys.executable, "-m", "data_prep.filter", noisy, "--checkpoint", out / "filter_model" / "final.pth",
-         "--output", out / "filtered",
-         "--min-itc", str(a.min_itc), "--workers", "0", "--no-progress"], out / "filter.log", env)  # fmt: skip
-    kept = [json.loads(m["json"])["extra"]["swapped"] for t in sorted((out / "filtered").glob("*.tar"))
-            for _, m in iter_tar_samples(t)]  # fmt: skip
+    run(
+        torchrun(2)
+        + [
+            "finetune.retrieval",
+            "finetune/configs/demo_retrieval.yaml",
+            f"data.train_files=[{out / 'clean_train.json'}]",
+            f"data.image_root={world / 'images'}",
+            f"init.checkpoint={model_a}",
+            f"train.output_dir={out / 'filter_model'}",
+            "train.epochs=100",
+            "train.max_steps=100",
+            "train.num_threads=1",
+            "wandb.mode=disabled",
+        ],
+        out / "filter_model.log",
+        env,
+        "filter model",
+        100,
+    )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.filter",
+            noisy,
+            "--checkpoint",
+            out / "filter_model" / "final.pth",
+            "--output",
+            out / "filtered",
+            "--min-itc",
+            str(a.min_itc),
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+        out / "filter.log",
+        env,
+    )
+    kept = [
+        json.loads(m["json"])["extra"]["swapped"]
+        for t in sorted((out / "filtered").glob("*.tar"))
+        for _, m in iter_tar_samples(t)
+    ]
     model_b = pretrain(out / "filtered", "pretrain_filtered")
     results = {"noisy (A)": evaluate(model_a, "eval_noisy"), "filtered (B)": evaluate(model_b, "eval_filtered")}
     if a.with_clean:
-        results["clean"] = evaluate(pretrain(shards(world / "pretrain.json", "clean_shards"), "pretrain_clean"),
-                                    "eval_clean")  # fmt: skip
+        results["clean"] = evaluate(
+            pretrain(shards(world / "pretrain.json", "clean_shards"), "pretrain_clean"), "eval_clean"
+        )
     n = 1500
-    print(f"\nnoise: {n_swapped} of {n} training images carry another image's captions; the filter (F's ITC >= "
-          f"{a.min_itc}) removed {n_swapped - sum(kept)} of them ({100 * (n_swapped - sum(kept)) / n_swapped:.0f}%) and "
-          f"kept {len(kept) - sum(kept)} of {n - n_swapped} true ones ({100 * (len(kept) - sum(kept)) / (n - n_swapped):.0f}%)")
+    print(
+        f"\nnoise: {n_swapped} of {n} training images carry another image's captions; the filter (F's ITC >= "
+        f"{a.min_itc}) removed {n_swapped - sum(kept)} of them ({100 * (n_swapped - sum(kept)) / n_swapped:.0f}%) and "
+        f"kept {len(kept) - sum(kept)} of {n - n_swapped} true ones ({100 * (len(kept) - sum(kept)) / (n - n_swapped):.0f}%)"
+    )
     print(f"zero-shot retrieval on 64 held-out images x 320 captions after {a.steps} pretraining steps each:")
     for name, m in results.items():
-        print(f"  {name:<13} TR R@1 {m['test/txt_r1']:5.1f}  IR R@1 {m['test/img_r1']:5.1f}  "
-              f"TR R@1 (ITC) {m['test/itc_txt_r1']:5.1f}  IR R@1 (ITC) {m['test/itc_img_r1']:5.1f}  r_mean {m['test/r_mean']:5.1f}")
+        print(
+            f"  {name:<13} TR R@1 {m['test/txt_r1']:5.1f}  IR R@1 {m['test/img_r1']:5.1f}  "
+            f"TR R@1 (ITC) {m['test/itc_txt_r1']:5.1f}  IR R@1 (ITC) {m['test/itc_img_r1']:5.1f}  r_mean {m['test/r_mean']:5.1f}"
+        )
     a_, b_ = results["noisy (A)"]["test/r_mean"], results["filtered (B)"]["test/r_mean"]
     print(f"r_mean filtered / noisy = {b_ / a_:.2f}x")
 

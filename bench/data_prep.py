@@ -16,6 +16,7 @@ printed too, being less sensitive to other load on the machine. The output check
 ``--with-urllib3`` adds data_prep over urllib3 connection pools (``bench/urllib3_fetcher.py``) and prints its ratio
 to data_prep's own http.client transport.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,11 @@ _PHOTOS = []
 
 
 def _load_photos() -> None:
-    _PHOTOS.extend(Image.open(io.BytesIO(data)).convert("RGB")
-                   for name, data in real_photos().items() if name not in ("camera.png", "brick.png"))
+    _PHOTOS.extend(
+        Image.open(io.BytesIO(data)).convert("RGB")
+        for name, data in real_photos().items()
+        if name not in ("camera.png", "brick.png")
+    )
 
 
 def make_image(index: int) -> bytes:
@@ -91,24 +95,86 @@ def write_list(path: Path, server: LoopbackServer, count: int) -> None:
     import pyarrow.parquet as pq
 
     names = [f"/img/{i}.{'png' if i % 10 == 9 else 'jpg'}" for i in range(count)]
-    pq.write_table(pa.table({"url": [server.url(n) for n in names],
-                             "caption": [f"a web photo number {i}" for i in range(count)]}), path)
+    pq.write_table(
+        pa.table({"url": [server.url(n) for n in names], "caption": [f"a web photo number {i}" for i in range(count)]}),
+        path,
+    )
 
 
 def command(tool: str, processes: Optional[int], url_list: Path, out: Path, a: argparse.Namespace, i2d_exe: Path):
     if tool == "img2dataset":
-        return [str(i2d_exe), "--url_list", str(url_list), "--input_format", "parquet", "--url_col", "url",
-                "--caption_col", "caption", "--output_format", "webdataset", "--output_folder", str(out),
-                "--processes_count", str(processes), "--thread_count", str(a.threads), "--image_size", "256",
-                "--resize_mode", "keep_ratio", "--resize_only_if_bigger", "False", "--encode_format", "jpg",
-                "--encode_quality", "95", "--number_sample_per_shard", str(a.shard_size), "--timeout", "10",
-                "--retries", "0", "--extract_exif", "False", "--compute_hash", "sha256", "--enable_wandb", "False",
-                "--distributor", "multiprocessing"]
-    entry = [str(REPO / "bench" / "urllib3_fetcher.py")] if tool == "data_prep_urllib3" else ["-m", "data_prep.download"]
-    return [sys.executable, *entry, str(url_list), "--output", str(out),
-            "--allow-network", "127.0.0.0/8", *(["--processes", str(processes)] if processes else []),
-            "--threads", str(a.threads), "--image-size", "256", "--resize-mode", "keep_ratio", "--resize-side",
-            "shortest", "--quality", "95", "--shard-size", str(a.shard_size), "--timeout", "10", "--retries", "0"]
+        return [
+            str(i2d_exe),
+            "--url_list",
+            str(url_list),
+            "--input_format",
+            "parquet",
+            "--url_col",
+            "url",
+            "--caption_col",
+            "caption",
+            "--output_format",
+            "webdataset",
+            "--output_folder",
+            str(out),
+            "--processes_count",
+            str(processes),
+            "--thread_count",
+            str(a.threads),
+            "--image_size",
+            "256",
+            "--resize_mode",
+            "keep_ratio",
+            "--resize_only_if_bigger",
+            "False",
+            "--encode_format",
+            "jpg",
+            "--encode_quality",
+            "95",
+            "--number_sample_per_shard",
+            str(a.shard_size),
+            "--timeout",
+            "10",
+            "--retries",
+            "0",
+            "--extract_exif",
+            "False",
+            "--compute_hash",
+            "sha256",
+            "--enable_wandb",
+            "False",
+            "--distributor",
+            "multiprocessing",
+        ]
+    entry = (
+        [str(REPO / "bench" / "urllib3_fetcher.py")] if tool == "data_prep_urllib3" else ["-m", "data_prep.download"]
+    )
+    return [
+        sys.executable,
+        *entry,
+        str(url_list),
+        "--output",
+        str(out),
+        "--allow-network",
+        "127.0.0.0/8",
+        *(["--processes", str(processes)] if processes else []),
+        "--threads",
+        str(a.threads),
+        "--image-size",
+        "256",
+        "--resize-mode",
+        "keep_ratio",
+        "--resize-side",
+        "shortest",
+        "--quality",
+        "95",
+        "--shard-size",
+        str(a.shard_size),
+        "--timeout",
+        "10",
+        "--retries",
+        "0",
+    ]
 
 
 def image_sizes(out: Path):
@@ -126,15 +192,19 @@ def run_once(label: str, tool: str, processes: Optional[int], url_list: Path, a,
     out = url_list.parent / f"{label.replace(' ', '_')}-{round_}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
     start, cpu_start = time.monotonic(), _children_cpu()
-    proc = subprocess.run(command(tool, processes, url_list, out, a, i2d_exe), cwd=REPO, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        command(tool, processes, url_list, out, a, i2d_exe), cwd=REPO, env=env, capture_output=True, text=True
+    )
     seconds, cpu = time.monotonic() - start, _children_cpu() - cpu_start
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     sizes = image_sizes(out)
     shutil.rmtree(out)
-    print(f"  round {round_} {label:30s} {len(sizes):6d} samples in {seconds:6.1f}s = {len(sizes) / seconds:7.1f} "
-          f"samples/s, {1000 * cpu / max(len(sizes), 1):5.1f} CPU ms/sample", flush=True)
+    print(
+        f"  round {round_} {label:30s} {len(sizes):6d} samples in {seconds:6.1f}s = {len(sizes) / seconds:7.1f} "
+        f"samples/s, {1000 * cpu / max(len(sizes), 1):5.1f} CPU ms/sample",
+        flush=True,
+    )
     return len(sizes) / seconds, 1000 * cpu / max(len(sizes), 1), sizes
 
 
@@ -149,25 +219,40 @@ def main() -> int:
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=32, help="threads per process, both tools")
-    p.add_argument("--img2dataset-processes", default=f"1,{cores}",
-                   help="processes_count values tried for img2dataset; its best median is the baseline")
+    p.add_argument(
+        "--img2dataset-processes",
+        default=f"1,{cores}",
+        help="processes_count values tried for img2dataset; its best median is the baseline",
+    )
     p.add_argument("--data-prep-processes", type=int, default=None, help="default: data_prep's own default")
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--img2dataset-spec", default=I2D_SPEC)
-    p.add_argument("--with-urllib3", action="store_true",
-                   help="also run data_prep over urllib3 connection pools (bench/urllib3_fetcher.py), to see what "
-                        "the library would cost or gain against data_prep's http.client transport")
+    p.add_argument(
+        "--with-urllib3",
+        action="store_true",
+        help="also run data_prep over urllib3 connection pools (bench/urllib3_fetcher.py), to see what "
+        "the library would cost or gain against data_prep's http.client transport",
+    )
     a = p.parse_args()
 
     i2d_exe = ensure_img2dataset(a.img2dataset_spec)
     t = time.monotonic()
     images = make_images(a.images)
-    print(f"made {len(images)} images ({sum(map(len, images)) / len(images) / 1024:.0f} KiB mean) from real photos "
-          f"in {time.monotonic() - t:.1f}s", flush=True)
-    routes = {f"/img/{i}.{'png' if i % 10 == 9 else 'jpg'}":
-              Route(data, content_type="image/png" if i % 10 == 9 else "image/jpeg") for i, data in enumerate(images)}
-    configs = [(f"img2dataset processes={n}", "img2dataset", n)
-               for n in sorted({int(x) for x in a.img2dataset_processes.split(",")})]
+    print(
+        f"made {len(images)} images ({sum(map(len, images)) / len(images) / 1024:.0f} KiB mean) from real photos "
+        f"in {time.monotonic() - t:.1f}s",
+        flush=True,
+    )
+    routes = {
+        f"/img/{i}.{'png' if i % 10 == 9 else 'jpg'}": Route(
+            data, content_type="image/png" if i % 10 == 9 else "image/jpeg"
+        )
+        for i, data in enumerate(images)
+    }
+    configs = [
+        (f"img2dataset processes={n}", "img2dataset", n)
+        for n in sorted({int(x) for x in a.img2dataset_processes.split(",")})
+    ]
     if a.with_urllib3:
         configs.append(("data_prep over urllib3", "data_prep_urllib3", a.data_prep_processes))
     configs.append((f"data_prep processes={a.data_prep_processes or 'default'}", "data_prep", a.data_prep_processes))
@@ -175,8 +260,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-data-prep-") as tmp, LoopbackServer(routes) as server:
         url_list = Path(tmp) / "urls.parquet"
         write_list(url_list, server, a.images)
-        print(f"settings: {a.images} URLs, keep_ratio shortest side 256, JPEG q95, sha256, shard size {a.shard_size}, "
-              f"{a.threads} threads per process, timeout 10 s, 0 retries; {cores} CPUs, load {os.getloadavg()[0]:.1f}")
+        print(
+            f"settings: {a.images} URLs, keep_ratio shortest side 256, JPEG q95, sha256, shard size {a.shard_size}, "
+            f"{a.threads} threads per process, timeout 10 s, 0 retries; {cores} CPUs, load {os.getloadavg()[0]:.1f}"
+        )
         for round_ in range(a.rounds):
             for label, tool, processes in configs:
                 rate, cpu_ms, sizes[label] = run_once(label, tool, processes, url_list, a, i2d_exe, round_)
@@ -187,19 +274,33 @@ def main() -> int:
     base_label = max((c[0] for c in configs if c[1] == "img2dataset"), key=median.get)
     ours, theirs = median[ours_label], median[base_label]
     same = sum(abs(x[0] - y[0]) <= 1 and abs(x[1] - y[1]) <= 1 for x, y in zip(sizes[ours_label], sizes[base_label]))
-    print(f"output check: {len(sizes[ours_label])} vs {len(sizes[base_label])} samples; {same} image sizes agree "
-          f"within 1 px")
-    print(json.dumps({"data_prep_samples_per_s": round(ours, 1), "img2dataset_samples_per_s": round(theirs, 1),
-                      "img2dataset_config": base_label, "ratio": round(ours / theirs, 2),
-                      "data_prep_cpu_ms_per_sample": round(statistics.median(cpu[ours_label]), 2),
-                      "img2dataset_cpu_ms_per_sample": round(statistics.median(cpu[base_label]), 2)}))
-    print(f"RESULT: data_prep {ours:.1f} samples/s vs img2dataset {theirs:.1f} samples/s ({base_label}, its best) "
-          f"-> {ours / theirs:.2f}x")
+    print(
+        f"output check: {len(sizes[ours_label])} vs {len(sizes[base_label])} samples; {same} image sizes agree "
+        f"within 1 px"
+    )
+    print(
+        json.dumps(
+            {
+                "data_prep_samples_per_s": round(ours, 1),
+                "img2dataset_samples_per_s": round(theirs, 1),
+                "img2dataset_config": base_label,
+                "ratio": round(ours / theirs, 2),
+                "data_prep_cpu_ms_per_sample": round(statistics.median(cpu[ours_label]), 2),
+                "img2dataset_cpu_ms_per_sample": round(statistics.median(cpu[base_label]), 2),
+            }
+        )
+    )
+    print(
+        f"RESULT: data_prep {ours:.1f} samples/s vs img2dataset {theirs:.1f} samples/s ({base_label}, its best) "
+        f"-> {ours / theirs:.2f}x"
+    )
     if a.with_urllib3:
         u3 = median["data_prep over urllib3"]
-        print(f"RESULT: data_prep over urllib3 {u3:.1f} samples/s "
-              f"({statistics.median(cpu['data_prep over urllib3']):.2f} CPU ms/sample) vs over http.client "
-              f"{ours:.1f} ({statistics.median(cpu[ours_label]):.2f}) -> {u3 / ours:.2f}x")
+        print(
+            f"RESULT: data_prep over urllib3 {u3:.1f} samples/s "
+            f"({statistics.median(cpu['data_prep over urllib3']):.2f} CPU ms/sample) vs over http.client "
+            f"{ours:.1f} ({statistics.median(cpu[ours_label]):.2f}) -> {u3 / ours:.2f}x"
+        )
     return 0
 
 

@@ -15,6 +15,7 @@ and every 100 steps prints the training losses and, on held-out images:
 The measurements in README ("Does the fusion encoder use the image?") come from this script. It is a diagnostic,
 not the training engine: no DeepSpeed, no momentum model, one process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,12 @@ def load_world(root: Path, num_train: int, num_val: int):
     def pixels(paths):
         return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]))
 
-    return (pixels([e["image"] for e in train]), [[pre_caption(c) for c in e["caption"]] for e in train],
-            pixels([root / "images" / e["image"] for e in val]), [pre_caption(e["caption"][0]) for e in val])
+    return (
+        pixels([e["image"] for e in train]),
+        [[pre_caption(c) for c in e["caption"]] for e in train],
+        pixels([root / "images" / e["image"] for e in val]),
+        [pre_caption(e["caption"][0]) for e in val],
+    )
 
 
 @torch.no_grad()
@@ -69,13 +74,15 @@ def held_out(model, tok, images, captions, k: int = 8) -> dict:
     top = sim.topk(k, dim=1).indices
     rerank = 0
     for i in range(n):
-        scores = model.itm_logits(text_embeds[top[i]], mask[top[i]], image_embeds[i:i + 1].expand(k, -1, -1))
+        scores = model.itm_logits(text_embeds[top[i]], mask[top[i]], image_embeds[i : i + 1].expand(k, -1, -1))
         rerank += int(top[i][scores.softmax(-1)[:, 1].argmax()] == i)
     model.train()
-    return {"itc_r1": 100.0 * float((sim.argmax(1) == torch.arange(n)).float().mean()),
-            "itm_r1": 100.0 * rerank / n,
-            "vs_random": 100.0 * float((own > match(torch.arange(n).roll(1))).float().mean()),
-            "vs_hard": 100.0 * float((own > match(other.argmax(1))).float().mean())}
+    return {
+        "itc_r1": 100.0 * float((sim.argmax(1) == torch.arange(n)).float().mean()),
+        "itm_r1": 100.0 * rerank / n,
+        "vs_random": 100.0 * float((own > match(torch.arange(n).roll(1))).float().mean()),
+        "vs_hard": 100.0 * float((own > match(other.argmax(1))).float().mean()),
+    }
 
 
 def main() -> None:
@@ -89,10 +96,18 @@ def main() -> None:
     p.add_argument("--world", type=Path, default=Path("runs/fusion_probe_world"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mlm-weight", type=float, default=1.0, help="weight of the MLM loss in the sum (at step 0)")
-    p.add_argument("--mlm-ramp-steps", type=int, default=0,
-                   help="the MLM weight rises linearly from --mlm-weight to 1 over this many steps")
-    p.add_argument("--captions", choices=("all", "full"), default="all",
-                   help="train on all five captions of an image, or only its full description (the first)")
+    p.add_argument(
+        "--mlm-ramp-steps",
+        type=int,
+        default=0,
+        help="the MLM weight rises linearly from --mlm-weight to 1 over this many steps",
+    )
+    p.add_argument(
+        "--captions",
+        choices=("all", "full"),
+        default="all",
+        help="train on all five captions of an image, or only its full description (the first)",
+    )
     a = p.parse_args()
     losses = set(a.losses.split(","))
     if not losses or losses - {"itc", "itm", "mlm"}:
@@ -122,11 +137,14 @@ def main() -> None:
         if "itm" in losses:
             hard = a.negatives == "hard" or (a.negatives == "random-then-hard" and step > a.random_steps)
             with torch.no_grad():
-                neg_image, neg_text = sample_hard_negatives(hard_negative_weights(sim.t(), B, hard=hard),
-                                                            hard_negative_weights(sim, B, hard=hard))
-            logits = model.itm_logits(torch.cat([text_embeds, text_embeds, text_embeds[neg_text]]),
-                                      torch.cat([mask, mask, mask[neg_text]]),
-                                      torch.cat([image_embeds, image_embeds[neg_image], image_embeds]))
+                neg_image, neg_text = sample_hard_negatives(
+                    hard_negative_weights(sim.t(), B, hard=hard), hard_negative_weights(sim, B, hard=hard)
+                )
+            logits = model.itm_logits(
+                torch.cat([text_embeds, text_embeds, text_embeds[neg_text]]),
+                torch.cat([mask, mask, mask[neg_text]]),
+                torch.cat([image_embeds, image_embeds[neg_image], image_embeds]),
+            )
             logs["itm"] = F.cross_entropy(logits, torch.cat([torch.ones(B), torch.zeros(2 * B)]).long())
         if "mlm" in losses:
             masked, labels = mask_tokens(ids, model.cfg.text.vocab_size, 0.15)
@@ -143,8 +161,11 @@ def main() -> None:
             recent = history[-100:]
             train = " ".join(f"{k} {sum(h[k] for h in recent) / len(recent):.3f}" for k in sorted(recent[-1]))
             ev = held_out(model, tok, val_images, val_captions)
-            print(f"step {step:4d} ({time.time() - t0:.0f}s) train {train} | held-out " +
-                  " ".join(f"{k} {v:.1f}" for k, v in ev.items()), flush=True)
+            print(
+                f"step {step:4d} ({time.time() - t0:.0f}s) train {train} | held-out "
+                + " ".join(f"{k} {v:.1f}" for k, v in ev.items()),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

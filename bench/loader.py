@@ -18,6 +18,7 @@ goal >= 2x).
     .venv/bin/python bench/loader.py                      # 640x480 JPEGs, batch 16, 2 workers, 3 rounds
     .venv/bin/python bench/loader.py --size 1600x1200     # large originals: draft (DCT-scaled) decoding matters
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,15 +36,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import albef  # noqa: E402,F401  (torchvision compatibility fix before torchvision is imported)
-
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFile  # noqa: E402
 
-AUGS = ["Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
-        "TranslateY", "Rotate"]
+import albef  # noqa: E402,F401  (torchvision compatibility fix before torchvision is imported)
+
+AUGS = [
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+]
 
 
 # ---- the official path, re-implemented -------------------------------------------------------------------------
@@ -115,8 +126,9 @@ class OfficialRandomAugment:
         if name == "TranslateY":
             return self._warp(img, np.float32([[1, 0, 0], [0, 1, -sign * level * 10]]))
         h, w = img.shape[:2]
-        return cv2.warpAffine(img, cv2.getRotationMatrix2D((w / 2, h / 2), sign * level * 30, 1), (w, h),
-                              borderValue=self.fill)
+        return cv2.warpAffine(
+            img, cv2.getRotationMatrix2D((w / 2, h / 2), sign * level * 30, 1), (w, h), borderValue=self.fill
+        )
 
     def __call__(self, img):
         img = np.array(img)
@@ -149,25 +161,29 @@ def official_loader(data_dir: Path, batch_size: int, workers: int, res: int):
 
     ImageFile.LOAD_TRUNCATED_IMAGES = True
     normalize = transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-    transform = transforms.Compose([
-        transforms.RandomResizedCrop(res, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        OfficialRandomAugment(2, 7),
-        transforms.ToTensor(),
-        normalize,
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(res, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            OfficialRandomAugment(2, 7),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
     dataset = OfficialPretrainDataset(str(data_dir / "pretrain.json"), transform)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=False,
-                                       sampler=sampler, drop_last=True)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, pin_memory=False, sampler=sampler, drop_last=True
+    )
 
 
 def our_loader(data_dir: Path, batch_size: int, workers: int, res: int):
     from albef.data import DataConfig, build_pretrain_loader
     from albef.tokenizer import Tokenizer
 
-    cfg = DataConfig(shards=[str(data_dir / "shards")], image_res=res, batch_size=batch_size, num_workers=workers,
-                     pin_memory=False)
+    cfg = DataConfig(
+        shards=[str(data_dir / "shards")], image_res=res, batch_size=batch_size, num_workers=workers, pin_memory=False
+    )
     return build_pretrain_loader(cfg, Tokenizer(), rank=0, world_size=1, seed=0)
 
 
@@ -257,30 +273,50 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="albef_loader_bench_") as tmp:
         data_dir = Path(tmp)
         mean_bytes = make_data(data_dir, args.images, width, height, args.per_shard)
-        print(f"{args.images} JPEGs {width}x{height} (q90, mean {mean_bytes / 1024:.0f} KiB), res {args.res}, "
-              f"batch {args.batch_size}, {args.workers} workers, {args.rounds} rounds per side, torch "
-              f"{torch.__version__}, {os.cpu_count()} CPUs")
+        print(
+            f"{args.images} JPEGs {width}x{height} (q90, mean {mean_bytes / 1024:.0f} KiB), res {args.res}, "
+            f"batch {args.batch_size}, {args.workers} workers, {args.rounds} rounds per side, torch "
+            f"{torch.__version__}, {os.cpu_count()} CPUs"
+        )
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         results = {"official": [], "ours": []}
         for r in range(args.rounds):
             for side in ("official", "ours"):
-                cmd = [sys.executable, __file__, "--side", side, "--data", str(data_dir), "--batch-size",
-                       str(args.batch_size), "--workers", str(args.workers), "--res", str(args.res),
-                       "--warmup", str(args.warmup)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--side",
+                    side,
+                    "--data",
+                    str(data_dir),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--workers",
+                    str(args.workers),
+                    "--res",
+                    str(args.res),
+                    "--warmup",
+                    str(args.warmup),
+                ]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if out.returncode != 0:
                     raise SystemExit(f"{side} run failed:\n{out.stderr}")
                 res = json.loads(out.stdout.strip().splitlines()[-1])
                 results[side].append(res["samples_per_s"])
-                print(f"  round {r + 1} {side:8s}: {res['samples_per_s']:7.1f} samples/s "
-                      f"({res['samples']} samples in {res['seconds']:.2f}s)", flush=True)
+                print(
+                    f"  round {r + 1} {side:8s}: {res['samples_per_s']:7.1f} samples/s "
+                    f"({res['samples']} samples in {res['seconds']:.2f}s)",
+                    flush=True,
+                )
         med = {side: statistics.median(v) for side, v in results.items()}
         for side in ("official", "ours"):
             print(f"{side:8s}: {med[side]:7.1f} samples/s, {med[side] / args.workers:6.1f} per worker (median)")
         # each round's two runs are back to back, so their ratio is robust to this machine's speed drifting
         rounds = [o / f for o, f in zip(results["ours"], results["official"])]
-        print(f"ratio ours/official: {med['ours'] / med['official']:.2f}x of the medians, per round "
-              f"{', '.join(f'{r:.2f}' for r in rounds)} (median {statistics.median(rounds):.2f}x; goal >= 2x)")
+        print(
+            f"ratio ours/official: {med['ours'] / med['official']:.2f}x of the medians, per round "
+            f"{', '.join(f'{r:.2f}' for r in rounds)} (median {statistics.median(rounds):.2f}x; goal >= 2x)"
+        )
 
 
 if __name__ == "__main__":

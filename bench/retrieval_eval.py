@@ -11,6 +11,7 @@ ours batches the (query, candidate) pairs of many queries (``albef.eval.retrieva
 defaults (fused attention, token packing); both models have the same weights. The score matrices are checked to agree before timing. Each side runs in
 fresh processes, alternating, and the median is reported with the ratio (goal: ours <= 0.33x).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ def _official(model, images, ids, mask, k):
     import torch
 
     with torch.no_grad():
-        text_embeds = torch.cat([model.encode_text(ids[i : i + 256], mask[i : i + 256]) for i in range(0, len(ids), 256)])
+        text_embeds = torch.cat(
+            [model.encode_text(ids[i : i + 256], mask[i : i + 256]) for i in range(0, len(ids), 256)]
+        )
         text_feat = model.text_feat(text_embeds)
         image_embeds = torch.cat([model.encode_image(images[i : i + 64]) for i in range(0, len(images), 64)])
         image_feat = model.image_feat(image_embeds)
@@ -111,15 +114,31 @@ def main() -> None:
     times = {"official": [], "ours": []}
     for _ in range(args.repeats):
         for side in ("official", "ours"):
-            cmd = [sys.executable, __file__, "--side", side, "--preset", args.preset, "--images", str(args.images),
-                   "--k-test", str(args.k_test), "--threads", str(args.threads)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--side",
+                side,
+                "--preset",
+                args.preset,
+                "--images",
+                str(args.images),
+                "--k-test",
+                str(args.k_test),
+                "--threads",
+                str(args.threads),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
             times[side].append(json.loads(line[7:])["seconds"])
     off, ours = statistics.median(times["official"]), statistics.median(times["ours"])
-    print(f"retrieval evaluation, {args.preset}, {args.images} images x {args.images * 5} captions, k_test {args.k_test}, "
-          f"{args.threads} threads")  # fmt: skip
-    print(f"  official per-query loops: {off:.3f} s   ours (batched): {ours:.3f} s   ratio ours/official = {ours / off:.2f}x")
+    print(
+        f"retrieval evaluation, {args.preset}, {args.images} images x {args.images * 5} captions, k_test {args.k_test}, "
+        f"{args.threads} threads"
+    )
+    print(
+        f"  official per-query loops: {off:.3f} s   ours (batched): {ours:.3f} s   ratio ours/official = {ours / off:.2f}x"
+    )
 
 
 if __name__ == "__main__":

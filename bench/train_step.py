@@ -39,6 +39,7 @@ model was built: the model, optimizer state and DeepSpeed's buffers count, the s
 peak is reset after set-up, as ``torch.cuda.reset_peak_memory_stats``; on CPU through ``/proc/self/clear_refs``).
 Printed: one row per variant and the ratios against the baseline, all measured in this run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,10 +70,15 @@ def _child(args) -> dict:
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     official = args.variant == "baseline"
-    cfg = model_config(args.preset, [f"attn_impl={'eager' if official else 'sdpa'}",
-                                     f"mlm_projection={'all' if official else 'masked'}",
-                                     f"text_packing={'false' if official else 'true'}",
-                                     f"grad_checkpointing={'true' if args.gc else 'false'}"])  # fmt: skip
+    cfg = model_config(
+        args.preset,
+        [
+            f"attn_impl={'eager' if official else 'sdpa'}",
+            f"mlm_projection={'all' if official else 'masked'}",
+            f"text_packing={'false' if official else 'true'}",
+            f"grad_checkpointing={'true' if args.gc else 'false'}",
+        ],
+    )
     bs = args.batch or BATCH[args.preset]
     if cfg.queue_size % bs:
         cfg.queue_size = bs * max(1, cfg.queue_size // bs)
@@ -129,22 +135,26 @@ def _child(args) -> dict:
 
         import deepspeed
 
-        os.environ.update(RANK=str(args.rank), WORLD_SIZE=str(args.world), LOCAL_RANK=str(args.rank),
-                          MASTER_ADDR="127.0.0.1")  # fmt: skip
+        os.environ.update(
+            RANK=str(args.rank), WORLD_SIZE=str(args.world), LOCAL_RANK=str(args.rank), MASTER_ADDR="127.0.0.1"
+        )
         os.environ.setdefault("MASTER_PORT", str(29600 + os.getpid() % 1000))
         if device.type == "cpu":
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         else:
             torch.cuda.set_device(device)
         if args.world > 1:
-            deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", auto_mpi_discovery=False)
+            deepspeed.init_distributed(
+                dist_backend="gloo" if device.type == "cpu" else "nccl", auto_mpi_discovery=False
+            )
         ds = json.loads((REPO / "ds_configs" / f"zero{args.stage}_{args.precision}.json").read_text())
         ds.update(train_batch_size=bs * args.world, train_micro_batch_size_per_gpu=bs, gradient_accumulation_steps=1)
         from albef.engine.optim import build_optimizer
 
         fp32_momentum = model.momentum_state_fp32() if dtype != torch.float32 else None
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, 1e-5, 0.02, (0.9, 0.999), 1e-8),
-                                               config=ds)  # fmt: skip
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=build_optimizer(model, 1e-5, 0.02, (0.9, 0.999), 1e-8), config=ds
+        )
         if fp32_momentum:
             model.keep_momentum_fp32(fp32_momentum)
         image = image.to(dtype)
@@ -180,13 +190,25 @@ def _child(args) -> dict:
     t = statistics.median(times)
     flops = pretrain_step_flops(cfg, bs, float(mask.sum()) / bs, 0.15 * float(mask[:, 1:].sum()) / bs)
     peak = measured_matmul_peak(dtype if args.variant != "baseline" else torch.float32, device)
-    mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
-        (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # fmt: skip
-    return {"preset": args.preset, "variant": args.label, "batch": bs, "world": args.world, "step_s": t,
-            "pairs_per_s": bs * args.world / t,
-            "tflops_per_step": flops / 1e12, "mfu": flops / t / peak, "peak_tflops": peak / 1e12,
-            "peak_mem_mb": mem, "mem_per_sample_mb": mem / bs,
-            "phases_s": {name: statistics.median(v) for name, v in phases.items()}}  # fmt: skip
+    mem = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    )
+    return {
+        "preset": args.preset,
+        "variant": args.label,
+        "batch": bs,
+        "world": args.world,
+        "step_s": t,
+        "pairs_per_s": bs * args.world / t,
+        "tflops_per_step": flops / 1e12,
+        "mfu": flops / t / peak,
+        "peak_tflops": peak / 1e12,
+        "peak_mem_mb": mem,
+        "mem_per_sample_mb": mem / bs,
+        "phases_s": {name: statistics.median(v) for name, v in phases.items()},
+    }
 
 
 def _run_variant(args, preset, variant, prec, gc, world, label):
@@ -197,11 +219,44 @@ def _run_variant(args, preset, variant, prec, gc, world, label):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             env["MASTER_PORT"] = str(s.getsockname()[1])
-    cmd = [sys.executable, __file__, "--child", "--preset", preset, "--variant", variant, "--precision", prec,
-           "--label", label, "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(threads), "--batch", str(args.batch), "--stage", str(args.stage), "--world", str(world)]
-    procs = [subprocess.Popen(cmd + ["--rank", str(rank)] + ["--gc"] * gc, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for rank in range(world)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--preset",
+        preset,
+        "--variant",
+        variant,
+        "--precision",
+        prec,
+        "--label",
+        label,
+        "--device",
+        args.device,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(threads),
+        "--batch",
+        str(args.batch),
+        "--stage",
+        str(args.stage),
+        "--world",
+        str(world),
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd + ["--rank", str(rank)] + ["--gc"] * gc,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for rank in range(world)
+    ]
     outs = [p.communicate() for p in procs]
     rows = []
     for stdout, stderr in outs:
@@ -223,8 +278,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="threads of each variant in all (shared by its ranks)")
     p.add_argument("--worlds", nargs="+", type=int, default=[1], help="world sizes of the ours-* variants")
-    p.add_argument("--rounds", type=int, default=1, help="run every variant 2 x ROUNDS times (this machine's speed "
-                   "drifts between processes by up to 20%%: more rounds, steadier ratios)")  # fmt: skip
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every variant 2 x ROUNDS times (this machine's speed "
+        "drifts between processes by up to 20%%: more rounds, steadier ratios)",
+    )
     p.add_argument("--batch", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -247,7 +307,10 @@ def main() -> None:
         for world in args.worlds:
             w = f"-w{world}" * (world > 1)
             for prec in args.precisions:
-                variants += [("ours", prec, False, world, f"ours-{prec}{w}"), ("ours", prec, True, world, f"ours-{prec}-gc{w}")]
+                variants += [
+                    ("ours", prec, False, world, f"ours-{prec}{w}"),
+                    ("ours", prec, True, world, f"ours-{prec}-gc{w}"),
+                ]
         order = (variants + variants[::-1]) * args.rounds  # alternating order; keep each variant's fastest run
         best = {}
         for variant, prec, gc, world, label in order:
@@ -255,16 +318,22 @@ def main() -> None:
             if r is not None and (label not in best or r["step_s"] < best[label]["step_s"]):
                 best[label] = r
         base = best.get("baseline-fp32")
-        print(f"\n== {preset} (batch {args.batch or BATCH[preset]} per rank, {args.device}, {args.threads} threads "
-              f"per variant) ==")
-        print(f"{'variant':<16}{'step s':>9}{'pairs/s':>9}{'MFU':>7}{'peak MB':>9}{'MB/pair':>9}{'speed x':>9}{'mem x':>7}"
-              + "".join(f"{name:>7}" for name in PHASES))
+        print(
+            f"\n== {preset} (batch {args.batch or BATCH[preset]} per rank, {args.device}, {args.threads} threads "
+            f"per variant) =="
+        )
+        print(
+            f"{'variant':<16}{'step s':>9}{'pairs/s':>9}{'MFU':>7}{'peak MB':>9}{'MB/pair':>9}{'speed x':>9}{'mem x':>7}"
+            + "".join(f"{name:>7}" for name in PHASES)
+        )
         for label, r in best.items():
             speed = r["pairs_per_s"] / base["pairs_per_s"] if base else float("nan")
             mem = r["mem_per_sample_mb"] / base["mem_per_sample_mb"] if base else float("nan")
-            print(f"{label:<16}{r['step_s']:>9.4f}{r['pairs_per_s']:>9.2f}{r['mfu']:>7.1%}{r['peak_mem_mb']:>9.0f}"
-                  f"{r['mem_per_sample_mb']:>9.1f}{speed:>9.2f}{mem:>7.2f}"
-                  + "".join(f"{r['phases_s'][name]:>7.3f}" for name in PHASES))  # fmt: skip
+            print(
+                f"{label:<16}{r['step_s']:>9.4f}{r['pairs_per_s']:>9.2f}{r['mfu']:>7.1%}{r['peak_mem_mb']:>9.0f}"
+                f"{r['mem_per_sample_mb']:>9.1f}{speed:>9.2f}{mem:>7.2f}"
+                + "".join(f"{r['phases_s'][name]:>7.3f}" for name in PHASES)
+            )
             r.update(speed_vs_baseline=speed, mem_vs_baseline=mem)
             rows.append(r)
     if args.json:

@@ -10,6 +10,7 @@ CPU ms/sample, over http.client 251.6 and 6.26, i.e. 0.88x (four more A/B runs: 
 keeps ``http.client``. Run as ``python bench/urllib3_fetcher.py ARGS``:
 ``python -m data_prep.download ARGS`` with this transport (builds in-process: one ``--processes``).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -43,7 +44,11 @@ def _cause(e: BaseException) -> BaseException:
     seen = set()
     while id(e) not in seen:
         seen.add(id(e))
-        inner = e.__cause__ or e.__context__ or next((a for a in getattr(e, "args", ()) if isinstance(a, BaseException)), None)
+        inner = (
+            e.__cause__
+            or e.__context__
+            or next((a for a in getattr(e, "args", ()) if isinstance(a, BaseException)), None)
+        )
         if inner is None:
             break
         e = inner
@@ -97,12 +102,16 @@ class Urllib3Fetcher(net.Fetcher):
 
     def _read_robots_txt(self, resp: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
         if not 200 <= resp.status < 300:
-            raise net.FetchError("failed_to_download", f"http {resp.status}", resp.status in net._RETRY_HTTP, resp.status)
+            raise net.FetchError(
+                "failed_to_download", f"http {resp.status}", resp.status in net._RETRY_HTTP, resp.status
+            )
         return self._read_body(resp, deadline, net.ROBOTS_TXT_MAX_BYTES, truncate=True)
 
     def _check_and_read(self, resp: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
         if resp.status != 200:
-            raise net.FetchError("failed_to_download", f"http {resp.status}", resp.status in net._RETRY_HTTP, resp.status)
+            raise net.FetchError(
+                "failed_to_download", f"http {resp.status}", resp.status in net._RETRY_HTTP, resp.status
+            )
         if self.opt.respect_robots_tag:
             directive = net.opted_out(resp.headers.getlist("X-Robots-Tag"))
             if directive:
@@ -119,8 +128,7 @@ class Urllib3Fetcher(net.Fetcher):
                 raise net._download_error("too large")
         return data
 
-    def _read_body(self, resp: urllib3.BaseHTTPResponse, deadline: float, limit: int,
-                   truncate: bool = False) -> bytes:
+    def _read_body(self, resp: urllib3.BaseHTTPResponse, deadline: float, limit: int, truncate: bool = False) -> bytes:
         """The body, at most ``limit`` bytes: longer is an error, or with ``truncate`` cut there. Every read is
         bounded by what is left of the attempt's deadline (urllib3's read timeout bounds one read, not the body:
         a server sending a byte a second would otherwise hold the thread)."""
@@ -163,8 +171,9 @@ class Urllib3Fetcher(net.Fetcher):
                 return pool
             common = dict(maxsize=self._pool_size, block=False, retries=False)
             if scheme == "https":
-                pool = urllib3.HTTPSConnectionPool(ip, port, ssl_context=self._ssl, server_hostname=host,
-                                                   assert_hostname=host, **common)
+                pool = urllib3.HTTPSConnectionPool(
+                    ip, port, ssl_context=self._ssl, server_hostname=host, assert_hostname=host, **common
+                )
             else:
                 pool = urllib3.HTTPConnectionPool(ip, port, **common)
             self._pools[key] = pool
@@ -172,8 +181,9 @@ class Urllib3Fetcher(net.Fetcher):
                 self._pools.popitem(last=False)[1].close()
         return pool
 
-    def _request(self, scheme: str, host: str, port: int, ip: str, path: str,
-                 deadline: float) -> urllib3.BaseHTTPResponse:
+    def _request(
+        self, scheme: str, host: str, port: int, ip: str, path: str, deadline: float
+    ) -> urllib3.BaseHTTPResponse:
         pool = self._pool(scheme, host, port, ip)
         default = 443 if scheme == "https" else 80
         name = f"[{host}]" if ":" in host else host
@@ -181,9 +191,18 @@ class Urllib3Fetcher(net.Fetcher):
         for fresh_try in (True, False):
             remaining = _remaining(deadline)
             try:
-                return pool.urlopen("GET", path, headers=headers, retries=False, redirect=False,
-                                    assert_same_host=False, preload_content=False, decode_content=False,
-                                    release_conn=False, timeout=urllib3.Timeout(connect=remaining, read=remaining))
+                return pool.urlopen(
+                    "GET",
+                    path,
+                    headers=headers,
+                    retries=False,
+                    redirect=False,
+                    assert_same_host=False,
+                    preload_content=False,
+                    decode_content=False,
+                    release_conn=False,
+                    timeout=urllib3.Timeout(connect=remaining, read=remaining),
+                )
             except (urllib3.exceptions.TimeoutError, socket.timeout, TimeoutError):
                 raise net._download_error("timeout", True) from None
             except urllib3.exceptions.SSLError as e:
@@ -194,8 +213,9 @@ class Urllib3Fetcher(net.Fetcher):
                 raise net._download_error(f"connection error ({type(cause).__name__})", True) from None
             except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as e:
                 cause = _cause(e)
-                if fresh_try and isinstance(cause, (http.client.RemoteDisconnected, BrokenPipeError,
-                                                    ConnectionResetError)):
+                if fresh_try and isinstance(
+                    cause, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+                ):
                     continue  # a kept-alive connection the server had closed: one more try, not counted
                 if isinstance(cause, (socket.timeout, TimeoutError)):
                     raise net._download_error("timeout", True) from None

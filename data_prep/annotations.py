@@ -17,6 +17,7 @@ images, not over (image, caption) pairs. Relative image paths are resolved again
 unreadable images get status ``missing_image``; the image options, sharding, resume, worker split, content dedup
 and manifest are those of data_prep.download.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,10 @@ def detect_format(data, path: Path) -> str:
             return "albef"
         if "regions" in data[0]:
             return "vg"
-    raise ValueError(f"{path}: not an ALBEF, COCO-captions or VG region-descriptions file "
-                     f"(expected a list of {{'image', 'caption'}}, {{'images', 'annotations'}} or {{'id', 'regions'}})")
+    raise ValueError(
+        f"{path}: not an ALBEF, COCO-captions or VG region-descriptions file "
+        f"(expected a list of {{'image', 'caption'}}, {{'images', 'annotations'}} or {{'id', 'regions'}})"
+    )
 
 
 def _entries(data, fmt: str, path: Path):
@@ -124,18 +127,28 @@ class LocalProcessor:
         except SampleError as e:
             return pipeline.Outcome(e.status, str(e))
         sha = hashlib.sha256(data).digest()
-        meta = {"image": row["image"], "caption": row["caption"], "sha256": sha.hex(), "width": image.width,
-                "height": image.height, "original_width": image.original_width,
-                "original_height": image.original_height}
+        meta = {
+            "image": row["image"],
+            "caption": row["caption"],
+            "sha256": sha.hex(),
+            "width": image.width,
+            "height": image.height,
+            "original_width": image.original_width,
+            "original_height": image.original_height,
+        }
         if row["extra"]:
             meta["extra"] = row["extra"]
-        return pipeline.Outcome("success", image=image.data, caption=row["caption"], meta=meta,
-                                content_hash=pipeline.content_hash(sha))
+        return pipeline.Outcome(
+            "success", image=image.data, caption=row["caption"], meta=meta, content_hash=pipeline.content_hash(sha)
+        )
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m data_prep.annotations", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.annotations",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("annotations", nargs="+", help="annotation JSON files, read in this order")
     p.add_argument("--image-root", required=True, help="folder that relative image paths start from")
     p.add_argument("--format", choices=ANNOTATION_FORMATS, default="auto", help="(default %(default)s)")
@@ -154,9 +167,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = {"annotations": [[str(f.resolve()), f.stat().st_size] for f in files], "format": args.format,
-                "image_root": str(Path(args.image_root).resolve()), "image": asdict(image)}
-    job = make_job(args, "annotations", settings, lambda key_only: iter(rows), LocalProcessor(args.image_root, image, limits))
+    settings = {
+        "annotations": [[str(f.resolve()), f.stat().st_size] for f in files],
+        "format": args.format,
+        "image_root": str(Path(args.image_root).resolve()),
+        "image": asdict(image),
+    }
+    job = make_job(
+        args, "annotations", settings, lambda key_only: iter(rows), LocalProcessor(args.image_root, image, limits)
+    )
     pipeline.run(job)
     return 0
 

@@ -27,6 +27,7 @@ recursively, sorted). For each ``<img>``:
 Output: parquet or jsonl (``.gz`` allowed), chosen by the ``--output`` suffix, with columns ``url``, ``caption``
 (the alt text, whitespace collapsed) and ``page_url``. The end-of-run line counts pages, images and drops by reason.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,17 +48,70 @@ from tqdm import tqdm
 
 from data_prep.net import AGENT_TOKEN, opted_out
 
-DEFAULT_BANNED = frozenset({
-    "image", "images", "photo", "picture", "img", "logo", "icon", "thumbnail", "thumb", "placeholder", "spacer",
-    "blank", "untitled", "banner", "avatar", "loading", "advertisement", "no image", "no photo",
-    "image not found", "no image available", "image not available", "photo not available", "image coming soon",
-    "coming soon", "click here", "click to enlarge", "read more", "profile picture", "default image",
-    "placeholder image", "image placeholder", "alt text", "featured image", "image description",
-})
+DEFAULT_BANNED = frozenset(
+    {
+        "image",
+        "images",
+        "photo",
+        "picture",
+        "img",
+        "logo",
+        "icon",
+        "thumbnail",
+        "thumb",
+        "placeholder",
+        "spacer",
+        "blank",
+        "untitled",
+        "banner",
+        "avatar",
+        "loading",
+        "advertisement",
+        "no image",
+        "no photo",
+        "image not found",
+        "no image available",
+        "image not available",
+        "photo not available",
+        "image coming soon",
+        "coming soon",
+        "click here",
+        "click to enlarge",
+        "read more",
+        "profile picture",
+        "default image",
+        "placeholder image",
+        "image placeholder",
+        "alt text",
+        "featured image",
+        "image description",
+    }
+)
 _FILENAME_ALT = re.compile(r"^[\w\-. ]+\.(jpe?g|png|gif|webp|bmp|svg|tiff?)$", re.I)
 _CAMERA_ALT = re.compile(r"^(img|dsc|dscn|dscf|pict|photo|image|screenshot)[\s_-]*\d+$", re.I)
-_NON_IMAGE_EXT = frozenset({"svg", "svgz", "ico", "js", "css", "html", "htm", "xml", "json", "pdf", "txt", "swf",
-                            "mp4", "webm", "mov", "mp3", "wav", "zip", "gz"})
+_NON_IMAGE_EXT = frozenset(
+    {
+        "svg",
+        "svgz",
+        "ico",
+        "js",
+        "css",
+        "html",
+        "htm",
+        "xml",
+        "json",
+        "pdf",
+        "txt",
+        "swf",
+        "mp4",
+        "webm",
+        "mov",
+        "mp3",
+        "wav",
+        "zip",
+        "gz",
+    }
+)
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
 _HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([\w-]+)""", re.I)
@@ -166,8 +220,9 @@ def _declared_too_small(attrs: Dict[str, str], minimum: int) -> bool:
 
 # Scripts written without spaces between words, whose characters each count as a word: CJK ideographs
 # (unified, extension A, compatibility), hiragana, katakana (and its phonetic extensions, half-width forms).
-_CJK_CHAR = re.compile("[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"
-                       "\U00020000-\U0002fa1f]")
+_CJK_CHAR = re.compile(
+    "[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0002fa1f]"
+)
 
 _WORD_CHAR = re.compile(r"[^\W_]")  # a letter or digit of any script (not punctuation such as "。")
 
@@ -195,8 +250,9 @@ def _caption_problem(alt: str, opt: CrawlFilter) -> Optional[str]:
     return None
 
 
-def extract_pairs(html: str, page_url: Optional[str], opt: CrawlFilter, counts: Counter,
-                  x_robots_tag: Sequence[str] = ()) -> Iterator[Tuple[str, str]]:
+def extract_pairs(
+    html: str, page_url: Optional[str], opt: CrawlFilter, counts: Counter, x_robots_tag: Sequence[str] = ()
+) -> Iterator[Tuple[str, str]]:
     """(absolute image URL, alt text) of the usable <img> tags of one page; drops are counted in ``counts``.
     ``x_robots_tag``: the page's X-Robots-Tag header values (WARC responses)."""
     parser = _ImageTags()
@@ -253,8 +309,11 @@ def find_inputs(inputs: List[str]) -> List[Tuple[Path, Path]]:
     for item in inputs:
         root = Path(item)
         if root.is_dir():
-            found += [(p, root) for p in sorted(root.rglob("*"))
-                      if p.is_file() and (_is_warc(p) or p.suffix.lower() in _HTML_SUFFIXES)]
+            found += [
+                (p, root)
+                for p in sorted(root.rglob("*"))
+                if p.is_file() and (_is_warc(p) or p.suffix.lower() in _HTML_SUFFIXES)
+            ]
         elif root.is_file():
             found.append((root, root.parent))
         else:
@@ -277,15 +336,19 @@ def _warc_pages(path: Path, bar: tqdm) -> Iterator[Tuple[Optional[str], str, Lis
                 if status and status.startswith("2") and ctype.split(";")[0].strip().lower() in _HTML_TYPES:
                     body = record.content_stream().read()
                     url = (record.rec_headers.get_header("WARC-Target-URI") or "").strip("<> ") or None
-                    robots = [v for k, v in headers.headers if k.lower() == "x-robots-tag"] \
-                        if record.rec_type == "response" else []
+                    robots = (
+                        [v for k, v in headers.headers if k.lower() == "x-robots-tag"]
+                        if record.rec_type == "response"
+                        else []
+                    )
                     yield url, _decode(body, ctype), robots
             bar.update(f.tell() - position)
             position = f.tell()
 
 
-def iter_pages(files: List[Tuple[Path, Path]], base_url: Optional[str],
-               bar: tqdm) -> Iterator[Tuple[Optional[str], str, str, List[str]]]:
+def iter_pages(
+    files: List[Tuple[Path, Path]], base_url: Optional[str], bar: tqdm
+) -> Iterator[Tuple[Optional[str], str, str, List[str]]]:
     """(page URL for resolving or None, page URL to record, HTML text, X-Robots-Tag values) for every page."""
     for path, root in files:
         if _is_warc(path):
@@ -317,8 +380,11 @@ class PairWriter:
             self.schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("page_url", pa.string())])
             self._writer = pq.ParquetWriter(self.tmp, self.schema)
         else:
-            self._file = gzip.open(self.tmp, "wt", encoding="utf-8") if name.endswith(".gz") else \
-                open(self.tmp, "w", encoding="utf-8")
+            self._file = (
+                gzip.open(self.tmp, "wt", encoding="utf-8")
+                if name.endswith(".gz")
+                else open(self.tmp, "w", encoding="utf-8")
+            )
 
     def write(self, url: str, caption: str, page_url: str) -> None:
         self.rows.append({"url": url, "caption": caption, "page_url": page_url})
@@ -341,8 +407,9 @@ class PairWriter:
         self.tmp.replace(self.path)  # no half-written list under the final name
 
 
-def run(inputs: List[str], output: Path, opt: CrawlFilter, base_url: Optional[str] = None,
-        progress: bool = True) -> Counter:
+def run(
+    inputs: List[str], output: Path, opt: CrawlFilter, base_url: Optional[str] = None, progress: bool = True
+) -> Counter:
     files = find_inputs(inputs)
     counts: Counter = Counter()
     seen: Set[int] = set()
@@ -362,33 +429,50 @@ def run(inputs: List[str], output: Path, opt: CrawlFilter, base_url: Optional[st
                 writer.write(url, alt, page_url)
             bar.set_postfix(pairs=counts["pairs"], refresh=False)
     writer.close()
-    dropped = " ".join(f"{k}={v}" for k, v in sorted(counts.items())
-                       if k not in ("pages", "images", "pairs", "pages_opted_out"))
+    dropped = " ".join(
+        f"{k}={v}" for k, v in sorted(counts.items()) if k not in ("pages", "images", "pairs", "pages_opted_out")
+    )
     opted = f" | {counts['pages_opted_out']} pages opted out (noai, ...)" if counts["pages_opted_out"] else ""
-    print(f"data_prep.crawl: {len(files)} files, {counts['pages']} pages, {counts['images']} images -> "
-          f"{counts['pairs']} pairs in {output} ({time.monotonic() - start:.1f}s) | dropped: {dropped or 'none'}"
-          f"{opted}")
+    print(
+        f"data_prep.crawl: {len(files)} files, {counts['pages']} pages, {counts['images']} images -> "
+        f"{counts['pairs']} pairs in {output} ({time.monotonic() - start:.1f}s) | dropped: {dropped or 'none'}"
+        f"{opted}"
+    )
     return counts
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.crawl", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.crawl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("inputs", nargs="+", help="WARC files, HTML files, or folders of them")
     p.add_argument("--output", "-o", required=True, type=Path, help=".parquet, .jsonl or .jsonl.gz")
     p.add_argument("--base-url", default=None, help="URL of the input folder, for relative links in HTML files")
     d = CrawlFilter()
     p.add_argument("--min-words", type=int, default=d.min_words, help="(default %(default)s)")
     p.add_argument("--max-words", type=int, default=d.max_words, help="(default %(default)s)")
-    p.add_argument("--min-declared-size", type=int, default=d.min_declared_size,
-                   help="drop <img> whose width/height attribute is below this (default %(default)s)")
+    p.add_argument(
+        "--min-declared-size",
+        type=int,
+        default=d.min_declared_size,
+        help="drop <img> whose width/height attribute is below this (default %(default)s)",
+    )
     p.add_argument("--ban", action="append", default=[], help="another placeholder alt text to drop (repeatable)")
-    p.add_argument("--ignore-robots-meta", dest="respect_opt_outs", action="store_false",
-                   help="keep the images of pages whose <meta name=robots> or X-Robots-Tag opts out (noai, ...)")
+    p.add_argument(
+        "--ignore-robots-meta",
+        dest="respect_opt_outs",
+        action="store_false",
+        help="keep the images of pages whose <meta name=robots> or X-Robots-Tag opts out (noai, ...)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
-    opt = CrawlFilter(args.min_words, args.max_words, args.min_declared_size,
-                      DEFAULT_BANNED | {b.lower().strip() for b in args.ban}, args.respect_opt_outs)
+    opt = CrawlFilter(
+        args.min_words,
+        args.max_words,
+        args.min_declared_size,
+        DEFAULT_BANNED | {b.lower().strip() for b in args.ban},
+        args.respect_opt_outs,
+    )
     try:
         run(args.inputs, args.output, opt, args.base_url, args.progress)
     except ValueError as e:

@@ -11,6 +11,7 @@ columns are kept under ``extra`` in each sample's json. Output (see data_prep/RE
 (the first row wins); a rerun resumes; N workers (``--num-workers/--worker-id`` or a SLURM array) give the same
 shards as one. Fetching and image options: ``--help``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,13 +54,20 @@ class DownloadProcessor:
             image = process_image(data, self.image, self._budget, self.limits)
         except SampleError as e:  # a fetch error that retries could cure is "transient": --retry-failed redoes it
             return pipeline.Outcome(e.status, str(e), transient=bool(getattr(e, "retryable", False)))
-        meta = {"url": row["url"], "caption": row["caption"], "sha256": sha.hex(), "width": image.width,
-                "height": image.height, "original_width": image.original_width,
-                "original_height": image.original_height}
+        meta = {
+            "url": row["url"],
+            "caption": row["caption"],
+            "sha256": sha.hex(),
+            "width": image.width,
+            "height": image.height,
+            "original_width": image.original_width,
+            "original_height": image.original_height,
+        }
         if row["extra"]:
             meta["extra"] = row["extra"]
-        return pipeline.Outcome("success", image=image.data, caption=row["caption"], meta=meta,
-                                content_hash=pipeline.content_hash(sha))
+        return pipeline.Outcome(
+            "success", image=image.data, caption=row["caption"], meta=meta, content_hash=pipeline.content_hash(sha)
+        )
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,15 +75,27 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output and parallelism")
     g.add_argument("--output", "-o", required=True, help="dataset folder (created; rerun the same command to resume)")
     g.add_argument("--shard-size", type=int, default=10_000, help="input rows per shard (default %(default)s)")
-    g.add_argument("--num-workers", type=int, default=None,
-                   help="number of workers sharing the job (default: $SLURM_ARRAY_TASK_COUNT or 1)")
-    g.add_argument("--worker-id", type=int, default=None,
-                   help="this worker, 0-based: owns shards i with i %% num_workers == worker_id "
-                        "(default: from $SLURM_ARRAY_TASK_ID, else 0)")
-    g.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)),
-                   help="processes of this worker (default: one per CPU it may use, here %(default)s; one "
-                        "process keeps ~1.5 cores busy, as Pillow and hashlib release the GIL, and two measured "
-                        "faster than one on 2 CPUs once a process started in 0.2 s instead of 3 s)")
+    g.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="number of workers sharing the job (default: $SLURM_ARRAY_TASK_COUNT or 1)",
+    )
+    g.add_argument(
+        "--worker-id",
+        type=int,
+        default=None,
+        help="this worker, 0-based: owns shards i with i %% num_workers == worker_id "
+        "(default: from $SLURM_ARRAY_TASK_ID, else 0)",
+    )
+    g.add_argument(
+        "--processes",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="processes of this worker (default: one per CPU it may use, here %(default)s; one "
+        "process keeps ~1.5 cores busy, as Pillow and hashlib release the GIL, and two measured "
+        "faster than one on 2 CPUs once a process started in 0.2 s instead of 3 s)",
+    )
     g.add_argument("--threads", type=int, default=64, help="threads per process (default %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -84,9 +104,20 @@ def make_job(args: argparse.Namespace, step: str, settings: Dict, rows, processo
     if args.shard_size < 1 or args.processes < 1 or args.threads < 1:
         raise SystemExit("--shard-size, --processes and --threads must be at least 1")
     num_workers, worker_id = pipeline.worker_split(args.num_workers, args.worker_id)
-    return pipeline.Job(out_dir=Path(args.output), step=step, settings=settings, rows=rows, processor=processor,
-                        dedup_key=dedup_key, shard_size=args.shard_size, num_workers=num_workers,
-                        worker_id=worker_id, processes=args.processes, threads=args.threads, progress=args.progress)
+    return pipeline.Job(
+        out_dir=Path(args.output),
+        step=step,
+        settings=settings,
+        rows=rows,
+        processor=processor,
+        dedup_key=dedup_key,
+        shard_size=args.shard_size,
+        num_workers=num_workers,
+        worker_id=worker_id,
+        processes=args.processes,
+        threads=args.threads,
+        progress=args.progress,
+    )
 
 
 def _url_key(row: Dict) -> Optional[str]:
@@ -99,24 +130,34 @@ def _names(value: Optional[str]) -> Optional[tuple]:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m data_prep.download", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.download", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("inputs", nargs="+", help="list files or folders of list files")
     g = p.add_argument_group("input")
     g.add_argument("--input-format", choices=FORMATS, default=None, help="default: from each file name")
     g.add_argument("--url-col", default="url", help="URL column (default %(default)s)")
     g.add_argument("--caption-col", default="caption", help="caption column; '' for none (default %(default)s)")
-    g.add_argument("--extra-cols", default="all",
-                   help="other columns to keep in the json: all, none, or a comma list (default %(default)s)")
+    g.add_argument(
+        "--extra-cols",
+        default="all",
+        help="other columns to keep in the json: all, none, or a comma list (default %(default)s)",
+    )
     g.add_argument("--columns", default=None, help="column names of header-less csv/tsv, e.g. caption,url (CC3M)")
-    g.add_argument("--sha256-col", default=None,
-                   help="column with the expected sha256 (hex) of each image's bytes (DataComp-style lists); a "
-                        "different download gets status hash_mismatch; empty cells are not checked")
+    g.add_argument(
+        "--sha256-col",
+        default=None,
+        help="column with the expected sha256 (hex) of each image's bytes (DataComp-style lists); a "
+        "different download gets status hash_mismatch; empty cells are not checked",
+    )
     add_run_arguments(p)
-    p.add_argument("--retry-failed", action="store_true",
-                   help="on a finished dataset: fetch again the rows whose failure was transient (timeout, 5xx, "
-                        "429, connection, DNS, robots.txt unreachable) and rewrite only the shards that change; "
-                        "same inputs and settings as the run")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="on a finished dataset: fetch again the rows whose failure was transient (timeout, 5xx, "
+        "429, connection, DNS, robots.txt unreachable) and rewrite only the shards that change; "
+        "same inputs and settings as the run",
+    )
     FetchOptions.add_arguments(p)
     ImageOptions.add_arguments(p)
     return p.parse_args(argv)
@@ -127,19 +168,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         files = resolve_inputs(args.inputs, args.input_format)
         extra = {"all": None, "none": ()}.get(args.extra_cols, _names(args.extra_cols))
-        spec = ListSpec(files=tuple(str(f) for f in files), input_format=args.input_format, url_col=args.url_col,
-                        caption_col=args.caption_col or None, extra_cols=extra, columns=_names(args.columns),
-                        sha256_col=args.sha256_col or None)
+        spec = ListSpec(
+            files=tuple(str(f) for f in files),
+            input_format=args.input_format,
+            url_col=args.url_col,
+            caption_col=args.caption_col or None,
+            extra_cols=extra,
+            columns=_names(args.columns),
+            sha256_col=args.sha256_col or None,
+        )
         image = ImageOptions.from_args(args)
         limits = DecodeLimits.from_args(args)
         fetch = FetchOptions.from_args(args)
     except (InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = {"inputs": [[str(f.resolve()), f.stat().st_size] for f in files],
-                "list": {k: v for k, v in asdict(spec).items() if k != "files"}, "image": asdict(image)}
-    job = make_job(args, "download", settings, lambda key_only: iter_rows(spec, url_only=key_only),
-                   DownloadProcessor(fetch, image, limits), dedup_key=_url_key)
+    settings = {
+        "inputs": [[str(f.resolve()), f.stat().st_size] for f in files],
+        "list": {k: v for k, v in asdict(spec).items() if k != "files"},
+        "image": asdict(image),
+    }
+    job = make_job(
+        args,
+        "download",
+        settings,
+        lambda key_only: iter_rows(spec, url_only=key_only),
+        DownloadProcessor(fetch, image, limits),
+        dedup_key=_url_key,
+    )
     try:
         (pipeline.retry_failed if args.retry_failed else pipeline.run)(job)
     except InputError as e:

@@ -17,6 +17,7 @@ ITM in [0, 1]) and a ``manifest.json`` naming the thresholds and the checkpoint.
 skipped on a rerun; ranks from torchrun/SLURM take every world-th shard, and the rank that finds every shard
 written writes the manifest.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ def judge(itc: np.ndarray, itm: np.ndarray, capfilt: bool, min_itc: float, min_i
     return best, None
 
 
-def filter_shard(path: Path, out_dir: Path, index: int, scorer, capfilt: bool, min_itc: float, min_itm: float,
-                 bar=None) -> Dict:  # fmt: skip
+def filter_shard(
+    path: Path, out_dir: Path, index: int, scorer, capfilt: bool, min_itc: float, min_itm: float, bar=None
+) -> Dict:
     """Score and filter one input shard into output shard ``index``; returns its stats."""
     from albef.data.samples import IMAGE_EXTENSIONS  # (albef.data imports torch: only once a model is in use)
 
@@ -72,21 +74,31 @@ def filter_shard(path: Path, out_dir: Path, index: int, scorer, capfilt: bool, m
                 dropped[reason] += 1
                 continue
             meta = json.loads(members["json"]) if "json" in members else {}
-            meta["albef_filter"] = {"itc": round(float(itc[best]), 6), "itm": round(float(itm[best]), 6),
-                                    "caption": best}  # fmt: skip
+            meta["albef_filter"] = {
+                "itc": round(float(itc[best]), 6),
+                "itm": round(float(itm[best]), 6),
+                "caption": best,
+            }
             replaced += capfilt and best != 0
             writer.write(key, members[ext], [lines[best]] if capfilt else lines, meta, ext)
-        stats = {"input_samples": len(samples) + unreadable, "kept": writer.num_samples, "dropped": dropped,
-                 "capfilt_replaced": int(replaced),
-                 "hist": {"itc": np.histogram(judged_itc, BINS, (-1.0, 1.0))[0].tolist(),
-                          "itm": np.histogram(judged_itm, BINS, (0.0, 1.0))[0].tolist()}}  # fmt: skip
+        stats = {
+            "input_samples": len(samples) + unreadable,
+            "kept": writer.num_samples,
+            "dropped": dropped,
+            "capfilt_replaced": int(replaced),
+            "hist": {
+                "itc": np.histogram(judged_itc, BINS, (-1.0, 1.0))[0].tolist(),
+                "itm": np.histogram(judged_itm, BINS, (0.0, 1.0))[0].tolist(),
+            },
+        }
         writer.commit(stats)
     return stats
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.filter", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.filter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("input", type=Path, help="a shard folder with manifest.json (data_prep's output)")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--min-itc", type=float, default=-1.0, help="lowest ITC cosine similarity kept (-1: no limit)")
@@ -117,23 +129,40 @@ def main(argv: Optional[List[str]] = None) -> int:
         return embed_part(rows, model, preprocess, tokenizer, "score", a.batch_size, a.workers, device, dtype)
 
     t0 = time.time()
-    bar = tqdm(total=sum(shards[i]["num_samples"] for i in mine), unit="sample", desc="filter", file=sys.stderr,
-               disable=a.no_progress or env.rank != 0, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=sum(shards[i]["num_samples"] for i in mine),
+        unit="sample",
+        desc="filter",
+        file=sys.stderr,
+        disable=a.no_progress or env.rank != 0,
+        dynamic_ncols=True,
+    )
     for i in mine:
         filter_shard(a.input / shards[i]["name"], a.output, i, scorer, a.capfilt, a.min_itc, a.min_itm, bar)
     bar.close()
     if len(finished_shards(a.output)) == len(shards):
-        settings = {"checkpoint": str(a.checkpoint), "input": str(a.input.resolve()), "min_itc": a.min_itc,
-                    "min_itm": a.min_itm, "capfilt": a.capfilt}  # fmt: skip
+        settings = {
+            "checkpoint": str(a.checkpoint),
+            "input": str(a.input.resolve()),
+            "min_itc": a.min_itc,
+            "min_itm": a.min_itm,
+            "capfilt": a.capfilt,
+        }
         manifest = write_manifest(a.output, {"filter": settings})
         total = merge_stats(a.output)
         dropped = ", ".join(f"{k[8:]} {v}" for k, v in sorted(total.items()) if k.startswith("dropped.") and v)
-        print(f"data_prep.filter: kept {manifest['num_samples']} of {total.get('input_samples', 0)} samples "
-              f"({dropped or 'none dropped'}; {total.get('capfilt_replaced', 0)} captions replaced) in "
-              f"{time.time() - t0:.1f}s -> {a.output}", flush=True)  # fmt: skip
+        print(
+            f"data_prep.filter: kept {manifest['num_samples']} of {total.get('input_samples', 0)} samples "
+            f"({dropped or 'none dropped'}; {total.get('capfilt_replaced', 0)} captions replaced) in "
+            f"{time.time() - t0:.1f}s -> {a.output}",
+            flush=True,
+        )
     else:
-        print(f"data_prep.filter rank {env.rank}: {len(mine)} shard(s) written; waiting for the other ranks' shards "
-              "before the manifest", flush=True)  # fmt: skip
+        print(
+            f"data_prep.filter rank {env.rank}: {len(mine)} shard(s) written; waiting for the other ranks' shards "
+            "before the manifest",
+            flush=True,
+        )
     return 0
 
 

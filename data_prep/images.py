@@ -23,6 +23,7 @@ shared by the process's threads admits an image only while the decoded pixels in
 ``decode_timeout`` seconds is abandoned (status ``failed_to_decode``, "decode timeout"). Pillow's own process-wide
 bomb limit stays on, at ``max_image_pixels``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,25 +88,49 @@ class ImageOptions:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         d = ImageOptions()
         g = parser.add_argument_group("image processing")
-        g.add_argument("--image-size", type=int, default=d.image_size,
-                       help="target size in pixels (default %(default)s)")
-        g.add_argument("--resize-mode", choices=RESIZE_MODES, default=d.resize_mode,
-                       help="keep_ratio: scale so --resize-side becomes --image-size; center_crop: square crop; "
-                            "border: square with white borders; no: keep the size (default %(default)s)")
-        g.add_argument("--resize-side", choices=RESIZE_SIDES, default=d.resize_side,
-                       help="which side keep_ratio scales to --image-size (default %(default)s)")
+        g.add_argument(
+            "--image-size", type=int, default=d.image_size, help="target size in pixels (default %(default)s)"
+        )
+        g.add_argument(
+            "--resize-mode",
+            choices=RESIZE_MODES,
+            default=d.resize_mode,
+            help="keep_ratio: scale so --resize-side becomes --image-size; center_crop: square crop; "
+            "border: square with white borders; no: keep the size (default %(default)s)",
+        )
+        g.add_argument(
+            "--resize-side",
+            choices=RESIZE_SIDES,
+            default=d.resize_side,
+            help="which side keep_ratio scales to --image-size (default %(default)s)",
+        )
         g.add_argument("--resize-only-if-bigger", action="store_true", help="never upscale")
         g.add_argument("--quality", type=int, default=d.quality, help="JPEG quality (default %(default)s)")
-        g.add_argument("--min-image-size", type=int, default=d.min_image_size,
-                       help="drop images whose shortest side is smaller (status filtered; default %(default)s)")
-        g.add_argument("--max-aspect-ratio", type=float, default=d.max_aspect_ratio,
-                       help="drop images with longer/shorter side above this (status filtered; 0: no limit; "
-                            "default %(default)s)")
-        g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
-                       help="decompression-bomb guard: refuse images with more pixels (default %(default)s)")
-        g.add_argument("--max-output-pixels", type=int, default=d.max_output_pixels,
-                       help="drop images whose resized output would have more pixels (status filtered; default: "
-                            "max-aspect-ratio x image-size^2, none with --resize-mode no)")
+        g.add_argument(
+            "--min-image-size",
+            type=int,
+            default=d.min_image_size,
+            help="drop images whose shortest side is smaller (status filtered; default %(default)s)",
+        )
+        g.add_argument(
+            "--max-aspect-ratio",
+            type=float,
+            default=d.max_aspect_ratio,
+            help="drop images with longer/shorter side above this (status filtered; 0: no limit; default %(default)s)",
+        )
+        g.add_argument(
+            "--max-image-pixels",
+            type=int,
+            default=d.max_image_pixels,
+            help="decompression-bomb guard: refuse images with more pixels (default %(default)s)",
+        )
+        g.add_argument(
+            "--max-output-pixels",
+            type=int,
+            default=d.max_output_pixels,
+            help="drop images whose resized output would have more pixels (status filtered; default: "
+            "max-aspect-ratio x image-size^2, none with --resize-mode no)",
+        )
         DecodeLimits.add_arguments(g)
 
     @classmethod
@@ -129,12 +154,19 @@ class DecodeLimits:
     @staticmethod
     def add_arguments(g) -> None:
         d = DecodeLimits()
-        g.add_argument("--max-pixels-in-flight", type=int, default=d.max_pixels_in_flight,
-                       help="per process: decoded pixels all threads may hold at once; an image waits until it "
-                            "fits (one image alone always does; default %(default)s, about 1-2 GB)")
-        g.add_argument("--decode-timeout", type=float, default=d.decode_timeout,
-                       help="seconds one image may take to decode and resize (status failed_to_decode; "
-                            "default %(default)s)")
+        g.add_argument(
+            "--max-pixels-in-flight",
+            type=int,
+            default=d.max_pixels_in_flight,
+            help="per process: decoded pixels all threads may hold at once; an image waits until it "
+            "fits (one image alone always does; default %(default)s, about 1-2 GB)",
+        )
+        g.add_argument(
+            "--decode-timeout",
+            type=float,
+            default=d.decode_timeout,
+            help="seconds one image may take to decode and resize (status failed_to_decode; default %(default)s)",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DecodeLimits":
@@ -234,8 +266,9 @@ def _output_size(ow: int, oh: int, scale: float, opt: ImageOptions) -> Tuple[Tup
     return size, size[0] * size[1]
 
 
-def process_image(data: bytes, opt: ImageOptions, budget: Optional[PixelBudget] = None,
-                  limits: DecodeLimits = DecodeLimits()) -> ProcessedImage:
+def process_image(
+    data: bytes, opt: ImageOptions, budget: Optional[PixelBudget] = None, limits: DecodeLimits = DecodeLimits()
+) -> ProcessedImage:
     source = _DeadlineReader(data)
     try:
         im = Image.open(source)

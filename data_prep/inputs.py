@@ -10,6 +10,7 @@ columns (all of them, none, or a chosen list). Captions are made single-line (wh
 because the shard format stores several captions one per line. Bad input raises ``InputError`` naming the file,
 line or column.
 """
+
 from __future__ import annotations
 
 import csv
@@ -199,5 +200,6 @@ def iter_rows(spec: ListSpec, url_only: bool = False) -> Iterator[Dict[str, Any]
         except InputError:
             raise
         except Exception as e:  # gzip/csv/pyarrow/unicode errors: say which file
-            raise InputError(f"{path}: cannot read as a {file_format(path, spec.input_format)[0]} list: "
-                             f"{type(e).__name__}: {e}") from e
+            raise InputError(
+                f"{path}: cannot read as a {file_format(path, spec.input_format)[0]} list: {type(e).__name__}: {e}"
+            ) from e

@@ -13,6 +13,7 @@ full length, send fewer bytes, close), ``stall`` (send headers and a few bytes, 
 ``gate`` (a threading.Event the request waits for). Keep-alive is on, one thread per connection. Not a CLI.
 ``LoopbackServer(routes, tls=(certfile, keyfile))`` serves HTTPS instead (``url()`` then says ``https://``).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,9 +26,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg",
-          "ihc.png", "motorcycle_left.png", "camera.png", "brick.png")
+PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "camera.png",
+    "brick.png",
+)
 
 
 def real_photos() -> Dict[str, bytes]:
@@ -147,8 +157,13 @@ class LoopbackServer:
                     self.close_connection = True
                     return
                 if route.truncate_to is not None:
-                    self._send(route.status, route.body[:route.truncate_to], route.content_type, route.headers,
-                               len(route.body))
+                    self._send(
+                        route.status,
+                        route.body[: route.truncate_to],
+                        route.content_type,
+                        route.headers,
+                        len(route.body),
+                    )
                     self.close_connection = True
                     return
                 self._send(route.status, route.body, route.content_type, route.headers)

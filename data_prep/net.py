@@ -29,6 +29,7 @@ and +0.7 CPU ms per sample in ``bench/data_prep.py --with-urllib3``. urllib3 wou
 its redirects and retries must be off (each hop needs the address and robots.txt checks and the https->http rule),
 and its read timeout bounds one read, not the body, so the deadline loop stays ours either way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,8 +93,9 @@ class FetchOptions:
             try:
                 networks.append(ipaddress.ip_network(str(cidr).strip(), strict=False))
             except ValueError:
-                raise ValueError(f"--allow-network {cidr!r} is not a network (expected a CIDR such as "
-                                 "127.0.0.0/8 or fd00::/8)") from None
+                raise ValueError(
+                    f"--allow-network {cidr!r} is not a network (expected a CIDR such as 127.0.0.0/8 or fd00::/8)"
+                ) from None
         object.__setattr__(self, "_networks", tuple(networks))
         if self.ca_bundle is not None and not Path(self.ca_bundle).is_file():
             raise ValueError(f"--ca-bundle {self.ca_bundle!r}: no such file")
@@ -110,26 +112,55 @@ class FetchOptions:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         d = FetchOptions()
         g = parser.add_argument_group("fetching")
-        g.add_argument("--timeout", type=float, default=d.timeout,
-                       help="seconds per attempt: connect + headers + body (default %(default)s)")
-        g.add_argument("--retries", type=int, default=d.retries,
-                       help="extra attempts after a timeout, connection error, truncated body, 429 or 5xx "
-                            "(default %(default)s)")
-        g.add_argument("--backoff", type=float, default=d.backoff,
-                       help="seconds before the first retry, doubled each time (default %(default)s)")
+        g.add_argument(
+            "--timeout",
+            type=float,
+            default=d.timeout,
+            help="seconds per attempt: connect + headers + body (default %(default)s)",
+        )
+        g.add_argument(
+            "--retries",
+            type=int,
+            default=d.retries,
+            help="extra attempts after a timeout, connection error, truncated body, 429 or 5xx (default %(default)s)",
+        )
+        g.add_argument(
+            "--backoff",
+            type=float,
+            default=d.backoff,
+            help="seconds before the first retry, doubled each time (default %(default)s)",
+        )
         g.add_argument("--max-bytes", type=int, default=d.max_bytes, help="largest body accepted (default %(default)s)")
         g.add_argument("--max-redirects", type=int, default=d.max_redirects, help="(default %(default)s)")
         g.add_argument("--user-agent", default=d.user_agent, help="User-Agent header (default: %(default)s)")
-        g.add_argument("--ignore-robots-tag", dest="respect_robots_tag", action="store_false",
-                       help="download even when X-Robots-Tag says noai/noimageai/noindex/noimageindex/none")
-        g.add_argument("--ignore-robots-txt", dest="respect_robots_txt", action="store_false",
-                       help="do not fetch robots.txt (by default each host's robots.txt is honoured for our "
-                            f"user-agent token {AGENT_TOKEN!r}, else '*')")
-        g.add_argument("--allow-network", dest="allow_networks", action="append", default=[], metavar="CIDR",
-                       help="also fetch from this non-public network, e.g. 127.0.0.0/8 for a local mirror or "
-                            "10.0.0.0/8 for an intranet (repeatable; default: public addresses only)")
-        g.add_argument("--ca-bundle", default=None, metavar="PEM",
-                       help="trust these certificate authorities instead of the system's (a private mirror)")
+        g.add_argument(
+            "--ignore-robots-tag",
+            dest="respect_robots_tag",
+            action="store_false",
+            help="download even when X-Robots-Tag says noai/noimageai/noindex/noimageindex/none",
+        )
+        g.add_argument(
+            "--ignore-robots-txt",
+            dest="respect_robots_txt",
+            action="store_false",
+            help="do not fetch robots.txt (by default each host's robots.txt is honoured for our "
+            f"user-agent token {AGENT_TOKEN!r}, else '*')",
+        )
+        g.add_argument(
+            "--allow-network",
+            dest="allow_networks",
+            action="append",
+            default=[],
+            metavar="CIDR",
+            help="also fetch from this non-public network, e.g. 127.0.0.0/8 for a local mirror or "
+            "10.0.0.0/8 for an intranet (repeatable; default: public addresses only)",
+        )
+        g.add_argument(
+            "--ca-bundle",
+            default=None,
+            metavar="PEM",
+            help="trust these certificate authorities instead of the system's (a private mirror)",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "FetchOptions":
@@ -227,8 +258,7 @@ class Fetcher:
         self._dns_lock = threading.Lock()
         self._local = threading.local()
         self._ssl = ssl.create_default_context(cafile=options.ca_bundle)
-        self._headers = {"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.8",
-                         "Accept-Encoding": "identity"}
+        self._headers = {"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
         self._robots = RobotsTxt(self)
 
     def fetch(self, url: str, robots_txt: bool = False) -> bytes:
@@ -299,8 +329,9 @@ class Fetcher:
                 raise _download_error("too large")
         return data
 
-    def _read_body(self, conn, resp: http.client.HTTPResponse, deadline: float, limit: int,
-                   truncate: bool = False) -> bytes:
+    def _read_body(
+        self, conn, resp: http.client.HTTPResponse, deadline: float, limit: int, truncate: bool = False
+    ) -> bytes:
         """The body, at most ``limit`` bytes: longer is an error, or with ``truncate`` cut there."""
         length = resp.getheader("Content-Length")
         length = int(length) if length and length.strip().isdigit() else None

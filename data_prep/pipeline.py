@@ -22,6 +22,7 @@ How a run goes (``run(Job(...))``):
 A kill at any point leaves only ``*.tmp`` files and ``_work/`` state; rerunning the same command redoes unfinished
 shards (a shard is never half-kept) and commits what is ready.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,7 +53,6 @@ import numpy as np
 from tqdm import tqdm
 
 from albef.fsutil import atomic_write, durable_replace
-
 from data_prep import shards
 
 CONFIG = "data_prep.json"
@@ -199,8 +199,13 @@ class Committer:
         path = _kept_path(self.work, i)
         if path.is_file():
             return np.load(path)
-        return np.array([content_hash(bytes.fromhex(json.loads(m["json"])["sha256"]))  # _work/ was deleted
-                         for _, m in shards.iter_tar_samples(self.out / shards.shard_name(i))], np.uint64)
+        return np.array(
+            [
+                content_hash(bytes.fromhex(json.loads(m["json"])["sha256"]))  # _work/ was deleted
+                for _, m in shards.iter_tar_samples(self.out / shards.shard_name(i))
+            ],
+            np.uint64,
+        )
 
     def _commit(self, i: int) -> None:
         stats_path, tar_path = self.work / shards.stats_name(i), self.work / shards.shard_name(i)
@@ -243,8 +248,10 @@ def _write_shard(out: Path, i: int, sources: List[Path], keys: List[str], stats:
 
         def read(key: str, ext: str) -> bytes:
             if f"{key}.{ext}" not in index:
-                raise RuntimeError(f"sample {key} of shard {i} is in none of {[str(p) for p in sources]}; the "
-                                   "dataset was changed by something else")
+                raise RuntimeError(
+                    f"sample {key} of shard {i} is in none of {[str(p) for p in sources]}; the "
+                    "dataset was changed by something else"
+                )
             tar, info = index[f"{key}.{ext}"]
             return tar.extractfile(info).read()
 
@@ -343,9 +350,18 @@ class ShardBuilder:
         self._ok += outcome.status == "success"
         if shard.pending == 0:
             end = time.time()
-            shard.writer.commit({"count": len(shard.rows), "status": dict(shard.status), "errors": dict(shard.errors),
-                                 "start_time": shard.start, "end_time": end, "duration": end - shard.start,
-                                 "samples": shard.samples, "transient": sorted(shard.transient)})
+            shard.writer.commit(
+                {
+                    "count": len(shard.rows),
+                    "status": dict(shard.status),
+                    "errors": dict(shard.errors),
+                    "start_time": shard.start,
+                    "end_time": end,
+                    "duration": end - shard.start,
+                    "samples": shard.samples,
+                    "transient": sorted(shard.transient),
+                }
+            )
             del active[shard.index]
             self._flush_progress(force=True)
             self.report(("built", shard.index))
@@ -384,8 +400,10 @@ def _child_main(parent_pid: int, tasks: "mp.Queue", events: "mp.Queue", builder_
 def _build_in_processes(job: Job, tasks: Iterator[Task], builder_args: tuple, on_event: Callable[[tuple], None]):
     ctx = mp.get_context("spawn")  # no fork: the parent has threads (feeder, tqdm)
     task_q, events = ctx.Queue(maxsize=job.processes), ctx.Queue()
-    procs = [ctx.Process(target=_child_main, args=(os.getpid(), task_q, events, builder_args), daemon=True)
-             for _ in range(job.processes)]
+    procs = [
+        ctx.Process(target=_child_main, args=(os.getpid(), task_q, events, builder_args), daemon=True)
+        for _ in range(job.processes)
+    ]
     for p in procs:
         p.start()
     stop, feed_error = threading.Event(), []
@@ -446,8 +464,9 @@ def _build_in_processes(job: Job, tasks: Iterator[Task], builder_args: tuple, on
         raise RuntimeError(f"building shards failed; rerun the same command to resume:\n{failure}")
 
 
-def _build(job: Job, folder: Path, key_width: int, tasks: Iterator[Task], num_tasks: int,
-           on_event: Callable[[tuple], None]) -> None:
+def _build(
+    job: Job, folder: Path, key_width: int, tasks: Iterator[Task], num_tasks: int, on_event: Callable[[tuple], None]
+) -> None:
     """Phase A: build the shard tasks into ``folder``, in ``job.processes`` processes when there is more than one
     shard to build, else in this process."""
     builder_args = (folder, job.processor, job.threads, key_width)
@@ -503,18 +522,23 @@ def _check_config(out_dir: Path, config: Dict[str, Any]) -> None:
     config = json.loads(json.dumps(config))
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
-                if old.get(k) != config.get(k)]
+        diff = [
+            f"{k}: {old.get(k)!r} -> {config.get(k)!r}"
+            for k in sorted(set(old) | set(config))
+            if old.get(k) != config.get(k)
+        ]
         if diff:
-            raise SystemExit(f"{out_dir} was prepared with other settings ({'; '.join(diff)}); "
-                             f"use a new output folder, or the same input and settings to resume")
+            raise SystemExit(
+                f"{out_dir} was prepared with other settings ({'; '.join(diff)}); "
+                f"use a new output folder, or the same input and settings to resume"
+            )
         return
     atomic_write(path, json.dumps(config, indent=1, sort_keys=True))
 
 
 def _status_totals(out: Path) -> Dict[str, int]:
     """Rows per status over the dataset's shard stats."""
-    return {k[len("status."):]: v for k, v in shards.merge_stats(out).items() if k.startswith("status.")}
+    return {k[len("status.") :]: v for k, v in shards.merge_stats(out).items() if k.startswith("status.")}
 
 
 def _plan(job: Job, out: Path) -> Tuple[int, Optional[np.ndarray], int, int]:
@@ -522,8 +546,17 @@ def _plan(job: Job, out: Path) -> Tuple[int, Optional[np.ndarray], int, int]:
     num_rows, keep = _scan(job)
     num_shards = math.ceil(num_rows / job.shard_size)
     key_width = max(9, len(str(max(num_rows - 1, 0))))
-    _check_config(out, {"format": 1, "step": job.step, "num_rows": num_rows, "shard_size": job.shard_size,
-                        "key_width": key_width, **job.settings})
+    _check_config(
+        out,
+        {
+            "format": 1,
+            "step": job.step,
+            "num_rows": num_rows,
+            "shard_size": job.shard_size,
+            "key_width": key_width,
+            **job.settings,
+        },
+    )
     return num_rows, keep, num_shards, key_width
 
 
@@ -545,8 +578,11 @@ def run(job: Job) -> Dict[str, Any]:
         todo = [i for i in owned if not _is_built(out, i) and not _is_built(work, i)]
         todo_rows = sum(min(job.shard_size, num_rows - i * job.shard_size) for i in todo)
         duplicates = "" if keep is None else f" ({int((~keep).sum())} duplicate URLs)"
-        print(f"{name}: worker {job.worker_id}/{job.num_workers}: {num_rows} rows{duplicates} -> "
-              f"{num_shards} shards; this worker owns {len(owned)}, {len(todo)} to build", file=sys.stderr)
+        print(
+            f"{name}: worker {job.worker_id}/{job.num_workers}: {num_rows} rows{duplicates} -> "
+            f"{num_shards} shards; this worker owns {len(owned)}, {len(todo)} to build",
+            file=sys.stderr,
+        )
 
         committer = Committer(out, num_shards, job.step)
         bar = tqdm(total=todo_rows, desc="build shards", unit=" rows", disable=not job.progress, smoothing=0.05)
@@ -569,20 +605,34 @@ def run(job: Job) -> Dict[str, Any]:
 
     elapsed = time.monotonic() - start
     status = _status_totals(out)
-    summary = {"worker": job.worker_id, "num_workers": job.num_workers, "rows": num_rows, "shards": num_shards,
-               "built": counts["built"], "rows_processed": counts["rows"], "ok": counts["ok"], "seconds": elapsed,
-               "published": committer.frontier, "complete": complete,
-               "num_samples": sum(shards.finished_shards(out).values()), "status": status}
+    summary = {
+        "worker": job.worker_id,
+        "num_workers": job.num_workers,
+        "rows": num_rows,
+        "shards": num_shards,
+        "built": counts["built"],
+        "rows_processed": counts["rows"],
+        "ok": counts["ok"],
+        "seconds": elapsed,
+        "published": committer.frontier,
+        "complete": complete,
+        "num_samples": sum(shards.finished_shards(out).values()),
+        "status": status,
+    }
     rate = counts["ok"] / elapsed if elapsed > 0 else 0.0
     if complete:
         state = f"manifest {out / shards.MANIFEST}"
     else:
-        state = (f"manifest pending: shard {committer.frontier} is not built yet "
-                 f"(worker {committer.frontier % job.num_workers}'s; the last worker to finish writes it)")
-    print(f"{name}: worker {job.worker_id}/{job.num_workers} built {counts['built']} shards "
-          f"({len(owned) - len(todo)} were done): {counts['ok']}/{counts['rows']} rows ok, {rate:.1f} samples/s, "
-          f"{elapsed:.1f}s | dataset: {committer.frontier}/{num_shards} shards published, "
-          f"{summary['num_samples']} samples, {state} | status: {_fmt_status(status)}")
+        state = (
+            f"manifest pending: shard {committer.frontier} is not built yet "
+            f"(worker {committer.frontier % job.num_workers}'s; the last worker to finish writes it)"
+        )
+    print(
+        f"{name}: worker {job.worker_id}/{job.num_workers} built {counts['built']} shards "
+        f"({len(owned) - len(todo)} were done): {counts['ok']}/{counts['rows']} rows ok, {rate:.1f} samples/s, "
+        f"{elapsed:.1f}s | dataset: {committer.frontier}/{num_shards} shards published, "
+        f"{summary['num_samples']} samples, {state} | status: {_fmt_status(status)}"
+    )
     return summary
 
 
@@ -603,8 +653,9 @@ def _published_samples(out: Path, work: Path, i: int) -> List[Tuple[int, int]]:
     return sorted((m["row"], content_hash(bytes.fromhex(m["sha256"]))) for m in metas)
 
 
-def _retry_plan(out: Path, work: Path, retry: Path, todo: Dict[int, Dict[int, list]], num_shards: int,
-                key_width: int) -> Dict[str, Any]:
+def _retry_plan(
+    out: Path, work: Path, retry: Path, todo: Dict[int, Dict[int, list]], num_shards: int, key_width: int
+) -> Dict[str, Any]:
     """The final stats, sample keys and content hashes of every shard the retry changes, with keep-first content
     dedup redone over the whole dataset: a retried row that now succeeds wins over a later row with the same bytes
     (which becomes ``duplicate_content``, in whatever shard it is), exactly as if it had succeeded the first time."""
@@ -640,8 +691,11 @@ def _retry_plan(out: Path, work: Path, retry: Path, todo: Dict[int, Dict[int, li
         stats["status"] = {k: v for k, v in sorted(status.items()) if v}
         stats["errors"] = {k: v for k, v in sorted(errors.items()) if v}
         stats["retried_time"] = time.time()
-        plan[str(i)] = {"stats": stats, "keys": [f"{row:0{key_width}d}" for row, _ in final[i]],
-                        "hashes": [h for _, h in final[i]]}
+        plan[str(i)] = {
+            "stats": stats,
+            "keys": [f"{row:0{key_width}d}" for row, _ in final[i]],
+            "hashes": [h for _, h in final[i]],
+        }
     return plan
 
 
@@ -654,8 +708,10 @@ def _apply_retry_plan(out: Path, work: Path, retry: Path, plan: Dict[str, Any]) 
         with tarfile.open(sources[0]) as tar:
             published = sorted({n.partition(".")[0] for n in tar.getnames()})
         if published == entry["keys"]:  # the same samples: only the counts change, the tar stays as it is
-            shards.atomic_write_json(out / shards.stats_name(i), {**entry["stats"], "shard": shards.shard_name(i),
-                                                                  "num_samples": len(published)})
+            shards.atomic_write_json(
+                out / shards.stats_name(i),
+                {**entry["stats"], "shard": shards.shard_name(i), "num_samples": len(published)},
+            )
             continue
         _write_shard(out, i, sources, entry["keys"], entry["stats"])
         _save_kept(work, i, entry["hashes"])
@@ -668,11 +724,15 @@ def retry_failed(job: Job) -> Dict[str, Any]:
     work, start = out / WORK, time.monotonic()
     retry = work / RETRY
     if job.num_workers != 1:
-        raise SystemExit(f"{name} runs as a single worker (it may rewrite any shard): drop --num-workers/"
-                         "--worker-id and run it outside a job array")
+        raise SystemExit(
+            f"{name} runs as a single worker (it may rewrite any shard): drop --num-workers/"
+            "--worker-id and run it outside a job array"
+        )
     if not (out / shards.MANIFEST).is_file():
-        raise SystemExit(f"{out} has no {shards.MANIFEST}: finish the run first (the same command without "
-                         "--retry-failed), then retry its failed rows")
+        raise SystemExit(
+            f"{out} has no {shards.MANIFEST}: finish the run first (the same command without "
+            "--retry-failed), then retry its failed rows"
+        )
     work.mkdir(exist_ok=True)
     with file_lock(work / "worker-0-of-1.lock", block=False) as locked, file_lock(work / "commit.lock") as _:
         if not locked:
@@ -685,21 +745,34 @@ def retry_failed(job: Job) -> Dict[str, Any]:
         if not plan_path.is_file():
             todo: Dict[int, Dict[int, list]] = {}
             for i in range(num_shards):
-                for row, status_name, error in json.loads((out / shards.stats_name(i)).read_text()).get("transient", []):
+                for row, status_name, error in json.loads((out / shards.stats_name(i)).read_text()).get(
+                    "transient", []
+                ):
                     todo.setdefault(i, {})[row] = [status_name, error]
             retried_rows = sum(len(rows) for rows in todo.values())
             if not todo:
-                print(f"{name}: no transient failures in {out} (timeouts, 5xx, connection and DNS errors are "
-                      f"recorded per row); nothing to do | status: {_fmt_status(before)}")
-                return {"retried": 0, "status_before": before, "status_after": before, "rewritten": 0,
-                        "num_samples_before": samples_before, "num_samples": samples_before}
+                print(
+                    f"{name}: no transient failures in {out} (timeouts, 5xx, connection and DNS errors are "
+                    f"recorded per row); nothing to do | status: {_fmt_status(before)}"
+                )
+                return {
+                    "retried": 0,
+                    "status_before": before,
+                    "status_after": before,
+                    "rewritten": 0,
+                    "num_samples_before": samples_before,
+                    "num_samples": samples_before,
+                }
             retry.mkdir(parents=True, exist_ok=True)
             build = [i for i in sorted(todo) if not _is_built(retry, i)]
-            print(f"{name}: {retried_rows} rows with transient failures in {len(todo)} shards; fetching them again",
-                  file=sys.stderr)
+            print(
+                f"{name}: {retried_rows} rows with transient failures in {len(todo)} shards; fetching them again",
+                file=sys.stderr,
+            )
             if build:
-                bar = tqdm(total=sum(len(todo[i]) for i in build), desc="retry rows", unit=" rows",
-                           disable=not job.progress)
+                bar = tqdm(
+                    total=sum(len(todo[i]) for i in build), desc="retry rows", unit=" rows", disable=not job.progress
+                )
 
                 def on_event(event: tuple) -> None:
                     if event[0] == "rows":
@@ -714,10 +787,21 @@ def retry_failed(job: Job) -> Dict[str, Any]:
         after = _status_totals(out)
         manifest = shards.write_manifest(out, {"created_by": f"data_prep.{job.step}", "status": after})
         shutil.rmtree(retry)
-    gained = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
-              if after.get(k, 0) != before.get(k, 0)}
-    print(f"{name}: {retried_rows or 'the planned'} rows retried, {len(plan)} shards rewritten in "
-          f"{time.monotonic() - start:.1f}s | samples {samples_before} -> {manifest['num_samples']} | change: "
-          f"{' '.join(f'{k}={v:+d}' for k, v in gained.items()) or 'none'} | status: {_fmt_status(after)}")
-    return {"retried": retried_rows, "status_before": before, "status_after": after, "rewritten": len(plan),
-            "num_samples_before": samples_before, "num_samples": manifest["num_samples"]}
+    gained = {
+        k: after.get(k, 0) - before.get(k, 0)
+        for k in sorted(set(before) | set(after))
+        if after.get(k, 0) != before.get(k, 0)
+    }
+    print(
+        f"{name}: {retried_rows or 'the planned'} rows retried, {len(plan)} shards rewritten in "
+        f"{time.monotonic() - start:.1f}s | samples {samples_before} -> {manifest['num_samples']} | change: "
+        f"{' '.join(f'{k}={v:+d}' for k, v in gained.items()) or 'none'} | status: {_fmt_status(after)}"
+    )
+    return {
+        "retried": retried_rows,
+        "status_before": before,
+        "status_after": after,
+        "rewritten": len(plan),
+        "num_samples_before": samples_before,
+        "num_samples": manifest["num_samples"],
+    }

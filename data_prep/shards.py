@@ -12,6 +12,7 @@ A dataset directory holds:
 Shards are written to ``NNNNNN.tar.tmp`` and renamed only when complete (after the stats file), so a killed run
 never leaves a truncated tar under a final name and a rerun can trust every ``.tar`` it finds.
 """
+
 from __future__ import annotations
 
 import io
@@ -78,7 +79,9 @@ class ShardWriter:
         text = caption if isinstance(caption, str) else "\n".join(caption)
         _add_member(self._tar, f"{key}.{ext}", image, self._mtime)
         _add_member(self._tar, f"{key}.txt", text.encode("utf-8"), self._mtime)
-        _add_member(self._tar, f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode(), self._mtime)
+        _add_member(
+            self._tar, f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode(), self._mtime
+        )
         self.num_samples += 1
         return key
 
@@ -101,8 +104,9 @@ class ShardWriter:
             self.abort()
 
 
-def publish(out_dir: Union[str, Path], index: int, tar_path: Union[str, Path], num_samples: int,
-            stats: Optional[Dict] = None) -> Path:
+def publish(
+    out_dir: Union[str, Path], index: int, tar_path: Union[str, Path], num_samples: int, stats: Optional[Dict] = None
+) -> Path:
     """Publish a complete tar (on the same filesystem) as shard ``index``: the stats file first, then a rename."""
     out_dir = Path(out_dir)
     stats = dict(stats or {})
@@ -180,5 +184,3 @@ def merge_stats(out_dir: Union[str, Path]) -> Dict[str, int]:
     for stats in sorted(Path(out_dir).glob("[0-9]" * 6 + "_stats.json")):
         add("", {k: v for k, v in json.loads(stats.read_text()).items() if k != "shard"})
     return total
-
-

@@ -7,6 +7,7 @@
 Metrics (val/acc, test/acc_testA, test/acc_testB), result JSONs and overlay PNGs: see ``albef.tasks.grounding``.
 Pictures for any image and expression: ``python -m finetune.visualize_grounding``.
 """
+
 from albef.engine.cli import main
 from albef.tasks.grounding import GroundingTask
 

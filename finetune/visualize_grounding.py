@@ -16,6 +16,7 @@ similarity on ViT block ``--block-num``. The heat map is upsampled to the image'
 ``--true-box`` in green. Prints a JSON summary; errors (a missing layer, a checkpoint that does not fit the
 model) exit with code 2 and a message naming the option or keys.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,23 +47,37 @@ def run(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--text", required=True, help="referring expression")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--model", default="base", help="model preset (tiny, small, base) or YAML path (default: base)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="model config override, e.g. --set text.fusion_layer=6 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model config override, e.g. --set text.fusion_layer=6 (repeatable)",
+    )
     p.add_argument("--mode", choices=["itm", "itc"], default="itm", help="Grad-CAM target (default: itm, official)")
-    p.add_argument("--block-num", type=int, default=8,
-                   help="itm: fusion layer index; itc: ViT block index (default: 8, official)")
+    p.add_argument(
+        "--block-num", type=int, default=8, help="itm: fusion layer index; itc: ViT block index (default: 8, official)"
+    )
     p.add_argument("--image-res", type=int, default=0, help="model input size (default: from the checkpoint)")
-    p.add_argument("--box", action="append", nargs=4, type=float, default=[], metavar=("X", "Y", "W", "H"),
-                   help="a proposal box in image pixels (repeatable); the best-scoring one is drawn")
+    p.add_argument(
+        "--box",
+        action="append",
+        nargs=4,
+        type=float,
+        default=[],
+        metavar=("X", "Y", "W", "H"),
+        help="a proposal box in image pixels (repeatable); the best-scoring one is drawn",
+    )
     p.add_argument("--true-box", nargs=4, type=float, default=None, metavar=("X", "Y", "W", "H"))
     p.add_argument("--alpha", type=float, default=0.6, help="heat-map opacity at the hottest pixel")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
 
-    from albef.models.convert import QUEUE_KEYS, load_pretrained, read_state_dict
     from albef.data.transforms import stack_images, test_transform, to_device
     from albef.eval.grounding import box_iou, check_block, gradcam, select_box, upsample_map
     from albef.models import build_model, model_config
+    from albef.models.convert import QUEUE_KEYS, load_pretrained, read_state_dict
     from albef.tokenizer import Tokenizer, pre_caption
     from albef.viz import save_overlay
 
@@ -82,14 +97,22 @@ def run(argv: Optional[List[str]] = None) -> dict:
     pixels = to_device(stack_images([test_transform(res)(data, None)]), device, torch.float32)
     text = pre_caption(a.text)
     tokens = Tokenizer()([text], max_length=cfg.text.max_position_embeddings)
-    cam = gradcam(model, pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device), a.mode,
-                  a.block_num)[0].cpu()  # fmt: skip
+    cam = gradcam(
+        model, pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device), a.mode, a.block_num
+    )[0].cpu()
     with Image.open(a.image) as im:
         image = im.convert("RGB")
     heat = upsample_map(cam, (image.height, image.width))
 
-    summary = {"out": a.out, "text": text, "mode": a.mode, "block_num": a.block_num, "image_res": res,
-               "grid": list(cam.shape), "image_size": [image.width, image.height]}  # fmt: skip
+    summary = {
+        "out": a.out,
+        "text": text,
+        "mode": a.mode,
+        "block_num": a.block_num,
+        "image_res": res,
+        "grid": list(cam.shape),
+        "image_size": [image.width, image.height],
+    }
     pred = None
     label = text
     if a.box:

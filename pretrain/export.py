@@ -7,6 +7,7 @@ The result is ``{'model': state_dict}`` with the official ALBEF keys (0-d ``temp
 entrypoints (``init.checkpoint=x.pth``) and by the official code. The weights are validated by loading them into a
 freshly built model of the run's configuration before anything is written.
 """
+
 from __future__ import annotations
 
 import argparse

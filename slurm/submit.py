@@ -14,10 +14,10 @@ standard library is used: it runs on login nodes without the training environmen
 
 Exit status: 0 submitted (or printed with --dry-run), 2 bad arguments, else sbatch's own status.
 """
+
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
 import subprocess
@@ -70,20 +70,37 @@ def _add_resources(p: argparse.ArgumentParser, multi_node: bool) -> None:
     g.add_argument("--qos", help="quality of service")
     g.add_argument("--exclusive", action="store_true", help="whole nodes only")
     g.add_argument("--job-name", "-J", help="job name (the log file is <job name>-<job id>.out)")
-    g.add_argument("--signal-seconds", type=int,
-                   help="send SIGUSR1 this many seconds before the time limit (script default: 600, data_prep 300)")
+    g.add_argument(
+        "--signal-seconds",
+        type=int,
+        help="send SIGUSR1 this many seconds before the time limit (script default: 600, data_prep 300)",
+    )
     g.add_argument("--log-dir", help="directory for the .out files (created; default: the current directory)")
     g.add_argument("--dependency", "-d", help="e.g. afterok:12345 (start after that job succeeded)")
-    g.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra environment variable for the job (repeatable), e.g. WANDB_MODE=offline")
-    g.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
-                   help="any other sbatch option, passed as is (repeatable), e.g. --sbatch-arg=--constraint=a100")
+    g.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment variable for the job (repeatable), e.g. WANDB_MODE=offline",
+    )
+    g.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="any other sbatch option, passed as is (repeatable), e.g. --sbatch-arg=--constraint=a100",
+    )
     g.add_argument("--dry-run", action="store_true", help="print the sbatch command, submit nothing")
 
 
 def parse(argv: List[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python slurm/submit.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python slurm/submit.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = p.add_subparsers(dest="kind", required=True, metavar="{pretrain,finetune,data_prep}")
     pre = sub.add_parser("pretrain", help="slurm/pretrain.sbatch CONFIG [key=value ...]")
     _add_resources(pre, multi_node=True)
@@ -121,8 +138,11 @@ def build(args: argparse.Namespace, cwd: Path) -> List[str]:
         if args.gpus_per_node is not None:
             cmd.append(f"--gpus-per-node={args.gpus_per_node}")
         if args.gpus_per_node and tasks != args.gpus_per_node:
-            print(f"warning: {tasks} tasks per node with {args.gpus_per_node} GPUs per node: the engine runs one "
-                  "process per task and uses GPU (local rank % GPUs)", file=sys.stderr)
+            print(
+                f"warning: {tasks} tasks per node with {args.gpus_per_node} GPUs per node: the engine runs one "
+                "process per task and uses GPU (local rank % GPUs)",
+                file=sys.stderr,
+            )
     else:
         _positive("--workers", args.workers)
         _positive("--parallel", args.parallel)
@@ -144,10 +164,18 @@ def build(args: argparse.Namespace, cwd: Path) -> List[str]:
         cmd.append(f"--signal=B:USR1@{args.signal_seconds}")
     signal_at = args.signal_seconds if args.signal_seconds is not None else (300 if args.kind == "data_prep" else 600)
     if limit is not None and signal_at >= limit:
-        raise UsageError(f"the time-limit warning comes {signal_at} s before the limit, but --time {args.time} is only "
-                         f"{limit} s: the job would be asked to stop at once. Lower --signal-seconds or raise --time")
-    for flag, value in (("--mem", args.mem), ("--partition", args.partition), ("--account", args.account),
-                        ("--qos", args.qos), ("--job-name", args.job_name), ("--dependency", args.dependency)):
+        raise UsageError(
+            f"the time-limit warning comes {signal_at} s before the limit, but --time {args.time} is only "
+            f"{limit} s: the job would be asked to stop at once. Lower --signal-seconds or raise --time"
+        )
+    for flag, value in (
+        ("--mem", args.mem),
+        ("--partition", args.partition),
+        ("--account", args.account),
+        ("--qos", args.qos),
+        ("--job-name", args.job_name),
+        ("--dependency", args.dependency),
+    ):
         if value is not None:
             cmd.append(f"{flag}={value}")
     if args.exclusive:
@@ -215,8 +243,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return out.returncode
     job_id = out.stdout.strip().split(";")[0]
     print(f"submitted job {job_id}")
-    print(f"  follow it: squeue -j {job_id}   (log: see --output, default <job name>-{job_id}.out; "
-          f"arrays: <job name>-{job_id}_<task>.out)")
+    print(
+        f"  follow it: squeue -j {job_id}   (log: see --output, default <job name>-{job_id}.out; "
+        f"arrays: <job name>-{job_id}_<task>.out)"
+    )
     return 0
 
 

@@ -3,6 +3,7 @@ where that folder is absent (a user's machine) the tests that need it are skippe
 
 Under ``CI=true`` nothing may skip: CI has ../shared/parity, the SLURM packages, the crop decoder and the data
 packages, so a skip there means something went missing and the run fails with the skip's reason."""
+
 from __future__ import annotations
 
 import os
@@ -80,7 +81,21 @@ def world_shards(demo_world, tmp_path_factory):
     from data_prep.annotations import main as annotations
 
     out = tmp_path_factory.mktemp("shards")
-    code = annotations([str(demo_world / "pretrain.json"), "--image-root", str(demo_world / "images"), "--output", str(out), "--shard-size", "24",
-                        "--image-size", "64", "--no-progress", "--processes", "1"])
+    code = annotations(
+        [
+            str(demo_world / "pretrain.json"),
+            "--image-root",
+            str(demo_world / "images"),
+            "--output",
+            str(out),
+            "--shard-size",
+            "24",
+            "--image-size",
+            "64",
+            "--no-progress",
+            "--processes",
+            "1",
+        ]
+    )
     assert code == 0
     return out

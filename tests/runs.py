@@ -1,5 +1,6 @@
 """Running the real training entrypoints from tests: environment, overrides, launch (1 process or torchrun), and
 reading a run's metrics back. Shared by the engine and fault-injection tests."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,9 @@ PY = sys.executable
 
 def run_env(**extra):
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
-               DS_ACCELERATOR="cpu")  # fmt: skip
+    env.update(
+        OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu"
+    )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(k, None)
     env.update(extra)
@@ -25,10 +27,17 @@ def run_env(**extra):
 
 def base_overrides(shards: Path, out: Path, **kw):
     o = {
-        "data.shards": f"[{shards}]", "data.num_workers": 1, "train.output_dir": str(out), "train.num_threads": 1,
-        "train.log_every": 1, "train.max_steps": 6, "train.save_every": 0, "train.export_final": "false",
-        "train.warmup_steps": 0, "wandb.mode": "disabled",
-    }  # fmt: skip
+        "data.shards": f"[{shards}]",
+        "data.num_workers": 1,
+        "train.output_dir": str(out),
+        "train.num_threads": 1,
+        "train.log_every": 1,
+        "train.max_steps": 6,
+        "train.save_every": 0,
+        "train.export_final": "false",
+        "train.warmup_steps": 0,
+        "wandb.mode": "disabled",
+    }
     o.update(kw)
     return [f"{k}={v}" for k, v in o.items()]
 
@@ -39,8 +48,15 @@ def launch(overrides, nproc=1, module="pretrain.train", config="pretrain/configs
     else:
         cmd = [PY, "-m", module]
     cmd += [config, *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=run_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=600)

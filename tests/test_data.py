@@ -3,6 +3,7 @@ mid-epoch resume, bad-sample handling, shard sources (dir, brace pattern, http, 
 
 Everything is real: JPEGs made with Pillow, tar shards written by data_prep.shards.ShardWriter, DataLoader worker
 processes. Ranks are simulated by building the loader with rank=0/1 and world_size=2 in one process."""
+
 from __future__ import annotations
 
 import collections
@@ -19,15 +20,24 @@ import threading
 from pathlib import Path
 from typing import Dict, List
 
-import albef  # noqa: F401
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import albef  # noqa: F401
 from albef.config import ConfigError, from_dict
-from albef.data import (CLIP_MEAN, CLIP_STD, DataConfig, JsonCaptionDataset, build_pretrain_loader, normalize_images,
-                        pretrain_transform, shuffle_events, worker_batch_counts)
+from albef.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DataConfig,
+    JsonCaptionDataset,
+    build_pretrain_loader,
+    normalize_images,
+    pretrain_transform,
+    shuffle_events,
+    worker_batch_counts,
+)
 from albef.data.shards import Shard, count_samples, expand_dataset, iter_shard
 from albef.tokenizer import Tokenizer
 from data_prep.shards import ShardWriter, write_manifest
@@ -55,8 +65,7 @@ def write_dataset(out: Path, sizes: List[int], prefix: str, seed: int = 0) -> Li
         with ShardWriter(out, index) as writer:
             for _ in range(n):
                 key = f"{prefix}{len(keys):04d}"
-                writer.write(key, jpeg(rng), [f"A photo, number {len(keys)}!", f"picture {len(keys)}"],
-                             {"key": key})
+                writer.write(key, jpeg(rng), [f"A photo, number {len(keys)}!", f"picture {len(keys)}"], {"key": key})
                 keys.append(key)
             writer.commit()
     write_manifest(out)
@@ -71,8 +80,9 @@ def uneven(tmp_path_factory) -> Dict:
 
 
 def cfg_for(shards, **kw) -> DataConfig:
-    base = dict(shards=[str(s) for s in shards], image_res=RES, batch_size=4, num_workers=2, shuffle_buffer=6,
-                pin_memory=False)
+    base = dict(
+        shards=[str(s) for s in shards], image_res=RES, batch_size=4, num_workers=2, shuffle_buffer=6, pin_memory=False
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -236,8 +246,16 @@ def test_resume_resampled_mode_with_weights(tmp_path, tok):
 def test_resampled_weights_set_the_dataset_mix(tmp_path, tok):
     write_dataset(tmp_path / "a", [5] * 6, "a", seed=1)
     write_dataset(tmp_path / "b", [5] * 6, "b", seed=2)
-    cfg = cfg_for([tmp_path / "a", tmp_path / "b"], resampled=True, weights=[3.0, 1.0], samples_per_epoch=600,
-                  batch_size=10, num_workers=1, image_res=8, shuffle_buffer=0)
+    cfg = cfg_for(
+        [tmp_path / "a", tmp_path / "b"],
+        resampled=True,
+        weights=[3.0, 1.0],
+        samples_per_epoch=600,
+        batch_size=10,
+        num_workers=1,
+        image_res=8,
+        shuffle_buffer=0,
+    )
     counts = collections.Counter()
     for rank in range(2):
         loader = build_pretrain_loader(cfg, tok, rank, 2, seed=0)
@@ -337,8 +355,9 @@ def test_a_changed_world_size_re_splits_the_rest_of_the_epoch(uneven, tok, caplo
 
 def test_json_and_resampled_epochs_re_split_on_another_world_size(official_json, tmp_path, tok):
     files, root = official_json["files"], official_json["root"]
-    cfg = DataConfig(json_files=files, image_root=str(root), image_res=RES, batch_size=3, num_workers=1,
-                     pin_memory=False)
+    cfg = DataConfig(
+        json_files=files, image_root=str(root), image_res=RES, batch_size=3, num_workers=1, pin_memory=False
+    )
     straight, _ = ranks_run(cfg, tok, 2)
     first, state = ranks_run(cfg, tok, 2, stop_after=1)
     rest, _ = ranks_run(cfg, tok, 3, state=state)
@@ -400,8 +419,15 @@ def test_bad_samples_are_skipped_counted_and_batches_stay_full(damaged, tok):
     batches = run_epoch(loader)
     assert len(batches) == len(loader) == 6 and all(len(b["key"]) == 6 for b in batches)
     stats = loader.stats()
-    assert stats == {"samples": 36, "decode_error": 1, "missing_caption": 1, "bad_text": 1, "missing_image": 1,
-                     "truncated_shard": 3 + 6, "skipped": 13}
+    assert stats == {
+        "samples": 36,
+        "decode_error": 1,
+        "missing_caption": 1,
+        "bad_text": 1,
+        "missing_image": 1,
+        "truncated_shard": 3 + 6,
+        "skipped": 13,
+    }
     seen = collections.Counter(keys_of(batches))
     assert set(seen) == damaged["good"]  # every good sample delivered, no bad one
     assert sum(seen.values()) - len(seen) == 13  # each bad slot filled by a repeat of a good sample
@@ -461,8 +487,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def http_root(uneven):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_QuietHandler, directory=str(uneven["dir"])))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(uneven["dir"]))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -526,12 +553,12 @@ def test_positions_agree_with_an_explicit_list():
     rng = np.random.default_rng(0)
     for _ in range(200):
         explicit = rng.permutation(60)[: rng.integers(1, 60)]
-        explicit = np.concatenate([np.sort(explicit[: len(explicit) // 2]), explicit[len(explicit) // 2:]])
+        explicit = np.concatenate([np.sort(explicit[: len(explicit) // 2]), explicit[len(explicit) // 2 :]])
         runs = Positions.of(explicit)
         assert len(runs) == len(explicit) and list(runs.iter_from(0)) == explicit.tolist()
         lo = int(rng.integers(0, len(explicit)))
         n = int(rng.integers(0, len(explicit) - lo + 1))
-        assert list(runs.slice(lo, n).iter_from(0)) == explicit[lo:lo + n].tolist()
+        assert list(runs.slice(lo, n).iter_from(0)) == explicit[lo : lo + n].tolist()
         index = np.sort(rng.choice(len(explicit), size=min(5, len(explicit)), replace=False))
         assert runs.at(index).tolist() == explicit[index].tolist()
         both = Positions.concat([runs.slice(0, lo), runs.slice(lo, len(explicit) - lo)])
@@ -582,8 +609,13 @@ def test_a_program_ending_with_open_loaders_exits(uneven, tmp_path):
     terminates and joins them, hung a program that failed or broke out of a loop with a loader iterator open."""
     script = tmp_path / "open_loaders.py"
     script.write_text(EXIT_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(uneven["dir"])], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, str(script), str(uneven["dir"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 1 and "the run fails with both loaders open" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -615,8 +647,9 @@ def test_official_json_dataset_and_loader(official_json, tok):
     assert sample["image"].shape == (RES, RES, 3) and sample["image"].dtype == np.uint8
     assert sample["caption"] in ("file 0 image 0 a", "file 0 image 0 b") and sample["key"] == official_json["paths"][0]
     assert ds[1]["caption"] == "file 0 image 1"
-    cfg = DataConfig(json_files=files, image_root=str(root), image_res=RES, batch_size=3, num_workers=2,
-                     pin_memory=False)
+    cfg = DataConfig(
+        json_files=files, image_root=str(root), image_res=RES, batch_size=3, num_workers=2, pin_memory=False
+    )
     seen = []
     for rank in range(2):
         loader = build_pretrain_loader(cfg, tok, rank, 2, seed=1)
@@ -679,8 +712,14 @@ def _map_run(world, batch, stop_after=None, state=None, n=50):
 
     seen, saved = [], None
     for rank in range(world):
-        loader = MapLoader(_Indices(n), lambda s: {"i": [x["i"] for x in s], "draw": [x["draw"] for x in s]},
-                           batch, rank, world, seed=4)
+        loader = MapLoader(
+            _Indices(n),
+            lambda s: {"i": [x["i"] for x in s], "draw": [x["draw"] for x in s]},
+            batch,
+            rank,
+            world,
+            seed=4,
+        )
         if state is not None:
             loader.load_state_dict(state)
         for k, b in enumerate(loader, start=1):

@@ -3,6 +3,7 @@ plus the list readers, the image pipeline and the URL/robots rules it relies on.
 
 Run: .venv/bin/python -m pytest tests/test_data_prep.py -q
 """
+
 from __future__ import annotations
 
 import csv
@@ -48,6 +49,7 @@ def exif_rotated_jpeg(data: bytes) -> bytes:
 
 def png_bomb(side: int = 20_000) -> bytes:
     """A valid 1-bit PNG of side x side pixels (400 M pixels) that compresses to ~50 KB."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -119,14 +121,44 @@ def fault_routes(photos):
     return listed, {**{p: r for p, r in listed if r is not None}, **unlisted}
 
 
-EXPECTED_STATUS = {"success": 10, "duplicate_content": 2, "duplicate_url": 1, "failed_to_download": 7,
-                   "failed_to_decode": 2, "filtered": 2, "opted_out": 1, "invalid_url": 2}
-EXPECTED_ERRORS = {"http 404": 1, "timeout": 1, "truncated body": 1, "not an image (text/html)": 1,
-                   "decompression bomb": 1, "too many redirects": 1, "X-Robots-Tag noai": 1, "http 500": 1,
-                   "too large": 1, "unidentified image format": 1, "image too small": 1,
-                   "aspect ratio too large": 1, "unsupported scheme": 1, "empty url": 1}
-SUCCESS_ROWS = {0: "astronaut.png", 1: "chelsea.webp", 3: "hubble.jpg", 6: "coffee.jpg", 9: "rocket.jpg",
-                22: "moto.jpg", 23: "flaky.jpg", 24: "retina.jpg", 25: "camera.png", 26: "rotated.jpg"}
+EXPECTED_STATUS = {
+    "success": 10,
+    "duplicate_content": 2,
+    "duplicate_url": 1,
+    "failed_to_download": 7,
+    "failed_to_decode": 2,
+    "filtered": 2,
+    "opted_out": 1,
+    "invalid_url": 2,
+}
+EXPECTED_ERRORS = {
+    "http 404": 1,
+    "timeout": 1,
+    "truncated body": 1,
+    "not an image (text/html)": 1,
+    "decompression bomb": 1,
+    "too many redirects": 1,
+    "X-Robots-Tag noai": 1,
+    "http 500": 1,
+    "too large": 1,
+    "unidentified image format": 1,
+    "image too small": 1,
+    "aspect ratio too large": 1,
+    "unsupported scheme": 1,
+    "empty url": 1,
+}
+SUCCESS_ROWS = {
+    0: "astronaut.png",
+    1: "chelsea.webp",
+    3: "hubble.jpg",
+    6: "coffee.jpg",
+    9: "rocket.jpg",
+    22: "moto.jpg",
+    23: "flaky.jpg",
+    24: "retina.jpg",
+    25: "camera.png",
+    26: "rotated.jpg",
+}
 
 
 def write_list(tmp_path: Path, server: LoopbackServer, listed) -> Path:
@@ -140,10 +172,37 @@ def write_list(tmp_path: Path, server: LoopbackServer, listed) -> Path:
 
 
 def run_download(tsv: Path, out: Path, *extra: str) -> int:
-    return download.main([str(tsv), "--output", str(out), "--allow-network", "127.0.0.0/8", "--timeout", "1",
-                          "--retries", "1", "--backoff", "0.05", "--max-bytes", str(2 * 2**20), "--shard-size", "6",
-                          "--image-size", "64", "--min-image-size", "32", "--max-aspect-ratio", "4",
-                          "--processes", "1", "--threads", "8", "--no-progress", *extra])
+    return download.main(
+        [
+            str(tsv),
+            "--output",
+            str(out),
+            "--allow-network",
+            "127.0.0.0/8",
+            "--timeout",
+            "1",
+            "--retries",
+            "1",
+            "--backoff",
+            "0.05",
+            "--max-bytes",
+            str(2 * 2**20),
+            "--shard-size",
+            "6",
+            "--image-size",
+            "64",
+            "--min-image-size",
+            "32",
+            "--max-aspect-ratio",
+            "4",
+            "--processes",
+            "1",
+            "--threads",
+            "8",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def read_samples(out: Path):
@@ -204,7 +263,8 @@ def test_download_faults_exact_stats_and_webdataset_readback(tmp_path, photos):
 
         loaded = wds.WebDataset(str(out / "{000000..000004}.tar"), shardshuffle=False).decode("pil")
         assert sorted((s["__key__"], s["jpg"].size) for s in loaded) == sorted(
-            (k, Image.open(io.BytesIO(m["jpg"])).size) for k, m in samples.items())
+            (k, Image.open(io.BytesIO(m["jpg"])).size) for k, m in samples.items()
+        )
 
         before, hits_before = {p.name: p.read_bytes() for p in out.glob("*.tar")}, sum(server.hits.values())
         assert run_download(tsv, out) == 0  # a rerun finds every shard done: nothing fetched, nothing changed
@@ -214,11 +274,20 @@ def test_download_faults_exact_stats_and_webdataset_readback(tmp_path, photos):
 
 def test_private_and_loopback_addresses_are_refused_by_default(tmp_path, photos):
     with LoopbackServer({"/a.jpg": Route(photos["rocket.jpg"])}) as server:
-        urls = [server.url("/a.jpg"), f"http://localhost:{server.port}/a.jpg", f"http://[::1]:{server.port}/a.jpg",
-                "http://10.1.2.3/a.jpg", "http://169.254.169.254/latest/meta-data/"]
+        urls = [
+            server.url("/a.jpg"),
+            f"http://localhost:{server.port}/a.jpg",
+            f"http://[::1]:{server.port}/a.jpg",
+            "http://10.1.2.3/a.jpg",
+            "http://169.254.169.254/latest/meta-data/",
+        ]
         (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
-        assert download.main([str(tmp_path / "urls.txt"), "-o", str(tmp_path / "out"), "--processes", "1",
-                              "--no-progress"]) == 0
+        assert (
+            download.main(
+                [str(tmp_path / "urls.txt"), "-o", str(tmp_path / "out"), "--processes", "1", "--no-progress"]
+            )
+            == 0
+        )
         totals = shards.merge_stats(tmp_path / "out")
         assert totals["status.invalid_url"] == 5 and totals["errors.private network address refused"] == 5
         assert totals["num_samples"] == 0 and sum(server.hits.values()) == 0
@@ -226,8 +295,12 @@ def test_private_and_loopback_addresses_are_refused_by_default(tmp_path, photos)
 
 def test_fetcher_rules(photos):
     assert split_url("https://Example.com/a b.jpg?x=1#frag") == ("https", "example.com", 443, "/a%20b.jpg?x=1")
-    for bad, message in [("ftp://x/a.jpg", "unsupported scheme"), ("http:///a.jpg", "no host"),
-                         ("http://x:99999/", "malformed url"), (None, "url is not a string")]:
+    for bad, message in [
+        ("ftp://x/a.jpg", "unsupported scheme"),
+        ("http:///a.jpg", "no host"),
+        ("http://x:99999/", "malformed url"),
+        (None, "url is not a string"),
+    ]:
         with pytest.raises(SampleError, match=message):
             split_url(bad)
     assert opted_out(["noai"]) == "noai" and opted_out(["NoImageAI"]) == "noimageai"
@@ -236,11 +309,16 @@ def test_fetcher_rules(photos):
     assert opted_out(["googlebot: noai", "noarchive, nofollow", "unavailable_after: 25 Jun 2030 15:00:00 PST"]) is None
 
     photo = photos["rocket.jpg"]
-    routes = {"/noai.jpg": Route(photo, headers=(("X-Robots-Tag", "noai"),)),
-              "/gz.jpg": Route(gzip.compress(photo), headers=(("Content-Encoding", "gzip"),)),
-              "/hop": Route(redirect="/gz.jpg"), "/slow.jpg": Route(photo, delay=2.0)}
+    routes = {
+        "/noai.jpg": Route(photo, headers=(("X-Robots-Tag", "noai"),)),
+        "/gz.jpg": Route(gzip.compress(photo), headers=(("Content-Encoding", "gzip"),)),
+        "/hop": Route(redirect="/gz.jpg"),
+        "/slow.jpg": Route(photo, delay=2.0),
+    }
     with LoopbackServer(routes) as server:
-        lenient = Fetcher(FetchOptions(allow_networks=("127.0.0.0/8",), respect_robots_tag=False, timeout=0.5, retries=0))
+        lenient = Fetcher(
+            FetchOptions(allow_networks=("127.0.0.0/8",), respect_robots_tag=False, timeout=0.5, retries=0)
+        )
         assert lenient.fetch(server.url("/noai.jpg")) == photo
         assert lenient.fetch(server.url("/hop")) == photo  # redirect, then gzip content-encoding undone
         with pytest.raises(SampleError, match="timeout"):
@@ -253,9 +331,11 @@ def test_fetcher_rules(photos):
         assert err.value.status == "opted_out"
 
 
-RECORDS = [{"url": "http://a.test/1.jpg", "caption": "one", "w": 10},
-           {"url": "http://a.test/2.jpg", "caption": "two, with \"quotes\" and a comma", "w": 20},
-           {"url": "http://a.test/3.jpg", "caption": "three", "w": 30}]
+RECORDS = [
+    {"url": "http://a.test/1.jpg", "caption": "one", "w": 10},
+    {"url": "http://a.test/2.jpg", "caption": 'two, with "quotes" and a comma', "w": 20},
+    {"url": "http://a.test/3.jpg", "caption": "three", "w": 30},
+]
 
 
 def test_list_formats_give_the_same_rows(tmp_path):
@@ -309,14 +389,32 @@ def test_bad_lists_are_reported_with_file_line_and_column(tmp_path, capsys):
     assert download.main([str(tmp_path / "a.csv"), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "a.csv: no column 'url'; its columns are ['URL', 'TEXT']" in capsys.readouterr().err
     (tmp_path / "e.csv").write_text("URL,TEXT\nftp://a.test/1.jpg,one\n")
-    assert download.main([str(tmp_path / "e.csv"), "-o", str(tmp_path / "out2"), "--url-col", "URL",
-                          "--caption-col", "TEXT", "--processes", "1", "--no-progress"]) == 0
+    assert (
+        download.main(
+            [
+                str(tmp_path / "e.csv"),
+                "-o",
+                str(tmp_path / "out2"),
+                "--url-col",
+                "URL",
+                "--caption-col",
+                "TEXT",
+                "--processes",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert shards.merge_stats(tmp_path / "out2")["status.invalid_url"] == 1
 
 
 def test_resize_modes_exif_alpha_and_decode_errors(photos):
     coffee = photos["coffee.jpg"]  # 600 x 400
-    size = lambda data, **kw: Image.open(io.BytesIO(process_image(data, ImageOptions(**kw)).data)).size
+
+    def size(data, **kw):
+        return Image.open(io.BytesIO(process_image(data, ImageOptions(**kw)).data)).size
+
     assert size(coffee, image_size=100) == (150, 100)
     assert size(coffee, image_size=100, resize_side="longest") == (100, 67)
     assert size(coffee, image_size=100, resize_mode="center_crop") == (100, 100)
@@ -340,9 +438,11 @@ def test_resize_modes_exif_alpha_and_decode_errors(photos):
     full = np.asarray(Image.open(io.BytesIO(retina)).convert("RGB").resize((128, 128), Image.Resampling.BICUBIC))
     assert fast.shape == full.shape and np.abs(fast.astype(int) - full).mean() < 3
 
-    for data, status, message in [(png_bomb(), "failed_to_decode", "decompression bomb"),
-                                  (b"\x00" * 1000, "failed_to_decode", "unidentified image format"),
-                                  (retina[: len(retina) // 2], "failed_to_decode", "truncated image")]:
+    for data, status, message in [
+        (png_bomb(), "failed_to_decode", "decompression bomb"),
+        (b"\x00" * 1000, "failed_to_decode", "unidentified image format"),
+        (retina[: len(retina) // 2], "failed_to_decode", "truncated image"),
+    ]:
         with pytest.raises(SampleError, match=message) as err:
             process_image(data, ImageOptions())
         assert err.value.status == status
@@ -416,8 +516,11 @@ def test_a_slow_decode_is_abandoned_at_its_deadline(photos):
     big = io.BytesIO()
     Image.effect_noise((3000, 3000), 60).convert("RGB").save(big, "PNG", compress_level=1)
     with pytest.raises(SampleError, match=r"decode timeout \(over 0.001 s\)") as err:
-        process_image(big.getvalue(), ImageOptions(image_size=64, max_aspect_ratio=None),
-                      limits=DecodeLimits(decode_timeout=0.001))
+        process_image(
+            big.getvalue(),
+            ImageOptions(image_size=64, max_aspect_ratio=None),
+            limits=DecodeLimits(decode_timeout=0.001),
+        )
     assert err.value.status == "failed_to_decode"
     assert process_image(big.getvalue(), ImageOptions(image_size=64)).width == 64  # the default limit: 30 s
 
@@ -427,22 +530,37 @@ def test_pathological_list_stays_within_memory(tmp_path, photos):
     import subprocess
     import sys
 
-    routes = {"/a.png": Route(_png(1, 3000), content_type="image/png"),
-              "/b.png": Route(_png(3000, 1), content_type="image/png"),
-              "/c.png": Route(_png(1, 100), content_type="image/png"),
-              "/d.jpg": Route(reencode(photos["coffee.jpg"], "JPEG"), content_type="image/jpeg")}
+    routes = {
+        "/a.png": Route(_png(1, 3000), content_type="image/png"),
+        "/b.png": Route(_png(3000, 1), content_type="image/png"),
+        "/c.png": Route(_png(1, 100), content_type="image/png"),
+        "/d.jpg": Route(reencode(photos["coffee.jpg"], "JPEG"), content_type="image/jpeg"),
+    }
     with LoopbackServer(routes) as server:
         urls = tmp_path / "urls.txt"
         urls.write_text("".join(server.url(p) + "\n" for p in routes))
         # The peak RSS of the CLI's process and of the worker processes it starts, measured in that process.
-        argv = [str(urls), "--output", str(tmp_path / "o"), "--image-size", "384", "--allow-network", "127.0.0.0/8",
-                "--processes", "1", "--no-progress"]
-        script = ("import resource, sys\nfrom data_prep import download\n"
-                  f"code = download.main({argv!r})\n"
-                  "peak = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
-                  "print('PEAK_KB', peak)\nsys.exit(code)\n")
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             cwd=Path(__file__).parents[1])
+        argv = [
+            str(urls),
+            "--output",
+            str(tmp_path / "o"),
+            "--image-size",
+            "384",
+            "--allow-network",
+            "127.0.0.0/8",
+            "--processes",
+            "1",
+            "--no-progress",
+        ]
+        script = (
+            "import resource, sys\nfrom data_prep import download\n"
+            f"code = download.main({argv!r})\n"
+            "peak = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
+            "print('PEAK_KB', peak)\nsys.exit(code)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+        )
     assert out.returncode == 0, out.stderr
     peak_mb = int(out.stdout.split("PEAK_KB")[1].split()[0]) / 1024
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
@@ -459,9 +577,13 @@ def test_tls_is_verified_and_never_downgraded(photos):
     """HTTPS from a self-signed server on 127.0.0.1: refused by default without a retry, accepted with --ca-bundle;
     a redirect from https to http is refused."""
     photo = photos["rocket.jpg"]
-    with LoopbackServer({"/a.jpg": Route(photo)}) as plain, \
-            LoopbackServer({"/a.jpg": Route(photo), "/down": Route(redirect=plain.url("/a.jpg")),
-                            "/hop": Route(redirect="/a.jpg")}, tls=TLS) as secure:
+    with (
+        LoopbackServer({"/a.jpg": Route(photo)}) as plain,
+        LoopbackServer(
+            {"/a.jpg": Route(photo), "/down": Route(redirect=plain.url("/a.jpg")), "/hop": Route(redirect="/a.jpg")},
+            tls=TLS,
+        ) as secure,
+    ):
         assert secure.url("/a.jpg").startswith("https://127.0.0.1:")
         system_trust = Fetcher(FetchOptions(allow_networks=("127.0.0.0/8",), retries=3, backoff=0.01))
         with pytest.raises(SampleError, match=r"tls certificate error \(self.signed certificate\)") as err:
@@ -482,12 +604,24 @@ def test_ipv6_forms_of_private_ipv4_are_refused_and_networks_are_allowed_by_cidr
     from data_prep.net import is_public_address
 
     public = ["8.8.8.8", "2001:4860:4860::8888", "64:ff9b::808:808", "2002:808:808::1"]
-    private = ["127.0.0.1", "10.1.2.3", "169.254.169.254", "::1", "fe80::1", "fc00::1",
-               "::ffff:127.0.0.1", "::ffff:169.254.169.254",  # IPv4-mapped
-               "::7f00:1", "::a9fe:a9fe",  # IPv4-compatible (deprecated): 127.0.0.1, 169.254.169.254
-               "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::a00:1",  # NAT64
-               "2002:7f00:1::", "2002:a9fe:a9fe::1",  # 6to4
-               "2001:0:4136:e378:8000:63bf:80ff:fffe"]  # Teredo: client 127.0.0.1 (obfuscated)
+    private = [
+        "127.0.0.1",
+        "10.1.2.3",
+        "169.254.169.254",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",  # IPv4-mapped
+        "::7f00:1",
+        "::a9fe:a9fe",  # IPv4-compatible (deprecated): 127.0.0.1, 169.254.169.254
+        "64:ff9b::7f00:1",
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b:1::a00:1",  # NAT64
+        "2002:7f00:1::",
+        "2002:a9fe:a9fe::1",  # 6to4
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",
+    ]  # Teredo: client 127.0.0.1 (obfuscated)
     assert [ip for ip in public if not is_public_address(ip)] == []
     assert [ip for ip in private if is_public_address(ip)] == []
     loopback = FetchOptions(allow_networks=("127.0.0.0/8",))
@@ -500,16 +634,41 @@ def test_ipv6_forms_of_private_ipv4_are_refused_and_networks_are_allowed_by_cidr
 
 def test_sha256_column_is_verified_before_decoding(tmp_path, photos):
     good, other = photos["rocket.jpg"], photos["coffee.jpg"]
-    routes = {"/ok.jpg": Route(good), "/swapped.jpg": Route(other), "/bad-hash.jpg": Route(good),
-              "/unchecked.jpg": Route(photos["retina.jpg"])}
+    routes = {
+        "/ok.jpg": Route(good),
+        "/swapped.jpg": Route(other),
+        "/bad-hash.jpg": Route(good),
+        "/unchecked.jpg": Route(photos["retina.jpg"]),
+    }
     with LoopbackServer(routes) as server:
-        rows = [{"url": server.url("/ok.jpg"), "caption": "a rocket", "sha": hashlib.sha256(good).hexdigest().upper()},
-                {"url": server.url("/swapped.jpg"), "caption": "not what was listed", "sha": hashlib.sha256(good).hexdigest()},
-                {"url": server.url("/bad-hash.jpg"), "caption": "malformed hash", "sha": "12ab"},
-                {"url": server.url("/unchecked.jpg"), "caption": "no hash given", "sha": ""}]
+        rows = [
+            {"url": server.url("/ok.jpg"), "caption": "a rocket", "sha": hashlib.sha256(good).hexdigest().upper()},
+            {
+                "url": server.url("/swapped.jpg"),
+                "caption": "not what was listed",
+                "sha": hashlib.sha256(good).hexdigest(),
+            },
+            {"url": server.url("/bad-hash.jpg"), "caption": "malformed hash", "sha": "12ab"},
+            {"url": server.url("/unchecked.jpg"), "caption": "no hash given", "sha": ""},
+        ]
         (tmp_path / "list.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        assert download.main([str(tmp_path / "list.jsonl"), "-o", str(tmp_path / "out"), "--sha256-col", "sha",
-                              "--allow-network", "127.0.0.0/8", "--processes", "1", "--no-progress"]) == 0
+        assert (
+            download.main(
+                [
+                    str(tmp_path / "list.jsonl"),
+                    "-o",
+                    str(tmp_path / "out"),
+                    "--sha256-col",
+                    "sha",
+                    "--allow-network",
+                    "127.0.0.0/8",
+                    "--processes",
+                    "1",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         assert server.hits["/bad-hash.jpg"] == 0  # a malformed hash is refused before fetching
     totals = shards.merge_stats(tmp_path / "out")
     assert (totals["status.success"], totals["status.hash_mismatch"]) == (2, 2)
@@ -518,8 +677,12 @@ def test_sha256_column_is_verified_before_decoding(tmp_path, photos):
     metas = [json.loads(s["json"]) for s in read_samples(tmp_path / "out").values()]
     assert sorted(m["caption"] for m in metas) == ["a rocket", "no hash given"]
     assert "sha" not in metas[0].get("extra", {})  # the hash column is ours, not an extra
-    assert download.main([str(tmp_path / "list.jsonl"), "-o", str(tmp_path / "out2"), "--sha256-col", "hash",
-                          "--no-progress"]) == 2  # a missing column is named
+    assert (
+        download.main(
+            [str(tmp_path / "list.jsonl"), "-o", str(tmp_path / "out2"), "--sha256-col", "hash", "--no-progress"]
+        )
+        == 2
+    )  # a missing column is named
 
 
 ROBOTS = b"""# every other crawler: nothing
@@ -536,17 +699,42 @@ def test_robots_txt_is_fetched_once_per_host_and_honoured(tmp_path, photos):
     def img(name):
         return Route(photos[name])
 
-    site = {"/robots.txt": Route(ROBOTS, content_type="text/plain"), "/a.jpg": img("rocket.jpg"),
-            "/private/b.jpg": img("coffee.jpg"), "/private/c.public.jpg": img("retina.jpg"),
-            "/hop": Route(redirect="/private/b.jpg")}
+    site = {
+        "/robots.txt": Route(ROBOTS, content_type="text/plain"),
+        "/a.jpg": img("rocket.jpg"),
+        "/private/b.jpg": img("coffee.jpg"),
+        "/private/c.public.jpg": img("retina.jpg"),
+        "/hop": Route(redirect="/private/b.jpg"),
+    }
     broken = {"/robots.txt": Route(status=503, body=b"busy", content_type="text/plain"), "/d.jpg": img("camera.png")}
     with LoopbackServer(site) as server, LoopbackServer(broken) as down:
         urls = tmp_path / "urls.txt"
-        urls.write_text("".join(f"{u}\n" for u in [server.url("/a.jpg"), server.url("/private/b.jpg"),
-                                                  server.url("/private/c.public.jpg"), server.url("/hop"),
-                                                  down.url("/d.jpg")]))
-        args = [str(urls), "--allow-network", "127.0.0.0/8", "--processes", "1", "--threads", "4", "--retries", "1",
-                "--backoff", "0.01", "--no-progress"]
+        urls.write_text(
+            "".join(
+                f"{u}\n"
+                for u in [
+                    server.url("/a.jpg"),
+                    server.url("/private/b.jpg"),
+                    server.url("/private/c.public.jpg"),
+                    server.url("/hop"),
+                    down.url("/d.jpg"),
+                ]
+            )
+        )
+        args = [
+            str(urls),
+            "--allow-network",
+            "127.0.0.0/8",
+            "--processes",
+            "1",
+            "--threads",
+            "4",
+            "--retries",
+            "1",
+            "--backoff",
+            "0.01",
+            "--no-progress",
+        ]
         assert download.main([*args, "-o", str(tmp_path / "out")]) == 0
         totals = shards.merge_stats(tmp_path / "out")
         assert (totals["status.success"], totals["status.opted_out"], totals["status.failed_to_download"]) == (2, 2, 1)
@@ -569,21 +757,60 @@ def test_retry_failed_refetches_transient_rows_and_keeps_the_dataset_exact(tmp_p
     from data_prep import pipeline
 
     p = photos
-    healthy = [("/a", p["astronaut.png"]), ("/b", p["coffee.jpg"]), ("/c", None), ("/d", p["rocket.jpg"]),
-               ("/e", p["retina.jpg"]), ("/f", p["hubble.jpg"]), ("/g", p["coffee.jpg"]), ("/h", p["camera.png"]),
-               ("/i", p["moto.jpg"]), ("/j", p["chelsea.webp"]), ("/k", None), ("/l", p["ihc.png"]),
-               ("/m", p["flaky.jpg"]), ("/n", p["rotated.jpg"])]
+    healthy = [
+        ("/a", p["astronaut.png"]),
+        ("/b", p["coffee.jpg"]),
+        ("/c", None),
+        ("/d", p["rocket.jpg"]),
+        ("/e", p["retina.jpg"]),
+        ("/f", p["hubble.jpg"]),
+        ("/g", p["coffee.jpg"]),
+        ("/h", p["camera.png"]),
+        ("/i", p["moto.jpg"]),
+        ("/j", p["chelsea.webp"]),
+        ("/k", None),
+        ("/l", p["ihc.png"]),
+        ("/m", p["flaky.jpg"]),
+        ("/n", p["rotated.jpg"]),
+    ]
     routes = {path: Route(body) for path, body in healthy if body}
-    routes.update({"/c": Route(status=404, body=b"gone", content_type="text/plain"),
-                   "/k": Route(status=500, body=b"down", content_type="text/plain")})
-    broken = {**routes, "/b": Route(status=503, body=b"busy", content_type="text/plain"),
-              "/f": Route(p["hubble.jpg"], stall=30)}
+    routes.update(
+        {
+            "/c": Route(status=404, body=b"gone", content_type="text/plain"),
+            "/k": Route(status=500, body=b"down", content_type="text/plain"),
+        }
+    )
+    broken = {
+        **routes,
+        "/b": Route(status=503, body=b"busy", content_type="text/plain"),
+        "/f": Route(p["hubble.jpg"], stall=30),
+    }
     with LoopbackServer(broken) as server, LoopbackServer(routes) as fresh:
+
         def run(out, srv, *extra):
             (tmp_path / f"{out}.txt").write_text("".join(srv.url(path) + "\n" for path, _ in healthy))
-            return download.main([str(tmp_path / f"{out}.txt"), "-o", str(tmp_path / out), "--shard-size", "4",
-                                  "--allow-network", "127.0.0.0/8", "--timeout", "1", "--retries", "0",
-                                  "--ignore-robots-txt", "--processes", "1", "--threads", "4", "--no-progress", *extra])
+            return download.main(
+                [
+                    str(tmp_path / f"{out}.txt"),
+                    "-o",
+                    str(tmp_path / out),
+                    "--shard-size",
+                    "4",
+                    "--allow-network",
+                    "127.0.0.0/8",
+                    "--timeout",
+                    "1",
+                    "--retries",
+                    "0",
+                    "--ignore-robots-txt",
+                    "--processes",
+                    "1",
+                    "--threads",
+                    "4",
+                    "--no-progress",
+                    *extra,
+                ]
+            )
 
         assert run("ds", server) == 0
         first = shards.merge_stats(tmp_path / "ds")
@@ -611,10 +838,14 @@ def test_retry_failed_refetches_transient_rows_and_keeps_the_dataset_exact(tmp_p
 
         assert run("fresh", fresh) == 0
     after = shards.merge_stats(tmp_path / "ds")
-    assert (after["status.success"], after["status.duplicate_content"], after["status.failed_to_download"]) == \
-        (11, 1, 2)
-    assert {k: v for k, v in after.items() if k.startswith(("status.", "errors."))} == \
-        {k: v for k, v in shards.merge_stats(tmp_path / "fresh").items() if k.startswith(("status.", "errors."))}
+    assert (after["status.success"], after["status.duplicate_content"], after["status.failed_to_download"]) == (
+        11,
+        1,
+        2,
+    )
+    assert {k: v for k, v in after.items() if k.startswith(("status.", "errors."))} == {
+        k: v for k, v in shards.merge_stats(tmp_path / "fresh").items() if k.startswith(("status.", "errors."))
+    }
 
     def content(out):
         return {k: (json.loads(m["json"])["sha256"], m["txt"], m["jpg"]) for k, m in read_samples(out).items()}
@@ -627,7 +858,9 @@ def test_retry_failed_refetches_transient_rows_and_keeps_the_dataset_exact(tmp_p
     assert manifest["status"] == shards.read_manifest(tmp_path / "fresh")["status"]
     # shard 2 kept its samples (its /k failed again): only its stats changed; shard 3 had nothing to retry
     assert {i: (tmp_path / "ds" / shards.shard_name(i)).stat().st_mtime_ns for i in (2, 3)} == untouched
-    assert json.loads((tmp_path / "ds" / shards.stats_name(2)).read_text())["transient"] == [[10, "failed_to_download", "http 500"]]
+    assert json.loads((tmp_path / "ds" / shards.stats_name(2)).read_text())["transient"] == [
+        [10, "failed_to_download", "http 500"]
+    ]
     assert not (tmp_path / "ds" / "_work" / "retry").exists()
     loaded = wds.WebDataset(str(tmp_path / "ds" / "{000000..000003}.tar"), shardshuffle=False)
     assert sorted(s["__key__"] for s in loaded) == sorted(ds)

@@ -3,6 +3,7 @@ the extracted list goes through data_prep.download against a loopback server.
 
 Run: .venv/bin/python -m pytest tests/test_data_prep_crawl.py -q
 """
+
 from __future__ import annotations
 
 import gzip
@@ -65,8 +66,17 @@ EXPECTED_PAIRS = [
     ("http://plain.test/sunset.jpg", "海边的日落", "http://plain.test/index.html"),
     ("http://plain.test/seoul.jpg", "서울의 야경 사진", "http://plain.test/index.html"),
 ]
-EXPECTED_DROPS = {"data_uri": 1, "not_image_url": 1, "declared_too_small": 1, "placeholder_text": 2,
-                  "too_many_words": 1, "no_alt": 1, "not_http": 1, "no_src": 1, "duplicate_url": 2}
+EXPECTED_DROPS = {
+    "data_uri": 1,
+    "not_image_url": 1,
+    "declared_too_small": 1,
+    "placeholder_text": 2,
+    "too_many_words": 1,
+    "no_alt": 1,
+    "not_http": 1,
+    "no_src": 1,
+    "duplicate_url": 2,
+}
 
 
 def write_warc(path: Path, records, compress: bool) -> None:
@@ -80,22 +90,47 @@ def write_warc(path: Path, records, compress: bool) -> None:
                 http = StatusAndHeaders(status, [("Content-Type", ctype)], protocol="HTTP/1.1")
             else:
                 http = None
-            writer.write_record(writer.create_warc_record(uri, kind, payload=io.BytesIO(body), http_headers=http,
-                                                          warc_content_type=ctype if kind == "resource" else ""))
+            writer.write_record(
+                writer.create_warc_record(
+                    uri,
+                    kind,
+                    payload=io.BytesIO(body),
+                    http_headers=http,
+                    warc_content_type=ctype if kind == "resource" else "",
+                )
+            )
 
 
 def make_warcs(folder: Path) -> None:
     folder.mkdir()
-    write_warc(folder / "a.warc.gz", [
-        ("http://site.test/blog/post.html", "request", "GET /blog/post.html HTTP/1.1", "", b""),
-        ("http://site.test/blog/post.html", "response", "200 OK", "text/html; charset=utf-8", PAGE1.encode()),
-        ("http://site.test/img/x.jpg", "response", "200 OK", "image/jpeg", real_photos()["rocket.jpg"]),
-        ("http://site.test/missing", "response", "404 Not Found", "text/html",
-         b'<img src="/gone.jpg" alt="A page that was not found">'),
-        ("http://site.test/gallery/", "response", "200 OK", "text/html; charset=iso-8859-1", PAGE2.encode("latin-1")),
-    ], compress=True)
-    write_warc(folder / "b.warc", [("http://plain.test/index.html", "resource", None, "text/html", PAGE3.encode())],
-               compress=False)
+    write_warc(
+        folder / "a.warc.gz",
+        [
+            ("http://site.test/blog/post.html", "request", "GET /blog/post.html HTTP/1.1", "", b""),
+            ("http://site.test/blog/post.html", "response", "200 OK", "text/html; charset=utf-8", PAGE1.encode()),
+            ("http://site.test/img/x.jpg", "response", "200 OK", "image/jpeg", real_photos()["rocket.jpg"]),
+            (
+                "http://site.test/missing",
+                "response",
+                "404 Not Found",
+                "text/html",
+                b'<img src="/gone.jpg" alt="A page that was not found">',
+            ),
+            (
+                "http://site.test/gallery/",
+                "response",
+                "200 OK",
+                "text/html; charset=iso-8859-1",
+                PAGE2.encode("latin-1"),
+            ),
+        ],
+        compress=True,
+    )
+    write_warc(
+        folder / "b.warc",
+        [("http://plain.test/index.html", "resource", None, "text/html", PAGE3.encode())],
+        compress=False,
+    )
 
 
 def test_warc_extraction_gives_the_expected_pairs(tmp_path):
@@ -117,8 +152,9 @@ def test_warc_extraction_gives_the_expected_pairs(tmp_path):
     assert counts["pairs"] == 14 - 1 + 1 and counts["placeholder_text"] == 3  # +70 words, -sunset
     # Three words at least: the Chinese and Japanese alts count one word per character and stay (the old
     # whitespace count made each of them one word and dropped them).
-    strict = crawl.run([str(tmp_path / "crawl")], tmp_path / "strict.jsonl", crawl.CrawlFilter(min_words=3),
-                       progress=False)
+    strict = crawl.run(
+        [str(tmp_path / "crawl")], tmp_path / "strict.jsonl", crawl.CrawlFilter(min_words=3), progress=False
+    )
     rows = [json.loads(line)["caption"] for line in (tmp_path / "strict.jsonl").read_text().splitlines()]
     assert strict["too_few_words"] == 1 and "Mountains" not in rows
     assert {"東京タワーの夜景", "海边的日落", "서울의 야경 사진"} <= set(rows)
@@ -134,25 +170,42 @@ def test_srcset_picks_the_largest_candidate_and_words_count_per_script():
     assert pick(srcset="data:image/png;base64,AA= 1x") == ("", "data_uri")
     assert pick(srcset="img/a,b.jpg 2x, c.jpg") == ("img/a,b.jpg", None)  # a comma inside a URL belongs to it
     assert crawl.srcset_candidates("a.jpg,b.jpg 2x, c.jpg 3x,") == [("a.jpg,b.jpg", "2x"), ("c.jpg", "3x")]
-    words = {"A red bike": 3, "海边的日落": 5, "東京タワーの夜景": 8, "猫": 1, "日落。": 2, "iPhone手机": 3,
-             "서울의 야경 사진": 3, "「猫」": 1}
+    words = {
+        "A red bike": 3,
+        "海边的日落": 5,
+        "東京タワーの夜景": 8,
+        "猫": 1,
+        "日落。": 2,
+        "iPhone手机": 3,
+        "서울의 야경 사진": 3,
+        "「猫」": 1,
+    }
     assert {text: crawl.count_words(text) for text in words} == words
 
 
 def test_html_folder_with_and_without_base_url(tmp_path):
     site = tmp_path / "mirror" / "site"
     site.mkdir(parents=True)
-    (site / "index.html").write_text('<img src="images/owl.jpg" alt="An owl perched on a branch at night">'
-                                     '<img src="https://img.test/fox.jpg" alt="A fox crossing a snowy field">')
+    (site / "index.html").write_text(
+        '<img src="images/owl.jpg" alt="An owl perched on a branch at night">'
+        '<img src="https://img.test/fox.jpg" alt="A fox crossing a snowy field">'
+    )
     (site / "notes.txt").write_text("not a page")
     out = tmp_path / "pairs.jsonl.gz"
-    assert crawl.main([str(tmp_path / "mirror"), "--base-url", "https://example.org", "-o", str(out),
-                       "--no-progress"]) == 0
+    assert (
+        crawl.main([str(tmp_path / "mirror"), "--base-url", "https://example.org", "-o", str(out), "--no-progress"])
+        == 0
+    )
     rows = [json.loads(line) for line in gzip.open(out, "rt")]
     page = "https://example.org/site/index.html"
-    assert rows == [{"url": "https://example.org/site/images/owl.jpg", "caption": "An owl perched on a branch at night",
-                     "page_url": page},
-                    {"url": "https://img.test/fox.jpg", "caption": "A fox crossing a snowy field", "page_url": page}]
+    assert rows == [
+        {
+            "url": "https://example.org/site/images/owl.jpg",
+            "caption": "An owl perched on a branch at night",
+            "page_url": page,
+        },
+        {"url": "https://img.test/fox.jpg", "caption": "A fox crossing a snowy field", "page_url": page},
+    ]
     counts = crawl.run([str(site / "index.html")], tmp_path / "no_base.jsonl", crawl.CrawlFilter(), progress=False)
     assert counts["pairs"] == 1 and counts["relative_without_base"] == 1
     only = json.loads((tmp_path / "no_base.jsonl").read_text())
@@ -168,20 +221,39 @@ def test_crawl_output_feeds_the_downloader(tmp_path):
         (tmp_path / "crawl").mkdir()
         write_warc(tmp_path / "crawl" / "c.warc.gz", [(page, "response", "200 OK", "text/html", html.encode())], True)
         assert crawl.main([str(tmp_path / "crawl"), "-o", str(tmp_path / "pairs.parquet"), "--no-progress"]) == 0
-        assert download.main([str(tmp_path / "pairs.parquet"), "-o", str(tmp_path / "ds"), "--allow-network", "127.0.0.0/8",
-                              "--processes", "1", "--image-size", "64", "--no-progress"]) == 0
+        assert (
+            download.main(
+                [
+                    str(tmp_path / "pairs.parquet"),
+                    "-o",
+                    str(tmp_path / "ds"),
+                    "--allow-network",
+                    "127.0.0.0/8",
+                    "--processes",
+                    "1",
+                    "--image-size",
+                    "64",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     samples = dict(shards.iter_tar_samples(tmp_path / "ds" / "000000.tar"))
     metas = sorted((json.loads(m["json"]) for m in samples.values()), key=lambda m: m["row"])
     assert [(m["url"], m["caption"], m["extra"]) for m in metas] == [
         (server.url("/a.jpg"), "A rocket on the launch pad", {"page_url": page}),
-        (server.url("/b.png"), "A cup of coffee, top view", {"page_url": page})]
+        (server.url("/b.png"), "A cup of coffee, top view", {"page_url": page}),
+    ]
 
 
 def test_pages_that_opt_out_keep_their_images_out(tmp_path, capsys):
     """<meta name="robots"> noai/noimageai/none (or for our token), and a WARC response's X-Robots-Tag."""
+
     def page(head, alt):
-        return f'<html><head>{head}</head><body><img src="a.jpg" alt="{alt} one"><img src="b.jpg" alt="{alt} two">' \
-               '</body></html>'
+        return (
+            f'<html><head>{head}</head><body><img src="a.jpg" alt="{alt} one"><img src="b.jpg" alt="{alt} two">'
+            "</body></html>"
+        )
 
     pages = [
         ("http://s.test/noai/", page('<meta name="robots" content="index, NoAI">', "no ai page"), []),
@@ -197,14 +269,22 @@ def test_pages_that_opt_out_keep_their_images_out(tmp_path, capsys):
         writer = WARCWriter(f, gzip=True)
         for uri, body, extra in pages:
             http = StatusAndHeaders("200 OK", [("Content-Type", "text/html"), *extra], protocol="HTTP/1.1")
-            writer.write_record(writer.create_warc_record(uri, "response", payload=io.BytesIO(body.encode()),
-                                                          http_headers=http))
+            writer.write_record(
+                writer.create_warc_record(uri, "response", payload=io.BytesIO(body.encode()), http_headers=http)
+            )
     counts = crawl.run([str(tmp_path / "crawl")], tmp_path / "pairs.jsonl", crawl.CrawlFilter(), progress=False)
     kept = sorted(json.loads(line)["page_url"] for line in (tmp_path / "pairs.jsonl").read_text().splitlines())
-    assert kept == ["http://s.test/open/", "http://s.test/open/", "http://s.test/other/", "http://s.test/other/",
-                    "http://s.test/scoped/", "http://s.test/scoped/"]
+    assert kept == [
+        "http://s.test/open/",
+        "http://s.test/open/",
+        "http://s.test/other/",
+        "http://s.test/other/",
+        "http://s.test/scoped/",
+        "http://s.test/scoped/",
+    ]
     assert (counts["pages_opted_out"], counts["opted_out"], counts["images"], counts["pairs"]) == (4, 8, 14, 6)
     assert "4 pages opted out" in capsys.readouterr().out
-    counts = crawl.run([str(tmp_path / "crawl")], tmp_path / "all.jsonl", crawl.CrawlFilter(respect_opt_outs=False),
-                       progress=False)
+    counts = crawl.run(
+        [str(tmp_path / "crawl")], tmp_path / "all.jsonl", crawl.CrawlFilter(respect_opt_outs=False), progress=False
+    )
     assert counts["pairs"] == 14

@@ -2,6 +2,7 @@
 stay (checked against the model's own scores), the stats count every sample once, CapFilt keeps each sample's best
 caption by ITM, and a rerun skips finished shards. That a trained model removes swapped captions is asserted on
 the demo's pretraining (tests/test_demo.py)."""
+
 from __future__ import annotations
 
 import json
@@ -28,18 +29,52 @@ def shards(tmp_path_factory, demo_model_dir):
     root = tmp_path_factory.mktemp("filter")
     generate_world(root / "world", seed=7, num_train=24, num_val=2, num_test=2, image_size=48)
     (root / "model").symlink_to(demo_model_dir)
-    p = subprocess.run([sys.executable, "-m", "data_prep.annotations", str(root / "world" / "pretrain.json"),
-                        "--image-root", str(root / "world" / "images"), "--output", str(root / "shards"),
-                        "--shard-size", "10", "--image-size", "48", "--no-progress"], cwd=REPO, capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.annotations",
+            str(root / "world" / "pretrain.json"),
+            "--image-root",
+            str(root / "world" / "images"),
+            "--output",
+            str(root / "shards"),
+            "--shard-size",
+            "10",
+            "--image-size",
+            "48",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     return root
 
 
 def _filter(root: Path, out: Path, *args) -> str:
-    p = subprocess.run([sys.executable, "-m", "data_prep.filter", str(root / "shards"), "--checkpoint",
-                        str(root / "model"), "--output", str(out), "--workers", "0", "--no-progress", *args],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.filter",
+            str(root / "shards"),
+            "--checkpoint",
+            str(root / "model"),
+            "--output",
+            str(out),
+            "--workers",
+            "0",
+            "--no-progress",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     return p.stdout
 
@@ -58,8 +93,11 @@ def _scores(root: Path) -> dict:
 
 
 def _kept(out: Path) -> dict:
-    return {k: (m["txt"].decode().splitlines(), json.loads(m["json"])) for t in sorted(out.glob("*.tar"))
-            for k, m in iter_tar_samples(t)}  # fmt: skip
+    return {
+        k: (m["txt"].decode().splitlines(), json.loads(m["json"]))
+        for t in sorted(out.glob("*.tar"))
+        for k, m in iter_tar_samples(t)
+    }
 
 
 def test_judge_picks_the_alt_text_or_the_best_caption_and_names_the_failing_score():
@@ -80,7 +118,9 @@ def test_thresholds_keep_exactly_the_samples_whose_scores_pass(shards, tmp_path)
     assert set(kept) == expected and len(expected) == 12
     for k, (lines, meta) in kept.items():
         assert lines == scores[k][0]  # every caption stays without --capfilt
-        assert meta["albef_filter"]["caption"] == 0 and meta["albef_filter"]["itm"] == pytest.approx(scores[k][2][0], abs=1e-5)
+        assert meta["albef_filter"]["caption"] == 0 and meta["albef_filter"]["itm"] == pytest.approx(
+            scores[k][2][0], abs=1e-5
+        )
         assert meta["albef_filter"]["itc"] == pytest.approx(scores[k][1][0], abs=1e-5)
     stats = [json.loads((out / f"{i:06d}_stats.json").read_text()) for i in range(3)]
     assert [s["input_samples"] for s in stats] == [10, 10, 4] and sum(s["kept"] for s in stats) == 12
@@ -115,9 +155,28 @@ def test_capfilt_keeps_each_samples_best_caption_by_itm(shards, tmp_path):
 
 
 def test_bad_input_is_a_clear_error(shards, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "data_prep.filter", str(tmp_path), "--checkpoint", "x", "--output",
-                        str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "data_prep.filter", str(tmp_path), "--checkpoint", "x", "--output", str(tmp_path / "o")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "manifest.json not found" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "data_prep.filter", str(shards / "shards"), "--checkpoint", "x",
-                        "--output", str(shards / "shards")], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.filter",
+            str(shards / "shards"),
+            "--checkpoint",
+            "x",
+            "--output",
+            str(shards / "shards"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "is the input folder" in p.stderr

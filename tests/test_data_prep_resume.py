@@ -3,6 +3,7 @@ SLURM-array-style run, must both give exactly the shards of one uninterrupted si
 
 Run: .venv/bin/python -m pytest tests/test_data_prep_resume.py -q
 """
+
 from __future__ import annotations
 
 import io
@@ -49,8 +50,11 @@ def build_rows_and_routes(gate: threading.Event):
         if path == "/missing" or path in routes:
             continue
         body = images[int(path.rsplit("/", 1)[1].split(".")[0])]
-        routes[path] = Route(body, delay=0.3 if path in ("/img/1.jpg", "/img/6.jpg") else 0.0,
-                             gate=gate if row >= GATED_FROM_ROW else None)
+        routes[path] = Route(
+            body,
+            delay=0.3 if path in ("/img/1.jpg", "/img/6.jpg") else 0.0,
+            gate=gate if row >= GATED_FROM_ROW else None,
+        )
     return paths, routes
 
 
@@ -62,14 +66,32 @@ def served(tmp_path_factory):
     with LoopbackServer(routes) as server:
         folder = tmp_path_factory.mktemp("resume")
         url_list = folder / "urls.jsonl"
-        url_list.write_text("".join(json.dumps({"url": server.url(p), "caption": f"photo number {r}", "n": r}) + "\n"
-                                    for r, p in enumerate(paths)))
+        url_list.write_text(
+            "".join(
+                json.dumps({"url": server.url(p), "caption": f"photo number {r}", "n": r}) + "\n"
+                for r, p in enumerate(paths)
+            )
+        )
         yield {"server": server, "gate": gate, "list": url_list, "folder": folder, "paths": paths}
 
 
 def args(url_list: Path, out: Path):
-    return [str(url_list), "--output", str(out), "--allow-network", "127.0.0.0/8", "--shard-size", str(SHARD_SIZE),
-            "--image-size", "96", "--timeout", "20", "--retries", "0", "--no-progress"]
+    return [
+        str(url_list),
+        "--output",
+        str(out),
+        "--allow-network",
+        "127.0.0.0/8",
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--image-size",
+        "96",
+        "--timeout",
+        "20",
+        "--retries",
+        "0",
+        "--no-progress",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +103,14 @@ def reference(served):
 
 
 def cli(url_list: Path, out: Path, *extra: str, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "data_prep.download", *args(url_list, out), *extra], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "data_prep.download", *args(url_list, out), *extra],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def dataset(out: Path):
@@ -102,8 +129,12 @@ def test_reference_run_dedups_across_shards(reference):
     keys = [k for name, samples in data.items() if name.endswith(".tar") for k in samples]
     assert len(keys) == len(set(keys)) == 24 == data["manifest"]["num_samples"]
     assert [s["num_samples"] for s in data["manifest"]["shards"]] == [4, 3, 3, 4, 3, 3, 4]
-    assert data["manifest"]["status"] == {"success": 24, "duplicate_content": 2, "duplicate_url": 1,
-                                          "failed_to_download": 1}
+    assert data["manifest"]["status"] == {
+        "success": 24,
+        "duplicate_content": 2,
+        "duplicate_url": 1,
+        "failed_to_download": 1,
+    }
     assert "000000010" not in data["000002.tar"] and "000000017" not in data["000004.tar"]  # the later copies go
 
 
@@ -144,9 +175,18 @@ def test_sigkill_midrun_then_rerun_gives_the_uninterrupted_shards(served, refere
 
 def test_three_array_workers_give_the_single_worker_shards(served, reference):
     out = served["folder"] / "array"
-    procs = [cli(served["list"], out, "--processes", "1", "--threads", "2",
-                 env={"SLURM_ARRAY_TASK_ID": str(10 + i), "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "3"})
-             for i in range(3)]
+    procs = [
+        cli(
+            served["list"],
+            out,
+            "--processes",
+            "1",
+            "--threads",
+            "2",
+            env={"SLURM_ARRAY_TASK_ID": str(10 + i), "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "3"},
+        )
+        for i in range(3)
+    ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     for i, output in enumerate(outputs):

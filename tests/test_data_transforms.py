@@ -1,12 +1,12 @@
 """ALBEF image transforms (albef/data/transforms.py): official op list, magnitudes and semantics, decoding,
 crop/resize equivalence with PIL/torchvision, normalisation. Real JPEG/PNG bytes made with Pillow throughout."""
+
 from __future__ import annotations
 
 import collections
 import io
 import random
 
-import albef  # noqa: F401  (torchvision compatibility fix first)
 import cv2
 import numpy as np
 import pytest
@@ -15,13 +15,44 @@ from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms as tv
 from torchvision.transforms import functional as tvf
 
-from albef.data import (CLIP_MEAN, CLIP_STD, RANDAUG_OPS, ImageTransform, RandAugment, finetune_transform,
-                        normalize_images, pretrain_transform, random_resized_crop_params, stack_images, test_transform)
-from albef.data.transforms import (CROP_RATIO, _draft_factor, _normalize_torch, crop_decoder_available, decode_bgr,
-                                   decode_jpeg_crop, read_image_header, resize_bicubic, to_device)
+import albef  # noqa: F401  (torchvision compatibility fix first)
+from albef.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    RANDAUG_OPS,
+    ImageTransform,
+    RandAugment,
+    finetune_transform,
+    normalize_images,
+    pretrain_transform,
+    random_resized_crop_params,
+    stack_images,
+    test_transform,
+)
+from albef.data.transforms import (
+    CROP_RATIO,
+    _draft_factor,
+    _normalize_torch,
+    crop_decoder_available,
+    decode_bgr,
+    decode_jpeg_crop,
+    read_image_header,
+    resize_bicubic,
+    to_device,
+)
 
-OFFICIAL_OPS = ["Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
-                "TranslateY", "Rotate"]
+OFFICIAL_OPS = [
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+]
 
 
 def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -29,7 +60,7 @@ def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
     arr = np.asarray(base).astype(np.int16)
-    arr[height // 3: height // 2, width // 4: width // 2] = 230
+    arr[height // 3 : height // 2, width // 4 : width // 2] = 230
     arr += rng.integers(-6, 7, arr.shape).astype(np.int16)
     return arr.clip(0, 255).astype(np.uint8)
 
@@ -75,8 +106,15 @@ def test_randaugment_op_list_and_magnitudes_are_official():
     assert list(RANDAUG_OPS) == OFFICIAL_OPS
     ra = RandAugment()  # ALBEF: RandomAugment(2, 7, isPIL=True, augs=[...])
     assert ra.num_ops == 2 and list(ra.ops) == OFFICIAL_OPS
-    expected = {"Brightness": 1.36, "Sharpness": 1.36, "ShearX": 0.21, "ShearY": 0.21, "TranslateX": 7.0,
-                "TranslateY": 7.0, "Rotate": 21.0}
+    expected = {
+        "Brightness": 1.36,
+        "Sharpness": 1.36,
+        "ShearX": 0.21,
+        "ShearY": 0.21,
+        "TranslateX": 7.0,
+        "TranslateY": 7.0,
+        "Rotate": 21.0,
+    }
     assert ra.magnitudes.keys() == expected.keys()
     for name, value in expected.items():
         assert ra.magnitudes[name] == pytest.approx(value), name
@@ -129,8 +167,8 @@ def test_geometric_ops_are_the_official_opencv_warps(sign):
     tx = ra.apply("TranslateX", img, sign)
     ty = ra.apply("TranslateY", img, sign)
     if sign > 0:
-        assert np.array_equal(tx[:, : w - 7], img[:, 7:]) and (tx[:, w - 7:] == 128).all()
-        assert np.array_equal(ty[: h - 7], img[7:]) and (ty[h - 7:] == 128).all()
+        assert np.array_equal(tx[:, : w - 7], img[:, 7:]) and (tx[:, w - 7 :] == 128).all()
+        assert np.array_equal(ty[: h - 7], img[7:]) and (ty[h - 7 :] == 128).all()
     else:
         assert np.array_equal(tx[:, 7:], img[:, : w - 7]) and (tx[:, :7] == 128).all()
         assert np.array_equal(ty[7:], img[: h - 7]) and (ty[:7] == 128).all()
@@ -187,14 +225,16 @@ def test_random_resized_crop_params_distribution_and_fallback():
     # all 10 attempts fail on very long images: torchvision's fallback, the centred crop with the ratio clamped
     for height, width, expected in ((10, 1000, (0, 493, 10, 13)), (1000, 10, (493, 0, 13, 10))):
         assert random_resized_crop_params(height, width, (0.2, 1.0), CROP_RATIO, random.Random(1)) == expected
-        assert tuple(tv.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.2, 1.0],
-                                                     [3 / 4, 4 / 3])) == expected
+        assert (
+            tuple(tv.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.2, 1.0], [3 / 4, 4 / 3]))
+            == expected
+        )
 
 
 @pytest.mark.parametrize("box,size", [((13, 7, 301, 233), 96), ((40, 30, 90, 70), 96), ((0, 0, 320, 240), 320)])
 def test_bicubic_resize_matches_pil_within_one_level(box, size):
     arr = photo(320, 240, seed=5)
-    ours = resize_bicubic(arr[box[1]:box[3], box[0]:box[2]], size, size)
+    ours = resize_bicubic(arr[box[1] : box[3], box[0] : box[2]], size, size)
     ref = np.asarray(Image.fromarray(arr).crop(box).resize((size, size), Image.BICUBIC))
     diff = np.abs(ours.astype(int) - ref)
     assert ours.shape == (size, size, 3) and ours.flags.c_contiguous
@@ -203,9 +243,13 @@ def test_bicubic_resize_matches_pil_within_one_level(box, size):
 
 def test_decoding_is_pixel_identical_to_pillow():
     arr = photo(120, 90, seed=7)
-    cases = [encode(arr, quality=90), encode(arr, quality=95, subsampling=0),
-             encode(np.asarray(Image.fromarray(arr).convert("L")), quality=90), encode(arr, "PNG"),
-             encode(np.dstack([arr, np.full(arr.shape[:2], 7, np.uint8)]), "PNG")]
+    cases = [
+        encode(arr, quality=90),
+        encode(arr, quality=95, subsampling=0),
+        encode(np.asarray(Image.fromarray(arr).convert("L")), quality=90),
+        encode(arr, "PNG"),
+        encode(np.dstack([arr, np.full(arr.shape[:2], 7, np.uint8)]), "PNG"),
+    ]
     for data in cases:
         ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         assert np.array_equal(decode_bgr(data)[:, :, ::-1], ref)
@@ -227,8 +271,10 @@ def _jpeg_variants(arr: np.ndarray) -> dict:
         return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90, *params])[1].tobytes()
 
     return {
-        "4:2:0": encode(arr, quality=90), "4:4:4": encode(arr, quality=90, subsampling=0),
-        "4:2:2": encode(arr, quality=90, subsampling=1), "grey": encode(np.asarray(Image.fromarray(arr).convert("L"))),
+        "4:2:0": encode(arr, quality=90),
+        "4:4:4": encode(arr, quality=90, subsampling=0),
+        "4:2:2": encode(arr, quality=90, subsampling=1),
+        "grey": encode(np.asarray(Image.fromarray(arr).convert("L"))),
         "progressive": encode(arr, quality=90, progressive=True),
         "4:1:1": cv2_jpeg(cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411),
         "4:4:0": cv2_jpeg(cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440),
@@ -239,16 +285,23 @@ def _jpeg_variants(arr: np.ndarray) -> dict:
 def test_crop_decoder_is_built():
     assert crop_decoder_available(), (
         "albef.data._jpegcrop is not compiled: `make setup` builds it (needs gcc and libjpeg62-turbo-dev; as root "
-        "`make setup` installs them); without it the loader falls back to whole-image decoding")
+        "`make setup` installs them); without it the loader falls back to whole-image decoding"
+    )
 
 
-@pytest.mark.skipif(not crop_decoder_available(), reason="albef.data._jpegcrop not built (see test_crop_decoder_is_built)")
+@pytest.mark.skipif(
+    not crop_decoder_available(), reason="albef.data._jpegcrop not built (see test_crop_decoder_is_built)"
+)
 def test_crop_decoding_is_bit_identical_to_a_full_decode(monkeypatch):
     """Every crop, at every DCT scale, equals the same crop of OpenCV's full decode (= Pillow's), including its
     edge columns (where a naive crop decode's upsampling differs) and its first rows after skipped ones."""
     rng = random.Random(0)
-    reduced = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-               8: cv2.IMREAD_REDUCED_COLOR_8}
+    reduced = {
+        1: cv2.IMREAD_COLOR,
+        2: cv2.IMREAD_REDUCED_COLOR_2,
+        4: cv2.IMREAD_REDUCED_COLOR_4,
+        8: cv2.IMREAD_REDUCED_COLOR_8,
+    }
     for name, data in _jpeg_variants(photo(203, 157, seed=3)).items():
         assert read_image_header(data) == (203, 157, "JPEG"), name
         for factor, flag in reduced.items():
@@ -256,12 +309,14 @@ def test_crop_decoding_is_bit_identical_to_a_full_decode(monkeypatch):
             assert full.shape[:2] == (-(-157 // factor), -(-203 // factor))
             height, width = full.shape[:2]
             boxes = [(0, 0, height, width), (height - 1, width - 1, 1, 1)]
-            boxes += [(rng.randint(0, height - h), rng.randint(0, width - w), h, w)
-                      for h, w in ((rng.randint(1, height), rng.randint(1, width)) for _ in range(12))]
+            boxes += [
+                (rng.randint(0, height - h), rng.randint(0, width - w), h, w)
+                for h, w in ((rng.randint(1, height), rng.randint(1, width)) for _ in range(12))
+            ]
             for top, left, h, w in boxes:
                 crop = decode_jpeg_crop(data, top, left, h, w, factor)
                 assert crop.shape == (h, w, 3) and crop.flags.c_contiguous
-                assert np.array_equal(crop, full[top:top + h, left:left + w]), (name, factor, (top, left, h, w))
+                assert np.array_equal(crop, full[top : top + h, left : left + w]), (name, factor, (top, left, h, w))
     data = encode(photo(64, 48))
     with pytest.raises(ValueError, match="outside the 64x48 image"):
         decode_jpeg_crop(data, 40, 0, 9, 10)
@@ -272,14 +327,14 @@ def test_crop_decoding_is_bit_identical_to_a_full_decode(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     bomb = bytearray(encode(photo(16, 16)))
     sof = bomb.index(b"\xff\xc0")
-    bomb[sof + 5:sof + 9] = (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big")
+    bomb[sof + 5 : sof + 9] = (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big")
     with pytest.raises(ValueError, match="decompression bomb"):
         test_transform(32)(bytes(bomb), random.Random(0))
     for garbage in (b"\xff\xd8 not a jpeg", data[:60]):
         with pytest.raises(ValueError, match="JPEG"):
             test_transform(32)(garbage, random.Random(0))
     # a truncated file is an error, as for OpenCV (a bad sample for the loader), even when the crop is above the cut
-    cut = data[:len(data) * 2 // 3]
+    cut = data[: len(data) * 2 // 3]
     assert cv2.imdecode(np.frombuffer(cut, np.uint8), cv2.IMREAD_COLOR) is None
     for box in ((0, 0, 48, 64), (0, 0, 8, 8)):
         with pytest.raises(ValueError, match="Premature end of JPEG file"):
@@ -319,8 +374,9 @@ def test_transform_shapes_determinism_and_variants():
         a, b = t(data, random.Random(1)), t(data, random.Random(1))
         assert a.shape == (res, res, 3) and a.dtype == np.uint8
         assert np.array_equal(a, b)
-    assert not np.array_equal(pretrain_transform(48)(data, random.Random(1)), pretrain_transform(48)(data,
-                                                                                                    random.Random(2)))
+    assert not np.array_equal(
+        pretrain_transform(48)(data, random.Random(1)), pretrain_transform(48)(data, random.Random(2))
+    )
     assert pretrain_transform().crop_scale == (0.2, 1.0) and finetune_transform().crop_scale == (0.5, 1.0)
     assert finetune_transform().res == 384 and finetune_transform().randaugment is not None
     # test transform: Resize((res, res), bicubic), no randomness

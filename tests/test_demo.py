@@ -1,6 +1,7 @@
 """The README's main job end to end, in its shortened CI mode: world -> crawl + download -> shards -> DeepSpeed
 pretraining on 2 processes -> zero-shot and fine-tuned retrieval -> SNLI-VE -> summary, with retrieval far above
 chance on held-out images, an ITM head that uses the image, and SNLI-VE above its hypothesis-only prior."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,14 @@ FLOORS = {"zero_shot": {"txt_r1": 5.0, "img_r10": 2.5}, "fine_tuned": {"txt_r1":
 @pytest.mark.slow
 def test_quick_demo_learns(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline")
-    p = subprocess.run([sys.executable, "-m", "albef.demo", "--quick", "--out", str(tmp_path)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=1500)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "albef.demo", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert "ALBEF offline demo: summary" in p.stdout
     # readable console: compact stage lines with rate, ETA, MFU and memory; the whole lines are in the stage logs
@@ -59,8 +66,10 @@ def test_quick_demo_learns(tmp_path):
     # on quick runs: 73% zero-shot and 88% fine-tuned with the demo's random-negative warm-up, 56% / 55% without it
     # (train.itm_random_negative_steps=0, the official hard negatives from step 0: README "Does the fusion encoder
     # use the image?")
-    assert s["zero_shot"]["test/itm_match_acc"] > 62 and s["fine_tuned"]["test/itm_match_acc"] > 72, \
-        (s["zero_shot"]["test/itm_match_acc"], s["fine_tuned"]["test/itm_match_acc"])  # fmt: skip
+    assert s["zero_shot"]["test/itm_match_acc"] > 62 and s["fine_tuned"]["test/itm_match_acc"] > 72, (
+        s["zero_shot"]["test/itm_match_acc"],
+        s["fine_tuned"]["test/itm_match_acc"],
+    )
     assert any(x.startswith("  zero-shot (pretrained) R@1 TR") and "matched-vs-random" in x for x in shown), shown
     # ... and re-ranking ITC's top k by ITM keeps most of ITC's text R@1. With MLM at the official weight 1 in the
     # sum, ITM learned no hard negatives and re-ranking halved it (28.1 -> 12.5%, 0.44x; README "Does the fusion
@@ -97,15 +106,20 @@ def test_stage_progress_line_has_rate_eta_mfu_and_memory():
 
     times = iter([100.0, 160.0])
     progress = StageProgress("pretrain", 400, clock=lambda: next(times))
-    row = ("step 40 train/loss_ita=3.412 train/loss_itm=0.6371 train/loss_mlm=7.123 train/loss=11.17 train/lr=0.0003 "
-           "train/alpha=0.4 train/epoch=0 train/samples=2560 perf/samples_per_s=105.3 time/data_s=0.01 "
-           "time/compute_s=0.6 perf/max_rss_mb=1234.4 train/temp=0.07 train/grad_norm=3.2 perf/mfu=0.0912")  # fmt: skip
-    assert progress.format(row) == "pretrain step 40/400  10% | itc 3.41 itm 0.637 mlm 7.12 | 105 pairs/s | MFU 9% | RSS 1234 MB"
+    row = (
+        "step 40 train/loss_ita=3.412 train/loss_itm=0.6371 train/loss_mlm=7.123 train/loss=11.17 train/lr=0.0003 "
+        "train/alpha=0.4 train/epoch=0 train/samples=2560 perf/samples_per_s=105.3 time/data_s=0.01 "
+        "time/compute_s=0.6 perf/max_rss_mb=1234.4 train/temp=0.07 train/grad_norm=3.2 perf/mfu=0.0912"
+    )
+    assert (
+        progress.format(row)
+        == "pretrain step 40/400  10% | itc 3.41 itm 0.637 mlm 7.12 | 105 pairs/s | MFU 9% | RSS 1234 MB"
+    )
     # 40 steps took 60 s, so the 320 steps left take 8 minutes
     assert progress.format(row.replace("step 40 ", "step 80 ")).endswith("RSS 1234 MB | ETA 8m00s")
-    assert progress.format("step 80 val/txt_r1=20.3 val/r_mean=41.5 test/txt_r1=21.9 test/img_r1=5.0 test/r_mean=40.2 "
-                           "time/eval_test_s=3.0") == (
-        "pretrain step 80 eval: val r_mean 41.5 txt_r1 20.3 | test r_mean 40.2 txt_r1 21.9 img_r1 5")
+    assert progress.format(
+        "step 80 val/txt_r1=20.3 val/r_mean=41.5 test/txt_r1=21.9 test/img_r1=5.0 test/r_mean=40.2 time/eval_test_s=3.0"
+    ) == ("pretrain step 80 eval: val r_mean 41.5 txt_r1 20.3 | test r_mean 40.2 txt_r1 21.9 img_r1 5")
     summary = 'run summary: {"exit_code": 0, "steps": 400, "samples": 25600, "train_seconds": 241.2}'
     assert progress.format(summary) == "pretrain done: 400 steps, 25600 pairs in 4m01s, exit 0"
     assert progress.format("[2026-12-06 11:00:00] some library warning") is None

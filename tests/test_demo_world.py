@@ -6,6 +6,7 @@ boxes are checked against the JPEG pixels. So a wrong caption, answer, label or 
 
 Run: ``OMP_NUM_THREADS=1 python -m pytest tests/test_demo_world.py -q``
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,10 +34,14 @@ SHAPES = ("circle", "square", "triangle", "star")
 NUM = {w: i for i, w in enumerate(("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))}
 CELLS = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
 REGION = r"on the (?:left|right)|in the center|at the (?:top left|top right|bottom left|bottom right|top|bottom)"
-NP = (rf"(?:(?:the|an?) )?(?:(?:small|large) )?(?:(?:{'|'.join(COLOURS)}) )?(?:{'|'.join(SHAPES)}|object)s?"
-      rf"(?: (?:{REGION}))?")
-NP_PARTS = re.compile(rf"(?:(?:the|an?) )?(?:(small|large) )?(?:({'|'.join(COLOURS)}) )?({'|'.join(SHAPES)}|object)s?"
-                      rf"(?: ({REGION}))?")
+NP = (
+    rf"(?:(?:the|an?) )?(?:(?:small|large) )?(?:(?:{'|'.join(COLOURS)}) )?(?:{'|'.join(SHAPES)}|object)s?"
+    rf"(?: (?:{REGION}))?"
+)
+NP_PARTS = re.compile(
+    rf"(?:(?:the|an?) )?(?:(small|large) )?(?:({'|'.join(COLOURS)}) )?({'|'.join(SHAPES)}|object)s?"
+    rf"(?: ({REGION}))?"
+)
 N = "(no|one|two|three|four|five|six|seven|eight|nine)"
 
 
@@ -56,8 +61,14 @@ def in_region(obj, phrase):
 def selects(np_text, objs):
     """The objects a noun phrase ("the small red circles at the top") describes."""
     size, colour, shape, region = NP_PARTS.fullmatch(np_text).groups()
-    return [o for o in objs if (size is None or o["size"] == size) and (colour is None or o["colour"] == colour)
-            and (shape == "object" or o["shape"] == shape) and (region is None or in_region(o, region))]
+    return [
+        o
+        for o in objs
+        if (size is None or o["size"] == size)
+        and (colour is None or o["colour"] == colour)
+        and (shape == "object" or o["shape"] == shape)
+        and (region is None or in_region(o, region))
+    ]
 
 
 def the(np_text, objs):
@@ -105,13 +116,19 @@ def nlvr_truth(sentence, left, right):
         (rf"both images contain ({NP})", lambda np_: bool(selects(np_, left)) and bool(selects(np_, right))),
         (rf"neither image contains ({NP})", lambda np_: not selects(np_, left) and not selects(np_, right)),
         (rf"exactly one image contains ({NP})", lambda np_: bool(selects(np_, left)) != bool(selects(np_, right))),
-        (rf"the (left|right) image contains more ({NP}) than the (left|right) image",
-         lambda a, np_, b: a != b and len(selects(np_, scenes[a])) > len(selects(np_, scenes[b]))),
+        (
+            rf"the (left|right) image contains more ({NP}) than the (left|right) image",
+            lambda a, np_, b: a != b and len(selects(np_, scenes[a])) > len(selects(np_, scenes[b])),
+        ),
         (rf"the (left|right) image contains no ({NP})", lambda a, np_: not selects(np_, scenes[a])),
-        (rf"the (left|right) image contains exactly {N} ({NP})",
-         lambda a, n, np_: len(selects(np_, scenes[a])) == NUM[n]),
-        (rf"there (?:is|are) exactly {N} ({NP}) in total",
-         lambda n, np_: len(selects(np_, left)) + len(selects(np_, right)) == NUM[n]),
+        (
+            rf"the (left|right) image contains exactly {N} ({NP})",
+            lambda a, n, np_: len(selects(np_, scenes[a])) == NUM[n],
+        ),
+        (
+            rf"there (?:is|are) exactly {N} ({NP}) in total",
+            lambda n, np_: len(selects(np_, left)) + len(selects(np_, right)) == NUM[n],
+        ),
     ]:
         m = re.fullmatch(pattern, sentence)
         if m:
@@ -170,7 +187,10 @@ def test_zero_shot_files_are_the_one_object_images_labelled_colour_and_shape(out
 
 def test_official_formats(out, w):
     a, root = out / "a", out / "a" / "images"
-    is_img = lambda rel: (root / rel).is_file()
+
+    def is_img(rel):
+        return (root / rel).is_file()
+
     pre = load(a, "pretrain.json")
     assert len(pre) == COUNTS["num_train"]
     for e in pre:
@@ -178,8 +198,13 @@ def test_official_formats(out, w):
         assert len(e["caption"]) == world.CAPTIONS_PER_IMAGE and all(isinstance(c, str) for c in e["caption"])
     train = load(a, "retrieval_train.json")
     assert len(train) == COUNTS["num_train"] * world.CAPTIONS_PER_IMAGE
-    assert all(set(e) == {"image", "caption", "image_id"} and isinstance(e["caption"], str) and is_img(e["image"])
-               and e["image"] == e["image_id"] + ".jpg" for e in train)
+    assert all(
+        set(e) == {"image", "caption", "image_id"}
+        and isinstance(e["caption"], str)
+        and is_img(e["image"])
+        and e["image"] == e["image_id"] + ".jpg"
+        for e in train
+    )
     for split in ("val", "test"):
         ev = load(a, f"retrieval_{split}.json")
         assert len(ev) == COUNTS[f"num_{split}"]
@@ -200,8 +225,13 @@ def test_official_formats(out, w):
     for split, n in (("train", 60), ("dev", 20), ("test", 20)):
         nlvr = load(a, f"nlvr_{split}.json")
         assert len(nlvr) == n and sum(e["label"] == "True" for e in nlvr) == n // 2
-        assert all(set(e) == {"images", "sentence", "label"} and len(e["images"]) == 2
-                   and e["label"] in ("True", "False") and all(map(is_img, e["images"])) for e in nlvr)
+        assert all(
+            set(e) == {"images", "sentence", "label"}
+            and len(e["images"]) == 2
+            and e["label"] in ("True", "False")
+            and all(map(is_img, e["images"]))
+            for e in nlvr
+        )
         ve = load(a, f"ve_{split}.json")
         assert all(set(e) == {"image", "sentence", "label"} and is_img("%s.jpg" % e["image"]) for e in ve)
         for label in ("entailment", "neutral", "contradiction"):
@@ -216,9 +246,13 @@ def test_official_formats(out, w):
             assert (r["height"], r["width"]) == (SIZE, SIZE)
     # every text reaches the model whole: ALBEF's cleaning changes nothing and every word is a BERT vocab entry
     vocab = set(Path(VOCAB_FILE).read_text().split())
-    texts = [c for e in pre for c in e["caption"]] + [e["question"] for e in test] + \
-        [e["sentence"] for s in ("train", "dev", "test") for f in ("nlvr", "ve") for e in load(a, f"{f}_{s}.json")] + \
-        [e["text"] for e in load(a, "refcoco+_train.json")] + answers
+    texts = (
+        [c for e in pre for c in e["caption"]]
+        + [e["question"] for e in test]
+        + [e["sentence"] for s in ("train", "dev", "test") for f in ("nlvr", "ve") for e in load(a, f"{f}_{s}.json")]
+        + [e["text"] for e in load(a, "refcoco+_train.json")]
+        + answers
+    )
     for t in texts:
         assert pre_caption(t) == re.sub("[,:?]", "", t) and set(pre_caption(t).split()) <= vocab, t
 
@@ -237,14 +271,14 @@ def test_boxes_match_the_pixels(out, w):
             assert np.abs(np.subtract(obj["rgb"], palette[obj["colour"]])).max() <= world.COLOUR_JITTER
             mask = np.linalg.norm(pixels - palette[obj["colour"]], axis=2) < 60
             x, y, bw, bh = obj["box"]
-            inside = mask[y:y + bh, x:x + bw]
+            inside = mask[y : y + bh, x : x + bw]
             assert inside.mean() > 0.3, (name, obj)
             ys, xs = np.nonzero(inside)
             assert xs.min() <= 2 and ys.min() <= 2 and xs.max() >= bw - 3 and ys.max() >= bh - 3, (name, obj)
             for other in scene["objects"]:
                 if other["colour"] == obj["colour"]:
                     ox, oy, ow, oh = other["box"]
-                    mask[max(oy - 2, 0):oy + oh + 2, max(ox - 2, 0):ox + ow + 2] = False
+                    mask[max(oy - 2, 0) : oy + oh + 2, max(ox - 2, 0) : ox + ow + 2] = False
             assert mask.sum() <= 2, (name, obj)
             row, col = cell(obj)
             assert (obj["row"], obj["col"]) == (row, col) and obj["position"] == CELLS[row][col]
@@ -262,8 +296,11 @@ def test_boxes_match_the_pixels(out, w):
 def test_vqa_answers_match_the_scene(out, w):
     a = out / "a"
     truth = load(a, "vqa_test_answers.json")
-    items = load(a, "vqa_train.json") + load(a, "vqa_val.json") + \
-        [dict(e, answer=truth[str(e["question_id"])]) for e in load(a, "vqa_test.json")]
+    items = (
+        load(a, "vqa_train.json")
+        + load(a, "vqa_val.json")
+        + [dict(e, answer=truth[str(e["question_id"])]) for e in load(a, "vqa_test.json")]
+    )
     kinds = set()
     for e in items:
         assert answer(e["question"], w[e["image"][:-4]]["objects"]) == e["answer"][0], e
@@ -301,15 +338,36 @@ def test_captions_describe_the_scene(out, w):
             assert first == objs and in_region(objs[0], m.group(2)), relation
         else:
             axis, sign = {"to the left of": (1, -1), "to the right of": (1, 1), "above": (0, -1), "below": (0, 1)}[
-                m.group(3)]
+                m.group(3)
+            ]
             second = selects(m.group(4), objs)
             assert any(np.sign(cell(p)[axis] - cell(q)[axis]) == sign for p in first for q in second), relation
 
 
 def test_cli(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "albef.demo.world", "--out", str(tmp_path), "--seed", "1",
-                          "--num-train", "4", "--num-val", "2", "--num-test", "2", "--image-size", "64"],
-                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "albef.demo.world",
+            "--out",
+            str(tmp_path),
+            "--seed",
+            "1",
+            "--num-train",
+            "4",
+            "--num-val",
+            "2",
+            "--num-test",
+            "2",
+            "--image-size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["num_images"] == 8
     assert Image.open(tmp_path / "images" / "val_00001.jpg").size == (64, 64)

@@ -1,6 +1,7 @@
 """``python -m albef.embed``: bulk ITC embeddings and ITC/ITM pair scores from an ALBEF JSON, an image folder or real
 shards; the numbers equal the model's own computation, a rerun skips finished parts, and ranks split the parts
 between them with the same union as one process."""
+
 from __future__ import annotations
 
 import json
@@ -31,24 +32,48 @@ def setup(tmp_path_factory, demo_model_dir):
 
 
 def _embed(setup, out: Path, *args, env=None):
-    cmd = [sys.executable, "-m", "albef.embed", "--checkpoint", str(setup / "model"), "--output", str(out),
-           "--workers", "0", "--no-progress", *args]  # fmt: skip
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, **(env or {})))  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "albef.embed",
+        "--checkpoint",
+        str(setup / "model"),
+        "--output",
+        str(out),
+        "--workers",
+        "0",
+        "--no-progress",
+        *args,
+    ]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, **(env or {})))
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     return p.stdout
 
 
 def _rows(out: Path) -> dict:
     parts = [read_part(out / name) for name in json.loads((out / "manifest.json").read_text())["parts"]]
-    return {k: (np.concatenate([p[k] for p in parts]) if isinstance(parts[0][k], np.ndarray) else
-                [x for p in parts for x in p[k]]) for k in parts[0]}  # fmt: skip
+    return {
+        k: (
+            np.concatenate([p[k] for p in parts])
+            if isinstance(parts[0][k], np.ndarray)
+            else [x for p in parts for x in p[k]]
+        )
+        for k in parts[0]
+    }
 
 
 def test_pair_scores_equal_the_models_own_and_reruns_skip_finished_parts(setup, tmp_path):
     test = json.loads((setup / "world" / "retrieval_test.json").read_text())
-    args = ["--input", str(setup / "world" / "retrieval_test.json"), "--image-root", str(setup / "world" / "images"),
-            "--mode", "score", "--part-size", "7"]  # fmt: skip
+    args = [
+        "--input",
+        str(setup / "world" / "retrieval_test.json"),
+        "--image-root",
+        str(setup / "world" / "images"),
+        "--mode",
+        "score",
+        "--part-size",
+        "7",
+    ]
     out = tmp_path / "scores"
     _embed(setup, out, *args)
     rows = _rows(out)
@@ -96,9 +121,27 @@ def test_two_ranks_write_the_union_one_process_writes(setup, tmp_path):
 
 def test_shards_give_one_row_per_sample_with_its_first_caption(setup, tmp_path):
     shards = tmp_path / "shards"
-    p = subprocess.run([sys.executable, "-m", "data_prep.annotations", str(setup / "world" / "pretrain.json"),
-                        "--image-root", str(setup / "world" / "images"), "--output", str(shards), "--shard-size", "5",
-                        "--image-size", "48", "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.annotations",
+            str(setup / "world" / "pretrain.json"),
+            "--image-root",
+            str(setup / "world" / "images"),
+            "--output",
+            str(shards),
+            "--shard-size",
+            "5",
+            "--image-size",
+            "48",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     _embed(setup, tmp_path / "emb", "--input", str(shards))
     rows = _rows(tmp_path / "emb")

@@ -9,6 +9,7 @@
 * The offline W&B run holds the logged metrics, and the resumed run keeps its id.
 * Losses fall on the learnable demo world; non-finite losses are skipped and counted.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,9 @@ from albef.models import build_model, model_config
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 sys.path.insert(0, str(Path(__file__).parent))
-from runs import run_env, base_overrides, launch, losses, summary, wait_for_step  # noqa: E402
 from wandb_records import history, run_id  # noqa: E402
 
+from runs import base_overrides, launch, losses, run_env, summary, wait_for_step  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ unit level
 
@@ -64,8 +65,11 @@ def test_pretraining_loss_weights_mlm_by_train_mlm_weight():
 
     model = build_model("tiny", "pretrain")
     g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(4, 3, 64, 64, generator=g), "input_ids": torch.randint(1000, 2000, (4, 9), generator=g),
-             "attention_mask": torch.ones(4, 9, dtype=torch.long)}  # fmt: skip
+    batch = {
+        "image": torch.randn(4, 3, 64, 64, generator=g),
+        "input_ids": torch.randint(1000, 2000, (4, 9), generator=g),
+        "attention_mask": torch.ones(4, 9, dtype=torch.long),
+    }
     batch["input_ids"][:, 0] = 101
     for weight in (None, 0.25, 0.0):
         overrides = ["train.max_steps=1"] + ([f"train.mlm_weight={weight}"] if weight is not None else [])
@@ -91,7 +95,11 @@ def test_weight_decay_groups_follow_the_official_rule():
 
 def test_ds_config_owns_nothing_the_yaml_owns(tmp_path):
     cfg = ds_config_for(str(REPO / "ds_configs/zero2_bf16.json"), micro=8, global_batch=64, world=2)
-    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (64, 8, 4)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (
+        64,
+        8,
+        4,
+    )
     with pytest.raises(ValueError, match="not divisible"):
         ds_config_for(str(REPO / "ds_configs/zero2_bf16.json"), micro=8, global_batch=24, world=2)
     z3 = tmp_path / "z3.json"
@@ -150,8 +158,11 @@ def test_analytic_flops_match_the_flop_counter(padded):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_zero_stages_and_precisions_train(world_shards, tmp_path, stage, precision):
     run = tmp_path / "run"
-    code, out = launch(base_overrides(world_shards, run, **{"train.ds_config": f"ds_configs/zero{stage}_{precision}.json",
-                                                             "train.max_steps": 3}))  # fmt: skip
+    code, out = launch(
+        base_overrides(
+            world_shards, run, **{"train.ds_config": f"ds_configs/zero{stage}_{precision}.json", "train.max_steps": 3}
+        )
+    )
     assert code == 0, out[-3000:]
     rows = losses(run)
     assert sorted(rows) == [1, 2, 3]
@@ -162,16 +173,17 @@ def test_zero_stages_and_precisions_train(world_shards, tmp_path, stage, precisi
 @pytest.mark.slow
 def test_world_size_two_equals_single_process_reference(world_shards, tmp_path):
     """Two gloo ranks vs one process computing both ranks' half batches with the same weights and queue."""
-    from albef.models.convert import load_pretrained
     from albef.config import load_config
     from albef.data import build_pretrain_loader, normalize_images
     from albef.engine.optim import build_optimizer
+    from albef.models.convert import load_pretrained
     from albef.tasks.pretrain import PretrainConfig
     from albef.tokenizer import Tokenizer
 
     steps, run = 3, tmp_path / "ws2"
-    overrides = base_overrides(world_shards, run, **{"train.max_steps": steps, "train.export_final": "true",
-                                                     "data.num_workers": 1})  # fmt: skip
+    overrides = base_overrides(
+        world_shards, run, **{"train.max_steps": steps, "train.export_final": "true", "data.num_workers": 1}
+    )
     code, out = launch(overrides, nproc=2)
     assert code == 0, out[-3000:]
 
@@ -192,7 +204,9 @@ def test_world_size_two_equals_single_process_reference(world_shards, tmp_path):
     steps_per_epoch = len(loaders[0])
     momentum_names = [n for n, _ in model.named_parameters() if n.split(".")[0].endswith("_m")]
     for step in range(steps):
-        lr = albef_lr(step, steps_per_epoch, t.epochs, t.lr, t.warmup_lr, t.min_lr, t.warmup_steps, t.warmup_granularity)
+        lr = albef_lr(
+            step, steps_per_epoch, t.epochs, t.lr, t.warmup_lr, t.min_lr, t.warmup_steps, t.warmup_granularity
+        )
         alpha = alpha_at(step, steps_per_epoch, t.alpha, t.alpha_warmup_epochs)
         params = dict(model.named_parameters())
         momentum_before = {n: params[n].detach().clone() for n in momentum_names}
@@ -206,8 +220,13 @@ def test_world_size_two_equals_single_process_reference(world_shards, tmp_path):
                 model.image_queue.copy_(queues_before[0]), model.text_queue.copy_(queues_before[1])
                 model.queue_ptr.copy_(queues_before[2])
             torch.manual_seed(step_seed(t.seed, r, step))
-            out = model(normalize_images(batch["image"]), batch["input_ids"], batch["attention_mask"], alpha=alpha,
-                        return_details=True)  # fmt: skip
+            out = model(
+                normalize_images(batch["image"]),
+                batch["input_ids"],
+                batch["attention_mask"],
+                alpha=alpha,
+                return_details=True,
+            )
             model.zero_grad()
             (out["loss_mlm"] + out["loss_ita"] + out["loss_itm"]).backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -255,8 +274,9 @@ def test_world_size_two_equals_single_process_reference(world_shards, tmp_path):
 def test_grad_checkpointing_gives_the_same_losses(world_shards, tmp_path):
     runs = {}
     for flag in ("false", "true"):
-        code, out = launch(base_overrides(world_shards, tmp_path / flag, **{"model.grad_checkpointing": flag,
-                                                                             "train.max_steps": 4}))  # fmt: skip
+        code, out = launch(
+            base_overrides(world_shards, tmp_path / flag, **{"model.grad_checkpointing": flag, "train.max_steps": 4})
+        )
         assert code == 0, out[-3000:]
         runs[flag] = losses(tmp_path / flag)
     for step in (1, 2, 3, 4):
@@ -349,8 +369,14 @@ main(Flaky, sys.argv[2:])
 @pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop_the_run(world_shards, tmp_path):
     def run(bad, name):
-        cmd = [PY, "-c", NAN_SCRIPT, bad, "pretrain/configs/tiny_cpu.yaml",
-               *base_overrides(world_shards, tmp_path / name, **{"train.max_steps": 4, "train.max_nonfinite_steps": 3})]
+        cmd = [
+            PY,
+            "-c",
+            NAN_SCRIPT,
+            bad,
+            "pretrain/configs/tiny_cpu.yaml",
+            *base_overrides(world_shards, tmp_path / name, **{"train.max_steps": 4, "train.max_nonfinite_steps": 3}),
+        ]
         p = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
         return p.returncode, p.stdout + p.stderr
 
@@ -374,14 +400,27 @@ def test_matmul_peak_measurement_is_bounded_in_time():
         assert peak > 1e8 and time.perf_counter() - t0 < 5.0, (dtype, peak, time.perf_counter() - t0)
 
 
-def test_pretraining_evaluates_held_out_retrieval_and_zero_shot_classes_every_n_steps(world_shards, demo_world, tmp_path):
+def test_pretraining_evaluates_held_out_retrieval_and_zero_shot_classes_every_n_steps(
+    world_shards, demo_world, tmp_path
+):
     """train.eval_every_steps with the pretraining eval section: the retrieval and zero-shot tasks' own evaluations
     on held-out files at steps 2 and 4 and at the end, in metrics.jsonl and as W&B curves (offline run read back)."""
     run = tmp_path / "run"
-    overrides = base_overrides(world_shards, run, **{
-        "train.max_steps": 5, "train.eval_every_steps": 2, "train.eval_every_epochs": 100, "wandb.mode": "offline",
-        "eval.retrieval_file": demo_world / "retrieval_val.json", "eval.zeroshot_file": demo_world / "zeroshot_val.json",
-        "eval.image_root": demo_world / "images", "eval.templates": "['a {}', 'one shape: a {}']", "eval.k_test": 4})
+    overrides = base_overrides(
+        world_shards,
+        run,
+        **{
+            "train.max_steps": 5,
+            "train.eval_every_steps": 2,
+            "train.eval_every_epochs": 100,
+            "wandb.mode": "offline",
+            "eval.retrieval_file": demo_world / "retrieval_val.json",
+            "eval.zeroshot_file": demo_world / "zeroshot_val.json",
+            "eval.image_root": demo_world / "images",
+            "eval.templates": "['a {}', 'one shape: a {}']",
+            "eval.k_test": 4,
+        },
+    )
     code, out = launch(overrides)
     assert code == 0, out[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -390,8 +429,15 @@ def test_pretraining_evaluates_held_out_retrieval_and_zero_shot_classes_every_n_
     val = json.loads((demo_world / "retrieval_val.json").read_text())
     zs = json.loads((demo_world / "zeroshot_val.json").read_text())
     for r in evals.values():
-        assert {"heldout/txt_r1", "heldout/img_r1", "heldout/itc_txt_r1", "heldout/itm_match_acc", "heldout/zs_top1",
-                "heldout/zs_top5", "heldout/zs_mean_per_class"} <= set(r)  # fmt: skip
+        assert {
+            "heldout/txt_r1",
+            "heldout/img_r1",
+            "heldout/itc_txt_r1",
+            "heldout/itm_match_acc",
+            "heldout/zs_top1",
+            "heldout/zs_top5",
+            "heldout/zs_mean_per_class",
+        } <= set(r)
         assert r["heldout/zs_num_images"] == len(zs) and 0 <= r["heldout/txt_r1"] <= 100
     result = json.loads((run / "heldout_eval" / "retrieval_test.json").read_text())
     assert len(result["text_retrieval"]) == len(val)  # the retrieval task's own result file, for the last evaluation

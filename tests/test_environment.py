@@ -1,4 +1,5 @@
 """The installed environment is the lock, the lock is the loose requirements, and CI cannot pass by skipping."""
+
 from __future__ import annotations
 
 import os
@@ -41,13 +42,16 @@ def test_lock_satisfies_the_loose_requirements():
             key = canonicalize_name(req.name)
             assert key in lock, f"{name}: {req} is not in requirements.lock (run `make lock`)"
             assert req.specifier.contains(Version(lock[key]), prereleases=True), (
-                f"{name}: {req} but requirements.lock pins {lock[key]} (run `make lock`)")
+                f"{name}: {req} but requirements.lock pins {lock[key]} (run `make lock`)"
+            )
     assert lock["torch"].endswith("+cpu") and not any(k.startswith("nvidia-") for k in lock), "the CPU lock has CUDA"
     pins(REPO / "requirements-nodeps.txt")  # exact pins too
 
 
-@pytest.mark.skipif(Path(sys.prefix).resolve() != (REPO / ".venv").resolve(),
-                    reason="not running in the project's .venv (made by `make setup` from the lock)")
+@pytest.mark.skipif(
+    Path(sys.prefix).resolve() != (REPO / ".venv").resolve(),
+    reason="not running in the project's .venv (made by `make setup` from the lock)",
+)
 def test_installed_packages_are_the_lock():
     expected = {**pins(REPO / "requirements.lock"), **pins(REPO / "requirements-nodeps.txt")}
     installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
@@ -75,12 +79,14 @@ def test_data_prep_does_not_import_torch_and_the_torchvision_fix_still_applies()
     """``import albef`` arms the torchvision fix instead of importing torch: data_prep (which uses albef.fsutil)
     paid 2.8 s of torch/torchvision import per process. timm, which imports torchvision, must still work (on
     machines where pip paired CPU torch with a CUDA torchvision, only the fix makes that import succeed)."""
-    code = ("import sys, data_prep.download, data_prep.crawl\n"
-            "assert 'torch' not in sys.modules and 'torchvision' not in sys.modules, 'torch imported'\n"
-            "import timm, torchvision.transforms\n"
-            "import torchvision\n"
-            "assert torchvision.__spec__.name == 'torchvision' and torchvision.__spec__.origin.endswith('__init__.py')\n"
-            "from albef.models import build_model\n"
-            "print('ok')\n")
+    code = (
+        "import sys, data_prep.download, data_prep.crawl\n"
+        "assert 'torch' not in sys.modules and 'torchvision' not in sys.modules, 'torch imported'\n"
+        "import timm, torchvision.transforms\n"
+        "import torchvision\n"
+        "assert torchvision.__spec__.name == 'torchvision' and torchvision.__spec__.origin.endswith('__init__.py')\n"
+        "from albef.models import build_model\n"
+        "print('ok')\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

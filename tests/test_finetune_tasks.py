@@ -8,6 +8,7 @@ text-assignment sampling. End-to-end (slow): the real entrypoints under DeepSpee
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_finetune_tasks.py -q
 """
+
 from __future__ import annotations
 
 import json
@@ -22,20 +23,38 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from albef.models.convert import (
-    CheckpointError, export_official, load_pretrained, model_kind_of, pretrain_to_nlvr, pretrain_to_vqa,
-)  # fmt: skip
 from albef.eval.vqa import load_vqa_answers, normalize_answer, vqa_accuracy, vqa_score
 from albef.models import build_model
 from albef.models.bert import init_bert_weights
+from albef.models.convert import (
+    CheckpointError,
+    export_official,
+    load_pretrained,
+    model_kind_of,
+    pretrain_to_nlvr,
+    pretrain_to_vqa,
+)
 from albef.tasks.vqa import VQADataConfig, VQATrainSet
 from albef.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 F_TINY = 2  # fusion_layer of the tiny preset (4 text layers: 2 text + 2 fusion)
-PRETRAIN_ONLY = {"temp", "image_queue", "text_queue", "queue_ptr", "itm_head.weight", "itm_head.bias",
-                 "vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", "vision_proj_m.weight",
-                 "vision_proj_m.bias", "text_proj_m.weight", "text_proj_m.bias"}  # fmt: skip
+PRETRAIN_ONLY = {
+    "temp",
+    "image_queue",
+    "text_queue",
+    "queue_ptr",
+    "itm_head.weight",
+    "itm_head.bias",
+    "vision_proj.weight",
+    "vision_proj.bias",
+    "text_proj.weight",
+    "text_proj.bias",
+    "vision_proj_m.weight",
+    "vision_proj_m.bias",
+    "text_proj_m.weight",
+    "text_proj_m.bias",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -206,8 +225,12 @@ def _brute_force_scores(model, states, states_mask, answer_ids):
                 ids = answer_ids[a][answer_ids[a] != 0]
                 logps = []
                 for t in range(1, len(ids)):
-                    hidden = dec.bert(ids[None, :t], None, encoder_hidden_states=states[q : q + 1],
-                                      encoder_attention_mask=states_mask[q : q + 1])  # fmt: skip
+                    hidden = dec.bert(
+                        ids[None, :t],
+                        None,
+                        encoder_hidden_states=states[q : q + 1],
+                        encoder_attention_mask=states_mask[q : q + 1],
+                    )
                     logps.append(dec.cls(hidden[0, -1]).log_softmax(-1)[ids[t]])
                 first[q, a], full[q, a] = logps[0], sum(logps)
     return first, full
@@ -256,19 +279,26 @@ def test_vqa_loss_is_weighted_sum_of_answer_lm_losses():
     a = tok(["red[SEP]", "top left[SEP]", "yes[SEP]"], max_length=None)
     weights, n = torch.tensor([0.7, 0.3, 0.5]), torch.tensor([2, 1])
     for alpha in (0.0, 0.4):
-        loss = model(image, q["input_ids"], q["attention_mask"], a["input_ids"], a["attention_mask"], weights, n,
-                     alpha=alpha)["loss_vqa"]  # fmt: skip
+        loss = model(
+            image, q["input_ids"], q["attention_mask"], a["input_ids"], a["attention_mask"], weights, n, alpha=alpha
+        )["loss_vqa"]
         with torch.no_grad():  # forward did the momentum update; recompute with the same weights
             expected = 0.0
             for j, b in enumerate([0, 0, 1]):
                 ids, amask = a["input_ids"][j : j + 1], a["attention_mask"][j : j + 1]
                 per_model = []
-                for dec, enc, vit in ((model.text_decoder, model.text_encoder, model.visual_encoder),
-                                      (model.text_decoder_m, model.text_encoder_m, model.visual_encoder_m)):
-                    st = enc(q["input_ids"][b : b + 1], q["attention_mask"][b : b + 1],
-                             encoder_hidden_states=vit.forward_features(image[b : b + 1]))
-                    hid = dec.bert(ids, amask, encoder_hidden_states=st,
-                                   encoder_attention_mask=q["attention_mask"][b : b + 1])
+                for dec, enc, vit in (
+                    (model.text_decoder, model.text_encoder, model.visual_encoder),
+                    (model.text_decoder_m, model.text_encoder_m, model.visual_encoder_m),
+                ):
+                    st = enc(
+                        q["input_ids"][b : b + 1],
+                        q["attention_mask"][b : b + 1],
+                        encoder_hidden_states=vit.forward_features(image[b : b + 1]),
+                    )
+                    hid = dec.bert(
+                        ids, amask, encoder_hidden_states=st, encoder_attention_mask=q["attention_mask"][b : b + 1]
+                    )
                     per_model.append(dec.cls(hid)[0, :-1])
                 logits, logits_m = per_model
                 labels = ids[0, 1:]
@@ -281,10 +311,19 @@ def test_vqa_loss_is_weighted_sum_of_answer_lm_losses():
 
 
 def test_vqa_train_set_answer_weights(tmp_path):
-    (tmp_path / "vqa.json").write_text(json.dumps([
-        {"question": "What colour is it?", "answer": ["red", "blue", "red", "red"], "image": "a.jpg", "dataset": "vqa"},
-        {"question": "Where-is it", "answer": "top", "image": "b.jpg", "dataset": "vg"},
-    ]))  # fmt: skip
+    (tmp_path / "vqa.json").write_text(
+        json.dumps(
+            [
+                {
+                    "question": "What colour is it?",
+                    "answer": ["red", "blue", "red", "red"],
+                    "image": "a.jpg",
+                    "dataset": "vqa",
+                },
+                {"question": "Where-is it", "answer": "top", "image": "b.jpg", "dataset": "vg"},
+            ]
+        )
+    )
     d = VQADataConfig(train_files=[str(tmp_path / "vqa.json")], image_root="coco", vg_image_root="vg")
     items = VQATrainSet(d).items
     assert items[0] == ("coco/a.jpg", "what colour is it", ["red[SEP]", "blue[SEP]"], [0.75, 0.25])
@@ -296,9 +335,20 @@ def test_vqa_train_set_answer_weights(tmp_path):
 
 
 def test_vqa_accuracy_official_rules(tmp_path):
-    cases = {"Two": "2", "the dog.": "dog", "yes!": "yes", "dont": "don't", "a red, blue": "red blue",
-             "3.5": "3.5", "1,000": "1000", "x-ray": "x ray", "none": "0", "hell": "hell", "couldnt've": "couldn't've",
-             " On\tthe table ": "on table"}  # fmt: skip
+    cases = {
+        "Two": "2",
+        "the dog.": "dog",
+        "yes!": "yes",
+        "dont": "don't",
+        "a red, blue": "red blue",
+        "3.5": "3.5",
+        "1,000": "1000",
+        "x-ray": "x ray",
+        "none": "0",
+        "hell": "hell",
+        "couldnt've": "couldn't've",
+        " On\tthe table ": "on table",
+    }
     for raw, want in cases.items():
         assert normalize_answer(raw) == want, raw
     humans = lambda m: ["2"] * m + ["3"] * (10 - m)  # noqa: E731
@@ -310,8 +360,11 @@ def test_vqa_accuracy_official_rules(tmp_path):
     with pytest.raises(ValueError, match="question_id"):
         vqa_accuracy([{"question_id": 9, "answer": "x"}], gt)
     official = {"annotations": [{"question_id": 1, "answers": [{"answer": "yes", "answer_id": i} for i in range(10)]}]}
-    for name, data in (("a.json", official), ("b.json", {"1": ["yes"] * 10}),
-                       ("c.json", [{"question_id": 1, "answer": ["yes"] * 10}])):  # fmt: skip
+    for name, data in (
+        ("a.json", official),
+        ("b.json", {"1": ["yes"] * 10}),
+        ("c.json", [{"question_id": 1, "answer": ["yes"] * 10}]),
+    ):
         (tmp_path / name).write_text(json.dumps(data))
         assert load_vqa_answers(str(tmp_path / name)) == {"1": ["yes"] * 10}
 
@@ -419,11 +472,21 @@ def run_entrypoint(module: str, config: str, settings: dict, run_dir: Path, rank
         "base": str(REPO / "finetune" / "configs" / config),
         "model": {"base": "tiny", "vision": {"img_size": RES}, "momentum": 0.9},
         "init": {"checkpoint": None},
-        "train": {"output_dir": str(run_dir), "ds_config": "ds_configs/zero2_fp32.json", "num_threads": 1,
-                  "global_batch_size": 32, "micro_batch_size": 32, "lr": 1.0e-3, "min_lr": 1.0e-3,
-                  "warmup_steps": 0, "log_every": 10, "save_every": 0, "eval_every_epochs": 100},
+        "train": {
+            "output_dir": str(run_dir),
+            "ds_config": "ds_configs/zero2_fp32.json",
+            "num_threads": 1,
+            "global_batch_size": 32,
+            "micro_batch_size": 32,
+            "lr": 1.0e-3,
+            "min_lr": 1.0e-3,
+            "warmup_steps": 0,
+            "log_every": 10,
+            "save_every": 0,
+            "eval_every_epochs": 100,
+        },
         "wandb": {"mode": "disabled"},
-    }  # fmt: skip
+    }
     path = run_dir.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(_merge(common, settings)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -433,8 +496,14 @@ def run_entrypoint(module: str, config: str, settings: dict, run_dir: Path, rank
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}"]
-    proc = subprocess.run(launcher + ["-m", f"finetune.{module}", str(path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        launcher + ["-m", f"finetune.{module}", str(path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     (run_dir / "stdout.log").write_text(log)
@@ -449,17 +518,27 @@ def _last(rows: list, key: str) -> float:
 
 
 def _image_data(world: Path, **files) -> dict:
-    return {"image_root": str(world / "images"), "image_res": RES, "num_workers": 1,
-            "augment": {"crop_scale": [], "flip": False}, **{k: str(world / v) for k, v in files.items()}}  # fmt: skip
+    return {
+        "image_root": str(world / "images"),
+        "image_res": RES,
+        "num_workers": 1,
+        "augment": {"crop_scale": [], "flip": False},
+        **{k: str(world / v) for k, v in files.items()},
+    }
 
 
 def _against_prior(rows: list, split: str) -> dict:
     """The last evaluation's model and text-only-prior accuracies of ``split``, per type (printed for the log)."""
     last = [r for r in rows if f"{split}/prior_acc" in r][-1]
-    table = {k[len(split) + 5:]: (last[k], last[f"{split}/prior_{k[len(split) + 1:]}"])
-             for k in last if k.startswith(f"{split}/acc")}  # fmt: skip
-    print(f"\n{split}: model vs text-only prior (%): " + ", ".join(f"{k or 'all'} {m:.1f} vs {p:.1f}"
-                                                         for k, (m, p) in sorted(table.items())))  # fmt: skip
+    table = {
+        k[len(split) + 5 :]: (last[k], last[f"{split}/prior_{k[len(split) + 1 :]}"])
+        for k in last
+        if k.startswith(f"{split}/acc")
+    }
+    print(
+        f"\n{split}: model vs text-only prior (%): "
+        + ", ".join(f"{k or 'all'} {m:.1f} vs {p:.1f}" for k, (m, p) in sorted(table.items()))
+    )
     return table
 
 
@@ -476,8 +555,12 @@ def test_ve_learns_on_world(world, tmp_path):
     best = tmp_path / "ve" / "best.pth"
     report = load_pretrained(build_model(model_config_of(tmp_path / "ve"), "ve"), str(best))
     assert report.missing == [] and report.unexpected == []
-    run_entrypoint("ve", "snli_ve.yaml", {"data": data, "init": {"checkpoint": str(best)},
-                                          "train": {"evaluate_only": True}}, tmp_path / "ve_eval")  # fmt: skip
+    run_entrypoint(
+        "ve",
+        "snli_ve.yaml",
+        {"data": data, "init": {"checkpoint": str(best)}, "train": {"evaluate_only": True}},
+        tmp_path / "ve_eval",
+    )
     evaluated = json.loads((tmp_path / "ve_eval" / "eval.json").read_text())
     assert evaluated["val/acc"] == pytest.approx(max(r["val/acc"] for r in rows if "val/acc" in r))
 
@@ -493,8 +576,13 @@ def model_config_of(run_dir: Path):
 
 @pytest.mark.slow
 def test_vqa_learns_on_world(world, tmp_path):
-    data = _image_data(world, val_file="vqa_val.json", test_file="vqa_test.json", answer_list="answer_list.json",
-                       test_answers="vqa_test_answers.json")  # fmt: skip
+    data = _image_data(
+        world,
+        val_file="vqa_val.json",
+        test_file="vqa_test.json",
+        answer_list="answer_list.json",
+        test_answers="vqa_test_answers.json",
+    )
     data["train_files"] = [str(world / "vqa_train.json")]
     settings = {"data": data, "eval": {"batch_size": 32, "k_test": 8}, "train": {"max_steps": 150}}
     rows = run_entrypoint("vqa", "vqa_v2.yaml", settings, tmp_path / "vqa")
@@ -509,8 +597,12 @@ def test_vqa_learns_on_world(world, tmp_path):
     assert _last(rows, "test/acc") == pytest.approx(vqa_accuracy(results, truth)["acc"])
     # two ranks: each answers a slice of the questions; the gathered result file and accuracy are the same
     final = str(tmp_path / "vqa" / "final.pth")
-    two = {"data": dict(data, val_file=""), "eval": settings["eval"], "init": {"checkpoint": final},
-           "train": {"evaluate_only": True, "micro_batch_size": 16}}  # fmt: skip
+    two = {
+        "data": dict(data, val_file=""),
+        "eval": settings["eval"],
+        "init": {"checkpoint": final},
+        "train": {"evaluate_only": True, "micro_batch_size": 16},
+    }
     run_entrypoint("vqa", "vqa_v2.yaml", two, tmp_path / "vqa_2ranks", ranks=2)
     assert json.loads((tmp_path / "vqa_2ranks" / "vqa_result_test.json").read_text()) == results
     evaluated = json.loads((tmp_path / "vqa_2ranks" / "eval.json").read_text())
@@ -519,10 +611,16 @@ def test_vqa_learns_on_world(world, tmp_path):
 
 @pytest.mark.slow
 def test_nlvr2_text_assignment_then_finetune_on_world(world, tmp_path):
-    ta_data = {"json_files": [str(world / "pretrain.json")], "image_res": RES, "num_workers": 1,
-               "augment": {"crop_scale": [], "flip": False}}
-    ta_settings = {"data": ta_data,
-                   "train": {"max_steps": 8, "global_batch_size": 16, "micro_batch_size": 16, "log_every": 4}}
+    ta_data = {
+        "json_files": [str(world / "pretrain.json")],
+        "image_res": RES,
+        "num_workers": 1,
+        "augment": {"crop_scale": [], "flip": False},
+    }
+    ta_settings = {
+        "data": ta_data,
+        "train": {"max_steps": 8, "global_batch_size": 16, "micro_batch_size": 16, "log_every": 4},
+    }
     ta_rows = run_entrypoint("nlvr2_ta", "nlvr2_ta.yaml", ta_settings, tmp_path / "ta")
     assert 0.0 <= _last(ta_rows, "train/acc_ta") <= 1.0 and abs(_last(ta_rows, "train/loss") - 1.0986) < 0.5
     ta_ckpt = tmp_path / "ta" / "final.pth"
@@ -540,12 +638,18 @@ def test_nlvr2_text_assignment_then_finetune_on_world(world, tmp_path):
     _against_prior(rows, "val"), _against_prior(rows, "test")
 
 
-@pytest.mark.parametrize("schema, config", [
-    ("retrieval:RetrievalConfig", "retrieval_coco.yaml"), ("zeroshot:ZeroShotConfig", "zeroshot.yaml"),
-    ("vqa:VQAConfig", "vqa_v2.yaml"), ("classifier:ClassifierConfig", "snli_ve.yaml"),
-    ("classifier:ClassifierConfig", "nlvr2.yaml"), ("grounding:GroundingConfig", "grounding_refcoco+.yaml"),
-    ("nlvr:NLVRPretrainConfig", "nlvr2_ta.yaml"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "schema, config",
+    [
+        ("retrieval:RetrievalConfig", "retrieval_coco.yaml"),
+        ("zeroshot:ZeroShotConfig", "zeroshot.yaml"),
+        ("vqa:VQAConfig", "vqa_v2.yaml"),
+        ("classifier:ClassifierConfig", "snli_ve.yaml"),
+        ("classifier:ClassifierConfig", "nlvr2.yaml"),
+        ("grounding:GroundingConfig", "grounding_refcoco+.yaml"),
+        ("nlvr:NLVRPretrainConfig", "nlvr2_ta.yaml"),
+    ],
+)
 def test_every_task_checks_the_image_size_against_the_model(schema, config):
     """``data.image_res`` must equal ``model.vision.img_size`` in every task's schema (checked once, in RunConfig)."""
     import importlib
@@ -564,9 +668,17 @@ def test_text_priors_follow_the_train_file():
 
     assert question_type("What colour is the small star?") == "what colour"
     assert question_type("How many red circles are there?") == "how many"
-    train = [("is there a red star", "yes"), ("is there a red star", "yes"), ("is there a red star", "no"),
-             ("is there a blue star", "no"), ("is there a blue star", "no"), ("what colour is the star", "red"), ("what colour is the star", "blue"),
-             ("what colour is the circle", "green"), ("what colour is the circle", "green")]  # fmt: skip
+    train = [
+        ("is there a red star", "yes"),
+        ("is there a red star", "yes"),
+        ("is there a red star", "no"),
+        ("is there a blue star", "no"),
+        ("is there a blue star", "no"),
+        ("what colour is the star", "red"),
+        ("what colour is the star", "blue"),
+        ("what colour is the circle", "green"),
+        ("what colour is the circle", "green"),
+    ]
     prior = TextPrior((q, question_type(q), {a: 1.0}) for q, a in train)
     assert prior.predict("is there a red star", "is there") == "yes"  # its own question's majority
     assert prior.predict("what colour is the star", "what colour") == "red"  # a tie: the first in the file
@@ -577,7 +689,8 @@ def test_text_priors_follow_the_train_file():
     assert TextPrior([("q", "t", {"a": 0.3, "b": 0.7}), ("q", "t", {"a": 0.3})]).predict("q") == "b"
     questions = ["is there a red star", "what colour is the circle", "what colour is the star", "is there a cat"]
     truth = ["no", "green", "blue", "no"]
-    m = compare_with_prior(truth, questions, [question_type(q) for q in questions], ["no", "green", "blue", "yes"],
-                           prior)
+    m = compare_with_prior(
+        truth, questions, [question_type(q) for q in questions], ["no", "green", "blue", "yes"], prior
+    )
     assert m["acc"] == 75.0 and m["acc_is_there"] == 50.0 and m["acc_what_colour"] == 100.0
     assert m["prior_acc"] == 50.0 and m["prior_acc_what_colour"] == 50.0 and m["prior_acc_is_there"] == 50.0

@@ -4,6 +4,7 @@ accuracy above model-free baselines after training on the learnable demo world.
 
 Run: ``OMP_NUM_THREADS=1 python -m pytest tests/test_grounding.py -q``
 """
+
 from __future__ import annotations
 
 import json
@@ -18,17 +19,31 @@ import pytest
 import torch
 from PIL import Image
 
-from albef.models.convert import load_pretrained, save_official
 from albef.config import ConfigError, load_config
 from albef.demo.world import generate_world
 from albef.eval.grounding import (
-    box_iou, box_scores, centre_choice, check_block, gradcam, gradcam_from_cross_attention,
-    gradcam_from_vit_attention, ground, random_choice_accuracy, select_box, upsample_map,
-)  # fmt: skip
+    box_iou,
+    box_scores,
+    centre_choice,
+    check_block,
+    gradcam,
+    gradcam_from_cross_attention,
+    gradcam_from_vit_attention,
+    ground,
+    random_choice_accuracy,
+    select_box,
+    upsample_map,
+)
 from albef.models import build_model
+from albef.models.convert import load_pretrained, save_official
 from albef.tasks.grounding import (
-    GroundingConfig, GroundingTask, load_proposals, load_refs, refs_from_refer, save_grounding_overlay,
-)  # fmt: skip
+    GroundingConfig,
+    GroundingTask,
+    load_proposals,
+    load_refs,
+    refs_from_refer,
+    save_grounding_overlay,
+)
 from albef.tokenizer import Tokenizer
 from albef.viz import PRED_COLOUR, TRUE_COLOUR, colormap, render_overlay
 
@@ -67,7 +82,9 @@ def test_box_scores_on_hand_made_maps():
     heat = torch.rand(37, 53, generator=g)
     rnd = torch.rand(50, 4, generator=g).double() * torch.tensor([45.0, 30.0, 20.0, 20.0]).double() + 0.5
     boxes = rnd.tolist()
-    ref = [float(heat[int(y):int(y + h), int(x):int(x + w)].double().sum()) / (w * h) ** 0.5 for x, y, w, h in boxes]
+    ref = [
+        float(heat[int(y) : int(y + h), int(x) : int(x + w)].double().sum()) / (w * h) ** 0.5 for x, y, w, h in boxes
+    ]
     assert torch.allclose(box_scores(heat, boxes), torch.tensor(ref, dtype=torch.float64), rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="no proposal"):
         box_scores(heat, [])
@@ -103,8 +120,11 @@ def test_gradcam_recipes_on_hand_made_tensors():
     # by hand: drop the CLS column, clamp negative gradients, zero padded rows, mean over heads and ALL rows
     for i in range(b):
         for p in range(g * g):
-            total = sum(float(attn[i, h, t, 1 + p] * max(float(grad[i, h, t, 1 + p]), 0.0)) * float(mask[i, t])
-                        for h in range(heads) for t in range(length))  # fmt: skip
+            total = sum(
+                float(attn[i, h, t, 1 + p] * max(float(grad[i, h, t, 1 + p]), 0.0)) * float(mask[i, t])
+                for h in range(heads)
+                for t in range(length)
+            )
             assert float(cam[i, p // g, p % g]) == pytest.approx(total / (heads * length), rel=1e-5)
     # padded rows never contribute, whatever their values
     attn2, grad2 = attn.clone(), grad.clone()
@@ -200,8 +220,14 @@ def test_overlay_png_has_the_image_size(tmp_path):
     Image.fromarray(photo).save(path, quality=95)
     cam = torch.zeros(4, 4)
     cam[1, 2] = 1.0
-    out = save_grounding_overlay(tmp_path / "sub" / "overlay.png", str(path), cam, [40, 14, 20, 14], [10, 30, 16, 16],
-                                 "the red circle | IoU 0.00 miss")  # fmt: skip
+    out = save_grounding_overlay(
+        tmp_path / "sub" / "overlay.png",
+        str(path),
+        cam,
+        [40, 14, 20, 14],
+        [10, 30, 16, 16],
+        "the red circle | IoU 0.00 miss",
+    )
     img = Image.open(out)
     assert img.format == "PNG" and img.size == (80, 56) and img.mode == "RGB"
     # the boxes are drawn in their colours (left edges at mid-height, below the label band): the prediction on its
@@ -227,10 +253,40 @@ def test_visualize_cli(tmp_path):
     save_official(model, tmp_path / "tiny.pth")
     photo = np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)
     Image.fromarray(photo).save(tmp_path / "img.png")
-    common = ["--checkpoint", str(tmp_path / "tiny.pth"), "--image", str(tmp_path / "img.png"), "--model", "tiny",
-              "--text", "The red circle!"]  # fmt: skip
-    s = run(common + ["--out", str(tmp_path / "o.png"), "--block-num", "3", "--box", "2", "3", "20", "20",
-                      "--box", "40", "20", "25", "25", "--true-box", "40", "20", "25", "25"])  # fmt: skip
+    common = [
+        "--checkpoint",
+        str(tmp_path / "tiny.pth"),
+        "--image",
+        str(tmp_path / "img.png"),
+        "--model",
+        "tiny",
+        "--text",
+        "The red circle!",
+    ]
+    s = run(
+        common
+        + [
+            "--out",
+            str(tmp_path / "o.png"),
+            "--block-num",
+            "3",
+            "--box",
+            "2",
+            "3",
+            "20",
+            "20",
+            "--box",
+            "40",
+            "20",
+            "25",
+            "25",
+            "--true-box",
+            "40",
+            "20",
+            "25",
+            "25",
+        ]
+    )
     assert Image.open(tmp_path / "o.png").size == (70, 50)
     assert s["image_res"] == 64 and s["grid"] == [4, 4] and s["text"] == "the red circle" and len(s["scores"]) == 2
     assert s["pred_box"] in ([2, 3, 20, 20], [40, 20, 25, 25]) and s["iou"] in (0.0, 1.0)
@@ -239,8 +295,22 @@ def test_visualize_cli(tmp_path):
     with pytest.raises(ValueError, match="not a fusion layer"):
         run(common + ["--out", str(tmp_path / "x.png")])  # default block 8 does not exist in the tiny model
     # the script itself: clear error, exit code 2
-    p = subprocess.run([sys.executable, "-m", "finetune.visualize_grounding", *common, "--out", str(tmp_path / "y.png"),
-                        "--block-num", "0"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.visualize_grounding",
+            *common,
+            "--out",
+            str(tmp_path / "y.png"),
+            "--block-num",
+            "0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and "block_num=0 is not a fusion layer" in p.stderr
 
 
@@ -251,9 +321,11 @@ def _write(path: Path, obj) -> str:
 
 
 def test_annotation_loading_and_errors(tmp_path):
-    refs = {"1": {"image_id": 7, "bbox": [0, 0, 4, 4], "split": "testA", "height": 10, "width": 12},
-            "2": {"image_id": 7, "bbox": [5, 5, 4, 4], "split": "testB", "height": 10, "width": 12},
-            "3": {"image_id": 8, "bbox": [0, 0, 4, 4], "split": "testB", "height": 10, "width": 12}}  # fmt: skip
+    refs = {
+        "1": {"image_id": 7, "bbox": [0, 0, 4, 4], "split": "testA", "height": 10, "width": 12},
+        "2": {"image_id": 7, "bbox": [5, 5, 4, 4], "split": "testB", "height": 10, "width": 12},
+        "3": {"image_id": 8, "bbox": [0, 0, 4, 4], "split": "testB", "height": 10, "width": 12},
+    }
     refs_path = _write(tmp_path / "refs.json", refs)
     assert load_refs(refs_path) == refs
     # without a detector file: the true boxes of each image's refs
@@ -272,10 +344,23 @@ def test_annotation_loading_and_errors(tmp_path):
     refer.mkdir()
     with open(refer / "refs(unc).p", "wb") as f:
         pickle.dump([{"ref_id": 5, "ann_id": 50, "image_id": 3, "split": "val", "sentences": []}], f, protocol=2)
-    _write(refer / "instances.json", {"images": [{"id": 3, "file_name": "COCO_3.jpg", "height": 480, "width": 640}],
-                                       "annotations": [{"id": 50, "bbox": [1.5, 2.5, 30.0, 40.0]}]})  # fmt: skip
-    assert refs_from_refer(str(refer)) == {"5": {"image_id": 3, "image": "COCO_3.jpg", "bbox": [1.5, 2.5, 30.0, 40.0],
-                                                 "split": "val", "height": 480, "width": 640}}  # fmt: skip
+    _write(
+        refer / "instances.json",
+        {
+            "images": [{"id": 3, "file_name": "COCO_3.jpg", "height": 480, "width": 640}],
+            "annotations": [{"id": 50, "bbox": [1.5, 2.5, 30.0, 40.0]}],
+        },
+    )
+    assert refs_from_refer(str(refer)) == {
+        "5": {
+            "image_id": 3,
+            "image": "COCO_3.jpg",
+            "bbox": [1.5, 2.5, 30.0, 40.0],
+            "split": "val",
+            "height": 480,
+            "width": 640,
+        }
+    }
     assert load_refs(str(refer)) == refs_from_refer(str(refer))
     with open(refer / "refs(unc).p", "wb") as f:  # a pickle that would build an object is refused
         pickle.dump([Path("x")], f)
@@ -285,8 +370,15 @@ def test_annotation_loading_and_errors(tmp_path):
     # an evaluation file naming an unknown ref_id, or an image without proposals
     (tmp_path / "images").mkdir()
     Image.new("RGB", (12, 10)).save(tmp_path / "images" / "a.jpg")
-    base = [f"data.refs_file={refs_path}", f"data.image_root={tmp_path / 'images'}", "model=tiny", "data.image_res=64",
-            "eval.block_num=3", "data.test_file=", f"train.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    base = [
+        f"data.refs_file={refs_path}",
+        f"data.image_root={tmp_path / 'images'}",
+        "model=tiny",
+        "data.image_res=64",
+        "eval.block_num=3",
+        "data.test_file=",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]
     val = _write(tmp_path / "val.json", [{"image": "a.jpg", "text": "x", "ref_id": 4}])
     task = GroundingTask(load_config(GroundingConfig, CONFIG, base + [f"data.val_file={val}", "data.dets_file="]))
     with pytest.raises(ValueError, match=r"val.json\[0\]: ref_id 4 is not in data.refs_file"):
@@ -309,8 +401,9 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"data.image_res=384 must equal model.vision.img_size=64"):
         GroundingTask(load_config(GroundingConfig, CONFIG, ["model=tiny", "eval.block_num=3"]))
     with pytest.raises(ValueError, match="data.refs_file is empty"):
-        GroundingTask(load_config(GroundingConfig, CONFIG, base + ["eval.block_num=3", "data.val_file=v.json",
-                                                                   "data.refs_file="]))  # fmt: skip
+        GroundingTask(
+            load_config(GroundingConfig, CONFIG, base + ["eval.block_num=3", "data.val_file=v.json", "data.refs_file="])
+        )
     cfg = load_config(GroundingConfig, CONFIG, base + ["eval.block_num=3"])
     assert cfg.data.augment.crop_scale == [] and cfg.data.augment.flip  # official grounding transform: no crop
 
@@ -324,19 +417,32 @@ def _env():
 
 
 def _run(overrides, config=CONFIG):
-    p = subprocess.run([sys.executable, "-m", "finetune.grounding", str(config), *overrides], cwd=REPO, env=_env(),
-                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "finetune.grounding", str(config), *overrides],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return p.stdout
 
 
 def _world_overrides(w: Path, out: Path):
     return [
-        f"data.train_files=[{w / 'refcoco+_train.json'}]", f"data.val_file={w / 'refcoco+_val.json'}",
-        f"data.test_file={w / 'refcoco+_test.json'}", f"data.refs_file={w / 'refcoco+_refs.json'}",
-        f"data.dets_file={w / 'dets.json'}", f"data.image_root={w / 'images'}", f"train.output_dir={out}",
-        "data.num_workers=0", "data.augment.flip=false", "train.num_threads=1", "train.peak_tflops=1",
-    ]  # fmt: skip
+        f"data.train_files=[{w / 'refcoco+_train.json'}]",
+        f"data.val_file={w / 'refcoco+_val.json'}",
+        f"data.test_file={w / 'refcoco+_test.json'}",
+        f"data.refs_file={w / 'refcoco+_refs.json'}",
+        f"data.dets_file={w / 'dets.json'}",
+        f"data.image_root={w / 'images'}",
+        f"train.output_dir={out}",
+        "data.num_workers=0",
+        "data.augment.flip=false",
+        "train.num_threads=1",
+        "train.peak_tflops=1",
+    ]
 
 
 @pytest.mark.slow
@@ -348,11 +454,25 @@ def test_deepspeed_steps_write_overlays_and_log_wandb_images(tmp_path):
     generate_world(w, seed=3, num_train=40, num_val=6, num_test=6, image_size=64)
     (tmp_path / "cfg.yaml").write_text(f"base: {REPO / CONFIG}\nmodel: {{base: tiny, vision: {{img_size: 64}}}}\n")
     out = tmp_path / "run"
-    common = _world_overrides(w, out) + ["data.image_res=64", "eval.block_num=3", "eval.num_examples=3",
-                                         "init.checkpoint=null"]  # fmt: skip
-    stdout = _run(common + ["train.ds_config=ds_configs/zero2_bf16.json", "train.max_steps=7", "train.log_every=1",
-                            "train.global_batch_size=16", "train.micro_batch_size=8", "wandb.mode=offline",
-                            "model.queue_size=64"], tmp_path / "cfg.yaml")  # fmt: skip
+    common = _world_overrides(w, out) + [
+        "data.image_res=64",
+        "eval.block_num=3",
+        "eval.num_examples=3",
+        "init.checkpoint=null",
+    ]
+    stdout = _run(
+        common
+        + [
+            "train.ds_config=ds_configs/zero2_bf16.json",
+            "train.max_steps=7",
+            "train.log_every=1",
+            "train.global_batch_size=16",
+            "train.micro_batch_size=8",
+            "wandb.mode=offline",
+            "model.queue_size=64",
+        ],
+        tmp_path / "cfg.yaml",
+    )
     assert "run summary" in stdout
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6, 7]
@@ -378,8 +498,16 @@ def test_deepspeed_steps_write_overlays_and_log_wandb_images(tmp_path):
         assert all(r[f"{split}/examples/count"] == 3 and f"{split}/acc" in r for r in logged)
 
     # evaluate-only on the exported official-layout file (the way a released refcoco.pth is evaluated)
-    _run(common + [f"init.checkpoint={out / 'final.pth'}", "train.evaluate_only=true", "wandb.mode=disabled",
-                   f"train.output_dir={tmp_path / 'eval'}"], tmp_path / "cfg.yaml")  # fmt: skip
+    _run(
+        common
+        + [
+            f"init.checkpoint={out / 'final.pth'}",
+            "train.evaluate_only=true",
+            "wandb.mode=disabled",
+            f"train.output_dir={tmp_path / 'eval'}",
+        ],
+        tmp_path / "cfg.yaml",
+    )
     again = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert again["val/num_refs"] == n_val and "test/baseline_centre" in again
 
@@ -411,20 +539,40 @@ def test_training_on_the_demo_world_beats_the_baselines(tmp_path):
     (tmp_path / "cfg.yaml").write_text(f"base: {REPO / CONFIG}\nmodel: {{base: tiny, vision: {{img_size: 48}}}}\n")
     out = tmp_path / "run"
     overrides = _world_overrides(w, out) + [
-        f"data.train_files=[{train}]", "data.test_file=", "data.image_res=48", "data.augment.randaugment=false",
-        "model.text.initializer_range=0.125", "model.momentum=0.5", "model.queue_size=32", "init.checkpoint=null",
-        "eval.mode=itc", "eval.block_num=0", "train.ds_config=ds_configs/zero2_fp32.json", "wandb.mode=disabled",
-        "train.global_batch_size=32", "train.micro_batch_size=32", "train.max_steps=300", "train.schedule=cosine",
-        "train.lr=3e-4", "train.min_lr=3e-4", "train.warmup_lr=1e-6", "train.warmup_steps=50", "train.alpha=0",
-        "train.seed=1", "train.eval_every_epochs=100", "train.log_every=50",
-    ]  # fmt: skip
+        f"data.train_files=[{train}]",
+        "data.test_file=",
+        "data.image_res=48",
+        "data.augment.randaugment=false",
+        "model.text.initializer_range=0.125",
+        "model.momentum=0.5",
+        "model.queue_size=32",
+        "init.checkpoint=null",
+        "eval.mode=itc",
+        "eval.block_num=0",
+        "train.ds_config=ds_configs/zero2_fp32.json",
+        "wandb.mode=disabled",
+        "train.global_batch_size=32",
+        "train.micro_batch_size=32",
+        "train.max_steps=300",
+        "train.schedule=cosine",
+        "train.lr=3e-4",
+        "train.min_lr=3e-4",
+        "train.warmup_lr=1e-6",
+        "train.warmup_steps=50",
+        "train.alpha=0",
+        "train.seed=1",
+        "train.eval_every_epochs=100",
+        "train.log_every=50",
+    ]
     _run(overrides, tmp_path / "cfg.yaml")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     ev = [r for r in rows if "val/acc" in r][-1]
     centre, rand = _baselines(w, "val")
     assert ev["val/baseline_centre"] == pytest.approx(centre) and ev["val/baseline_random"] == pytest.approx(rand)
-    print(f"\ngrounding on the demo world (val, {int(ev['val/num_refs'])} expressions): itc Grad-CAM "
-          f"{ev['val/acc']:.1f}% vs centre {centre:.1f}%, random {rand:.1f}%")
+    print(
+        f"\ngrounding on the demo world (val, {int(ev['val/num_refs'])} expressions): itc Grad-CAM "
+        f"{ev['val/acc']:.1f}% vs centre {centre:.1f}%, random {rand:.1f}%"
+    )
     assert ev["val/acc"] > max(centre, rand) + 8, (ev, centre, rand)
 
     # the same check fails for the untrained model (same initial weights), and, for the record, the itm maps

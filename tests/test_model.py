@@ -1,4 +1,5 @@
 """Model behaviour beyond parity: gradient checkpointing, learning, checkpoint interop, encoder init, config."""
+
 from __future__ import annotations
 
 import copy
@@ -7,19 +8,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from albef.models.convert import (
-    CheckpointError, export_official, init_text_from_hf, init_vit_from_deit, load_pretrained, read_state_dict,
-    save_official,
-)  # fmt: skip
 from albef.config import ConfigError
 from albef.models import build_model, model_config
+from albef.models.convert import (
+    CheckpointError,
+    export_official,
+    init_text_from_hf,
+    init_vit_from_deit,
+    load_pretrained,
+    read_state_dict,
+    save_official,
+)
 from albef.tokenizer import Tokenizer
 
 CAPTIONS = [
-    "a red square on the left", "two blue circles in the middle", "a green triangle above a circle",
-    "a yellow star at the bottom", "three small purple dots", "a big orange rectangle",
-    "a black line across the image", "a white cross on gray",
-]  # fmt: skip
+    "a red square on the left",
+    "two blue circles in the middle",
+    "a green triangle above a circle",
+    "a yellow star at the bottom",
+    "three small purple dots",
+    "a big orange rectangle",
+    "a black line across the image",
+    "a white cross on gray",
+]
 
 
 def batch(n=8, res=64, seed=0):
@@ -63,15 +74,31 @@ def _packing_step(task, packing, gc):
     text = Tokenizer()(["a red square", "three small purple dots on the left", "a star", "a big orange one"])
     ids, mask = text["input_ids"], text["attention_mask"]
     assert not mask.all()
-    model = build_model("tiny", task, seed=0, overrides=[f"text_packing={packing}", f"grad_checkpointing={gc}",
-                                                         "text.hidden_dropout_prob=0",
-                                                         "text.attention_probs_dropout_prob=0"])  # fmt: skip
+    model = build_model(
+        "tiny",
+        task,
+        seed=0,
+        overrides=[
+            f"text_packing={packing}",
+            f"grad_checkpointing={gc}",
+            "text.hidden_dropout_prob=0",
+            "text.attention_probs_dropout_prob=0",
+        ],
+    )
     model.train()
     torch.manual_seed(7)
     if task == "vqa":  # two answers per question, answers of different lengths
         answers = Tokenizer()(["red", "a big blue one", "two", "no", "yes", "green", "three", "left"], max_length=8)
-        out = model(img, ids, mask, answers["input_ids"], answers["attention_mask"], torch.full((8,), 0.5),
-                    torch.full((4,), 2), alpha=0.4)  # fmt: skip
+        out = model(
+            img,
+            ids,
+            mask,
+            answers["input_ids"],
+            answers["attention_mask"],
+            torch.full((8,), 0.5),
+            torch.full((4,), 2),
+            alpha=0.4,
+        )
     elif task == "nlvr":
         out = model([img, img.flip(0)], ids, mask, torch.tensor([0, 1, 1, 0]), alpha=0.4)
     elif task == "ve":
@@ -220,8 +247,10 @@ def test_downstream_checkpoint_loads_back_into_pretraining_layout(parity_pretrai
         load_pretrained(pre, sd)
     report = load_pretrained(pre, sd, allow_missing=("text_encoder.cls.", "text_encoder_m.cls."), allow_unexpected=True)
     assert "idx_queue" in report.unexpected
-    assert torch.equal(pre.text_encoder.bert.encoder.layer[0].attention.self.query.weight,
-                       retrieval.text_encoder.encoder.layer[0].attention.self.query.weight)  # fmt: skip
+    assert torch.equal(
+        pre.text_encoder.bert.encoder.layer[0].attention.self.query.weight,
+        retrieval.text_encoder.encoder.layer[0].attention.self.query.weight,
+    )
 
 
 def test_momentum_twins_copied_when_checkpoint_has_none(parity_pretrain):
@@ -230,7 +259,7 @@ def test_momentum_twins_copied_when_checkpoint_has_none(parity_pretrain):
     model = build_model("tiny", "retrieval")
     report = load_pretrained(model, sd)
     assert report.momentum_from_online
-    for (a, b) in model.model_pairs:
+    for a, b in model.model_pairs:
         for p, p_m in zip(a.parameters(), b.parameters()):
             assert torch.equal(p, p_m)
 
@@ -257,10 +286,17 @@ def test_vit_init_from_deit_checkpoint_file(tmp_path):
 
 
 MINILM = [
-    "text.hidden_size=384", "text.num_hidden_layers=6", "text.fusion_layer=3", "text.num_attention_heads=12",
-    "text.intermediate_size=1536", "text.encoder_width=384", "vision.embed_dim=384", "vision.num_heads=6",
-    "vision.depth=1", "vision.img_size=32",
-]  # fmt: skip
+    "text.hidden_size=384",
+    "text.num_hidden_layers=6",
+    "text.fusion_layer=3",
+    "text.num_attention_heads=12",
+    "text.intermediate_size=1536",
+    "text.encoder_width=384",
+    "vision.embed_dim=384",
+    "vision.num_heads=6",
+    "vision.depth=1",
+    "vision.img_size=32",
+]
 
 
 @pytest.mark.parametrize("task", ["pretrain", "retrieval"])
@@ -273,9 +309,13 @@ def test_text_encoder_from_local_hf_bert(minilm_dir, task):
     hf = {k.removeprefix("bert."): v for k, v in hf.items()}
     bert = model.bert
     assert torch.equal(bert.embeddings.word_embeddings.weight, hf["embeddings.word_embeddings.weight"])
-    assert torch.equal(bert.encoder.layer[5].attention.self.query.weight, hf["encoder.layer.5.attention.self.query.weight"])
+    assert torch.equal(
+        bert.encoder.layer[5].attention.self.query.weight, hf["encoder.layer.5.attention.self.query.weight"]
+    )
     assert torch.equal(bert.encoder.layer[4].output.LayerNorm.bias, hf["encoder.layer.4.output.LayerNorm.bias"])
-    assert torch.equal(model.bert_m.encoder.layer[5].attention.self.query.weight, hf["encoder.layer.5.attention.self.query.weight"])
+    assert torch.equal(
+        model.bert_m.encoder.layer[5].attention.self.query.weight, hf["encoder.layer.5.attention.self.query.weight"]
+    )
     # cross-attention (BERT has none) and, for MiniLM, the MLM head stay at their fresh init, and are reported
     assert any("crossattention" in k for k in report.missing)
     assert not any("crossattention" in k and "layer.2." in k for k in report.missing)
@@ -288,8 +328,11 @@ def test_text_encoder_from_local_hf_bert(minilm_dir, task):
     img = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         text = ours(CAPTIONS[:2])
-        assert model.itm_logits(model.encode_text(text["input_ids"], text["attention_mask"]), text["attention_mask"],
-                                model.encode_image(img)).shape == (2, 2)  # fmt: skip
+        assert model.itm_logits(
+            model.encode_text(text["input_ids"], text["attention_mask"]),
+            text["attention_mask"],
+            model.encode_image(img),
+        ).shape == (2, 2)
 
 
 def test_text_encoder_architecture_mismatch_is_named(minilm_dir):
@@ -300,7 +343,12 @@ def test_text_encoder_architecture_mismatch_is_named(minilm_dir):
 
 def test_config_presets_overrides_and_errors(tmp_path):
     base = model_config("base")
-    assert (base.vision.embed_dim, base.text.num_hidden_layers, base.text.fusion_layer, base.queue_size) == (768, 12, 6, 65536)
+    assert (base.vision.embed_dim, base.text.num_hidden_layers, base.text.fusion_layer, base.queue_size) == (
+        768,
+        12,
+        6,
+        65536,
+    )
     small = model_config("small", ["text.fusion_layer=2", "temp=1e-1"])
     assert small.text.fusion_layer == 2 and small.temp == 0.1 and small.vision.embed_dim == 384
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['fusion_layers'\]"):
@@ -347,8 +395,10 @@ def test_queue_size_zero_uses_the_batch_as_the_only_keys(task):
         assert torch.isfinite(out["loss_ita"]) and int(model.queue_ptr) == 0
         sim_i2t_m = d["image_feat_m"] @ d["text_feat_m"].t() / model.temp
         torch.testing.assert_close(d["sim_i2t_m"], sim_i2t_m, rtol=1e-5, atol=1e-5)
-        expected = (-(F.log_softmax(d["sim_i2t"], 1) * d["sim_i2t_targets"]).sum(1).mean()
-                    - (F.log_softmax(d["sim_t2i"], 1) * d["sim_t2i_targets"]).sum(1).mean()) / 2  # fmt: skip
+        expected = (
+            -(F.log_softmax(d["sim_i2t"], 1) * d["sim_i2t_targets"]).sum(1).mean()
+            - (F.log_softmax(d["sim_t2i"], 1) * d["sim_t2i_targets"]).sum(1).mean()
+        ) / 2
         torch.testing.assert_close(out["loss_ita"], expected, rtol=1e-5, atol=1e-6)
 
 

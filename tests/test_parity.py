@@ -6,15 +6,16 @@ replay the official random draws (hard negatives, MLM masking) from the same see
 RNG-dependent losses too. Per-token text states are compared at the real tokens; without packing the padding
 positions must match too, with packing they are zero (ALBEF never reads them).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from albef.models.convert import export_official, load_pretrained
 from albef.models import build_model
 from albef.models.bert import mlm_loss
+from albef.models.convert import export_official, load_pretrained
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 VARIANTS = [("sdpa", True), ("sdpa", False), ("eager", True), ("eager", False)]  # (attn_impl, text_packing)
@@ -179,8 +180,10 @@ def test_export_is_the_official_layout(parity_pretrain):
         assert out[k].shape == v.shape and out[k].dtype == v.dtype, k
         assert torch.equal(out[k], v), k
     # the tied MLM decoder stays one tensor, as in the official checkpoint
-    assert out["text_encoder.cls.predictions.decoder.weight"].data_ptr() == \
-        out["text_encoder.bert.embeddings.word_embeddings.weight"].data_ptr()
+    assert (
+        out["text_encoder.cls.predictions.decoder.weight"].data_ptr()
+        == out["text_encoder.bert.embeddings.word_embeddings.weight"].data_ptr()
+    )
 
 
 # ----------------------------------------------------------------------------------------------- retrieval

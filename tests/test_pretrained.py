@@ -2,6 +2,7 @@
 (architecture read from its tensors), our export, a run directory, a saved folder or a hub id (a real
 huggingface_hub cache, offline) to a model in eval mode with its image preprocessing and tokenizer; and a model
 pushed through huggingface_hub's commit API (to a hub on 127.0.0.1) comes back the same."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,8 @@ import yaml
 from PIL import Image
 
 import albef
-from albef.models.convert import CheckpointError, save_official
 from albef.models import build_model, model_config
+from albef.models.convert import CheckpointError, save_official
 from albef.pretrained import Preprocess, infer_model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,15 +60,22 @@ def test_export_run_directory_and_saved_folder_round_trip(tmp_path):
     run_cfg = {"model": dataclasses.asdict(cfg), "train": {"output_dir": "x"}}
     save_official(model, tmp_path / "final.pth", config=run_cfg)  # what the engine exports
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(run_cfg))
-    folder = albef.save_pretrained(model, tmp_path / "hub", description="The demo model.",
-                                   training_data="The demo world.", metrics={"test/txt_r1": 55.0})  # fmt: skip
+    folder = albef.save_pretrained(
+        model,
+        tmp_path / "hub",
+        description="The demo model.",
+        training_data="The demo world.",
+        metrics={"test/txt_r1": 55.0},
+    )
     for source in (tmp_path / "final.pth", tmp_path, folder):
         loaded = albef.load(source)
         assert loaded.model.cfg == cfg, source  # the config travels (init range, momentum... not guessed)
         for got, want in zip(_features(loaded.model, image, ids, mask), expected):
             torch.testing.assert_close(got, want)
     card = (folder / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: albef") and "| test/txt_r1 | 55.00 |" in card and "The demo world." in card
+    assert (
+        card.startswith("---\nlibrary_name: albef") and "| test/txt_r1 | 55.00 |" in card and "The demo world." in card
+    )
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.yaml", "model.pth"]
 
 
@@ -80,8 +88,10 @@ def test_hub_id_resolves_through_the_huggingface_cache_offline(tmp_path):
     albef.save_pretrained(model, repo / "snapshots" / revision)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    code = ("import albef, json; m = albef.load('someorg/albef-tiny').model; "
-            "print(json.dumps([type(m).__name__, m.cfg.vision.img_size]))")  # fmt: skip
+    code = (
+        "import albef, json; m = albef.load('someorg/albef-tiny').model; "
+        "print(json.dumps([type(m).__name__, m.cfg.vision.img_size]))"
+    )
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -128,8 +138,10 @@ class _Hub:
                 if repo not in hub.repos:
                     return self._reply(404, {"error": f"Repository {repo} not found"})
                 if parts[5] == "preupload":
-                    files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                             for f in json.loads(data)["files"]]  # fmt: skip
+                    files = [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                        for f in json.loads(data)["files"]
+                    ]
                     return self._reply(200, {"files": files})
                 lines = [json.loads(x) for x in data.splitlines() if x.strip()]
                 header = next(x["value"] for x in lines if x["key"] == "header")
@@ -138,8 +150,9 @@ class _Hub:
                         hub.repos[repo]["files"][x["value"]["path"]] = base64.b64decode(x["value"]["content"])
                 hub.commits.append((repo, parts[6], header["summary"]))
                 oid = f"{len(hub.commits):040x}"
-                return self._reply(200, {"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{oid}",
-                                         "commitOid": oid})  # fmt: skip
+                return self._reply(
+                    200, {"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{oid}", "commitOid": oid}
+                )
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -156,8 +169,15 @@ def test_push_to_hub_uploads_a_folder_that_loads_back(tmp_path, monkeypatch):
     try:
         torch.manual_seed(0)
         model = build_model("tiny", "retrieval").eval()
-        url = albef.push_to_hub(model, "someorg/albef-tiny", token="hf_test", endpoint=hub.url, private=True,
-                                training_data="The demo world.", metrics={"r_mean": 50.0})  # fmt: skip
+        url = albef.push_to_hub(
+            model,
+            "someorg/albef-tiny",
+            token="hf_test",
+            endpoint=hub.url,
+            private=True,
+            training_data="The demo world.",
+            metrics={"r_mean": 50.0},
+        )
         assert url.startswith(f"{hub.url}/someorg/albef-tiny/commit/")
         repo = hub.repos["someorg/albef-tiny"]
         assert repo["private"] and sorted(repo["files"]) == ["README.md", "config.yaml", "model.pth"]

@@ -1,5 +1,6 @@
 """Retrieval: recall metrics on hand-made scores, the batched re-ranking against the official parity tensors, and a
 DeepSpeed fine-tuning run that raises recall on the learnable demo world."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from albef.models.convert import load_pretrained
 from albef.eval.retrieval import encode_texts, ground_truth, itm_rerank, recall_metrics
 from albef.models import build_model
+from albef.models.convert import load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -26,12 +27,16 @@ def test_recall_on_hand_made_scores():
     # 3 images with 2 captions each (captions 0-1 -> image 0, 2-3 -> 1, 4-5 -> 2)
     img2txt, txt2img = ground_truth([2, 2, 2])
     assert img2txt == [[0, 1], [2, 3], [4, 5]] and txt2img == [0, 0, 1, 1, 2, 2]
-    i2t = np.array([
-        [0.1, 0.9, 0.0, 0.0, 0.0, 0.0],   # image 0: its caption 1 ranks first            -> rank 0
-        [0.5, 0.0, 0.1, 0.4, 0.0, 0.0],   # image 1: best own caption (3) ranks second    -> rank 1
-        [0.9, 0.8, 0.7, 0.6, 0.5, 0.0],   # image 2: own captions rank 5th and 6th       -> rank 4
-    ])  # fmt: skip
-    t2i = np.array([[0.9, 0.1, 0.0], [0.2, 0.1, 0.3], [0.0, 1.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    i2t = np.array(
+        [
+            [0.1, 0.9, 0.0, 0.0, 0.0, 0.0],  # image 0: its caption 1 ranks first            -> rank 0
+            [0.5, 0.0, 0.1, 0.4, 0.0, 0.0],  # image 1: best own caption (3) ranks second    -> rank 1
+            [0.9, 0.8, 0.7, 0.6, 0.5, 0.0],  # image 2: own captions rank 5th and 6th       -> rank 4
+        ]
+    )
+    t2i = np.array(
+        [[0.9, 0.1, 0.0], [0.2, 0.1, 0.3], [0.0, 1.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    )
     m = recall_metrics(i2t, t2i, img2txt, txt2img)
     assert m["txt_r1"] == pytest.approx(100 / 3) and m["txt_r5"] == pytest.approx(100.0) and m["txt_r10"] == 100.0
     # ranks of the text queries: 0, 1 (image 2 first), 0, tie 0.5/0.5 -> stable order puts image 1 first -> 0, 0, 2
@@ -50,8 +55,9 @@ def test_batched_rerank_reproduces_the_official_score_matrix(parity_pretrain, pa
         text_embeds, text_feat = encode_texts(model, ref["input_ids"], ref["attention_mask"], batch_size=3)
         sims = model.image_feat(image_embeds) @ text_feat.T
         for pair_batch in (1, 5, 64):  # the pairs of several queries per fusion call, any split
-            i2t, t2i = itm_rerank(model, sims, image_embeds, text_embeds, ref["attention_mask"], k_test=4,
-                                  pair_batch=pair_batch)  # fmt: skip
+            i2t, t2i = itm_rerank(
+                model, sims, image_embeds, text_embeds, ref["attention_mask"], k_test=4, pair_batch=pair_batch
+            )
             assert torch.allclose(i2t, ref["itm_score_matrix_i2t"], atol=1e-5)
             assert torch.allclose(t2i, ref["itm_score_matrix_i2t"].T, atol=1e-5)
         assert torch.allclose(sims, ref["sims_matrix"], atol=1e-5)
@@ -59,8 +65,9 @@ def test_batched_rerank_reproduces_the_official_score_matrix(parity_pretrain, pa
         # longest caption, and a batch projects each of its images' keys/values once: the official code fuses
         # 2 x 4 x 4 pairs at full padded width, projecting an image's keys/values for every pair.
         calls, fuse = [], model.fuse
-        model.fuse = lambda t, m, i, **kw: calls.append((t.shape[0], t.shape[1], int(m.sum(1).max()),
-                                                         len(i.states))) or fuse(t, m, i, **kw)  # fmt: skip
+        model.fuse = lambda t, m, i, **kw: (
+            calls.append((t.shape[0], t.shape[1], int(m.sum(1).max()), len(i.states))) or fuse(t, m, i, **kw)
+        )
         itm_rerank(model, sims, image_embeds, text_embeds, ref["attention_mask"], k_test=4, pair_batch=5)
         del model.fuse
         n_txt, width = ref["input_ids"].shape
@@ -82,8 +89,15 @@ def _rerank_on_rank(rank: int, port: int, tensors: dict, out: str) -> None:
     model = build_model("tiny", "retrieval", overrides=["vision.img_size=96"])
     load_pretrained(model, tensors["state_dict"])
     with torch.no_grad():
-        i2t, t2i = itm_rerank(model.eval(), tensors["sims"], tensors["image_embeds"], tensors["text_embeds"],
-                              tensors["mask"], k_test=3, pair_batch=5)  # fmt: skip
+        i2t, t2i = itm_rerank(
+            model.eval(),
+            tensors["sims"],
+            tensors["image_embeds"],
+            tensors["text_embeds"],
+            tensors["mask"],
+            k_test=3,
+            pair_batch=5,
+        )
     torch.save({"i2t": i2t, "t2i": t2i}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
@@ -103,8 +117,13 @@ def test_rerank_over_two_ranks_equals_one_process(parity_pretrain, parity_retrie
         text_embeds, text_feat = encode_texts(model, ref["input_ids"], ref["attention_mask"], batch_size=3)
         sims = model.image_feat(image_embeds) @ text_feat.T
         i2t, t2i = itm_rerank(model, sims, image_embeds, text_embeds, ref["attention_mask"], k_test=3, pair_batch=5)
-    tensors = {"state_dict": parity_pretrain["state_dict"], "sims": sims, "image_embeds": image_embeds,
-               "text_embeds": text_embeds, "mask": ref["attention_mask"]}  # fmt: skip
+    tensors = {
+        "state_dict": parity_pretrain["state_dict"],
+        "sims": sims,
+        "image_embeds": image_embeds,
+        "text_embeds": text_embeds,
+        "mask": ref["attention_mask"],
+    }
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -117,8 +136,14 @@ def test_rerank_over_two_ranks_equals_one_process(parity_pretrain, parity_retrie
 
 def _run(args, out, wandb_mode="disabled"):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE=wandb_mode, WANDB_SILENT="true")
-    p = subprocess.run([sys.executable, "-m", "finetune.retrieval", *args], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=900)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "finetune.retrieval", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     return p.stdout
 
@@ -134,31 +159,60 @@ def test_finetuning_under_deepspeed_raises_recall(tmp_path):
     w = tmp_path / "world"
     generate_world(w, seed=0, num_train=1500, num_val=32, num_test=64, image_size=48)
     common = [
-        "finetune/configs/demo_retrieval.yaml", "model=demo",
-        f"data.train_files=[{w / 'retrieval_train.json'}]", f"data.val_file={w / 'retrieval_val.json'}",
-        f"data.test_file={w / 'retrieval_test.json'}", f"data.image_root={w / 'images'}", "data.image_res=48",
-        "data.augment.randaugment=false", "data.num_workers=1", "train.global_batch_size=32",
-        "train.micro_batch_size=32", "train.num_threads=2", "wandb.mode=disabled", "eval.k_test=8", "train.seed=1",
-    ]  # fmt: skip
+        "finetune/configs/demo_retrieval.yaml",
+        "model=demo",
+        f"data.train_files=[{w / 'retrieval_train.json'}]",
+        f"data.val_file={w / 'retrieval_val.json'}",
+        f"data.test_file={w / 'retrieval_test.json'}",
+        f"data.image_root={w / 'images'}",
+        "data.image_res=48",
+        "data.augment.randaugment=false",
+        "data.num_workers=1",
+        "train.global_batch_size=32",
+        "train.micro_batch_size=32",
+        "train.num_threads=2",
+        "wandb.mode=disabled",
+        "eval.k_test=8",
+        "train.seed=1",
+    ]
     _run(common + [f"train.output_dir={tmp_path / 'before'}", "train.evaluate_only=true"], tmp_path)
     before = json.loads((tmp_path / "before" / "eval.json").read_text())
     assert {"val/r_mean", "test/r_mean", "test/txt_r1", "test/img_r10"} <= set(before)
     # R@1 of the ITC similarities alone beside the ITM re-ranked numbers, and the image-use check of the ITM head
     assert {"test/itc_txt_r1", "test/itc_img_r1", "test/itc_r_mean", "test/itm_match_acc"} <= set(before)
     assert 0.0 <= before["test/itm_match_acc"] <= 100.0
-    _run(common + [f"train.output_dir={tmp_path / 'after'}", "train.epochs=2", "train.max_steps=300",
-                   "train.lr=3e-4", "train.min_lr=3e-4", "train.warmup_steps=50", "train.alpha=0", "train.log_every=50",
-                   "wandb.mode=offline", "eval.wandb_queries=6"], tmp_path, wandb_mode="offline")  # fmt: skip
+    _run(
+        common
+        + [
+            f"train.output_dir={tmp_path / 'after'}",
+            "train.epochs=2",
+            "train.max_steps=300",
+            "train.lr=3e-4",
+            "train.min_lr=3e-4",
+            "train.warmup_steps=50",
+            "train.alpha=0",
+            "train.log_every=50",
+            "wandb.mode=offline",
+            "eval.wandb_queries=6",
+        ],
+        tmp_path,
+        wandb_mode="offline",
+    )
     rows = [json.loads(x) for x in (tmp_path / "after" / "metrics.jsonl").read_text().splitlines()]
     ita = [r["train/loss_ita"] for r in rows if "train/loss_ita" in r]
     assert [r["step"] for r in rows if "train/loss_ita" in r][-1] == 300
     evals = [r for r in rows if "test/r_mean" in r]
-    assert [r["step"] for r in evals] == [234, 300]  # 7500 captions // 32 = 234 full batches per epoch, then the last step
+    assert [r["step"] for r in evals] == [
+        234,
+        300,
+    ]  # 7500 captions // 32 = 234 full batches per epoch, then the last step
     after = evals[-1]
     chance_r1 = 100 / 64
-    print(f"\nretrieval on 64 held-out images: TR R@1 {before['test/txt_r1']:.1f} -> {after['test/txt_r1']:.1f}, "
-          f"IR R@1 {before['test/img_r1']:.1f} -> {after['test/img_r1']:.1f}, r_mean {before['test/r_mean']:.1f} -> "
-          f"{after['test/r_mean']:.1f} (chance R@1 {chance_r1:.1f}); ITC loss {ita[0]:.2f} -> {ita[-1]:.2f}")  # fmt: skip
+    print(
+        f"\nretrieval on 64 held-out images: TR R@1 {before['test/txt_r1']:.1f} -> {after['test/txt_r1']:.1f}, "
+        f"IR R@1 {before['test/img_r1']:.1f} -> {after['test/img_r1']:.1f}, r_mean {before['test/r_mean']:.1f} -> "
+        f"{after['test/r_mean']:.1f} (chance R@1 {chance_r1:.1f}); ITC loss {ita[0]:.2f} -> {ita[-1]:.2f}"
+    )
     assert ita[-1] < ita[0] - 0.5
     assert after["test/r_mean"] > before["test/r_mean"] + 15
     assert after["test/txt_r1"] > 5 * chance_r1 and after["test/img_r1"] > 3 * chance_r1
@@ -174,8 +228,11 @@ def test_finetuning_under_deepspeed_raises_recall(tmp_path):
     for direction, ncols in (("text_retrieval", 4), ("image_retrieval", 2 + 5 + 2)):
         assert logged[-1][f"test/{direction}/_type"] == "table-file"
         assert (logged[-1][f"test/{direction}/nrows"], logged[-1][f"test/{direction}/ncols"]) == (6, ncols)
-    arts = {r.artifact.name: {e.path: Path(e.local_path) for e in r.artifact.manifest.contents}
-            for r in records(wandb_file) if r.WhichOneof("record_type") == "artifact"}  # fmt: skip
+    arts = {
+        r.artifact.name: {e.path: Path(e.local_path) for e in r.artifact.manifest.contents}
+        for r in records(wandb_file)
+        if r.WhichOneof("record_type") == "artifact"
+    }
     (files,) = [f for name, f in arts.items() if "-testtext_retrieval" in name][-1:]
     assert all(p.is_relative_to(tmp_path / "after") for p in files.values())
     table = json.loads(next(p for k, p in files.items() if k.endswith(".table.json")).read_text())
@@ -203,6 +260,9 @@ def test_itm_match_accuracy_compares_own_and_next_caption():
         wins = 0
         for i in range(5):
             own, other = img2txt[i][0], img2txt[(i + 1) % 5][0]
-            p = [model.itm_logits(texts[t:t + 1], mask[t:t + 1], images[i:i + 1]).softmax(-1)[0, 1] for t in (own, other)]
+            p = [
+                model.itm_logits(texts[t : t + 1], mask[t : t + 1], images[i : i + 1]).softmax(-1)[0, 1]
+                for t in (own, other)
+            ]
             wins += int(p[0] > p[1])
     assert got == pytest.approx(100.0 * wins / 5)

@@ -1,6 +1,7 @@
 """Faults found in a review of the run loop (issue 18), each reproduced here first and then fixed: config checks,
 safe checkpoint loads, never rewriting a complete checkpoint, resuming at an epoch's last batch. The run-level ones
 use the real engine (DeepSpeed, the demo world's shards made by data_prep)."""
+
 from __future__ import annotations
 
 import collections
@@ -25,23 +26,26 @@ CONFIG = "pretrain/configs/tiny_cpu.yaml"
 # ------------------------------------------------------------------------------------------------ config (9)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.betas=[0.9]", r"override 'train.betas=\[0.9\]'.*two numbers"),
-    ("train.betas=[0.9, 1.5]", r"override 'train.betas=\[0.9, 1.5\]'.*in \[0, 1\)"),
-    ("train.betas=[a, b]", r"override 'train.betas=\[a, b\]'.*expected a number"),
-    ("train.log_every=0", r"override 'train.log_every=0'.*>= 1"),
-    ("train.eval_every_epochs=0", r"override 'train.eval_every_epochs=0'.*>= 1"),
-    ("train.max_nonfinite_steps=0", r"override 'train.max_nonfinite_steps=0'.*>= 1"),
-    ("train.save_every=-1", r"override 'train.save_every=-1'.*>= 0"),
-    ("train.itm_random_negative_steps=-5", r"override 'train.itm_random_negative_steps=-5'.*>= 0"),
-    ("train.mlm_weight=-0.5", r"override 'train.mlm_weight=-0.5'.*>= 0"),
-    ("train.lr=[1e-4", r"override 'train.lr=\[1e-4': not valid YAML"),
-    ("train.max_steps=ten", r"override 'train.max_steps=ten'.*expected an integer"),
-    ("train.no_such_key=1", r"override 'train.no_such_key=1'.*unknown key\(s\) \['no_such_key'\]"),
-    # one owner per value: the per-rank batch is train.micro_batch_size (8 here), the image size the model's
-    ("data.batch_size=32", r"override 'data.batch_size=32'.*train.micro_batch_size=8; leave data.batch_size unset"),
-    ("data.image_res=32", r"override 'data.image_res=32'.*must equal model.vision.img_size=64"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.betas=[0.9]", r"override 'train.betas=\[0.9\]'.*two numbers"),
+        ("train.betas=[0.9, 1.5]", r"override 'train.betas=\[0.9, 1.5\]'.*in \[0, 1\)"),
+        ("train.betas=[a, b]", r"override 'train.betas=\[a, b\]'.*expected a number"),
+        ("train.log_every=0", r"override 'train.log_every=0'.*>= 1"),
+        ("train.eval_every_epochs=0", r"override 'train.eval_every_epochs=0'.*>= 1"),
+        ("train.max_nonfinite_steps=0", r"override 'train.max_nonfinite_steps=0'.*>= 1"),
+        ("train.save_every=-1", r"override 'train.save_every=-1'.*>= 0"),
+        ("train.itm_random_negative_steps=-5", r"override 'train.itm_random_negative_steps=-5'.*>= 0"),
+        ("train.mlm_weight=-0.5", r"override 'train.mlm_weight=-0.5'.*>= 0"),
+        ("train.lr=[1e-4", r"override 'train.lr=\[1e-4': not valid YAML"),
+        ("train.max_steps=ten", r"override 'train.max_steps=ten'.*expected an integer"),
+        ("train.no_such_key=1", r"override 'train.no_such_key=1'.*unknown key\(s\) \['no_such_key'\]"),
+        # one owner per value: the per-rank batch is train.micro_batch_size (8 here), the image size the model's
+        ("data.batch_size=32", r"override 'data.batch_size=32'.*train.micro_batch_size=8; leave data.batch_size unset"),
+        ("data.image_res=32", r"override 'data.image_res=32'.*must equal model.vision.img_size=64"),
+    ],
+)
 def test_bad_overrides_are_errors_that_name_the_override(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(PretrainConfig, CONFIG, ["train.max_steps=3", override])
@@ -218,20 +222,38 @@ def test_checkpoints_and_shards_are_flushed_before_they_are_marked_complete(demo
 
     log.unlink()
     out = tmp_path / "shards"
-    cmd = [PY, "-c", RECORD_IO, "data_prep.annotations", str(demo_world / "pretrain.json"), "--image-root",
-           str(demo_world / "images"), "--output", str(out), "--shard-size", "48", "--image-size", "64", "--no-progress",
-           "--processes", "1"]  # fmt: skip
+    cmd = [
+        PY,
+        "-c",
+        RECORD_IO,
+        "data_prep.annotations",
+        str(demo_world / "pretrain.json"),
+        "--image-root",
+        str(demo_world / "images"),
+        "--output",
+        str(out),
+        "--shard-size",
+        "48",
+        "--image-size",
+        "64",
+        "--no-progress",
+        "--processes",
+        "1",
+    ]
     p = subprocess.run(cmd, cwd=REPO, env=run_env(IO_LOG=str(log)), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     events = _io_events(log)
-    published = [(i, Path(e[1]), Path(e[2])) for i, e in enumerate(events)
-                 if e[0] == "replace" and e[2].endswith(".tar") and Path(e[2]).parent == out]  # fmt: skip
+    published = [
+        (i, Path(e[1]), Path(e[2]))
+        for i, e in enumerate(events)
+        if e[0] == "replace" and e[2].endswith(".tar") and Path(e[2]).parent == out
+    ]
     assert len(published) == 4  # 192 samples in shards of 48
     for i, src, dst in published:
         assert _flushed_before(events, src, i), f"{dst.name} renamed before its data was fsynced"
-        assert ("fsync", str(out)) in events[i + 1:], f"{dst.name}: directory not fsynced after the rename"
+        assert ("fsync", str(out)) in events[i + 1 :], f"{dst.name}: directory not fsynced after the rename"
     manifest = max(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out / "manifest.json"))
-    assert ("fsync", str(out)) in events[manifest + 1:]
+    assert ("fsync", str(out)) in events[manifest + 1 :]
 
 
 # ------------------------------------------------------------------------------------------------ non-finite steps (4)
@@ -293,9 +315,20 @@ def test_a_skipped_step_changes_no_state(world_shards, tmp_path, stage):
     from runs import PY, REPO, run_env
 
     report = tmp_path / "report.jsonl"
-    cmd = [PY, "-c", NONFINITE_SCRIPT, "3", "7", str(report), CONFIG,
-           *base_overrides(world_shards, tmp_path / "run", **{"train.max_steps": 5,
-                                                               "train.ds_config": f"ds_configs/zero{stage}_fp32.json"})]  # fmt: skip
+    cmd = [
+        PY,
+        "-c",
+        NONFINITE_SCRIPT,
+        "3",
+        "7",
+        str(report),
+        CONFIG,
+        *base_overrides(
+            world_shards,
+            tmp_path / "run",
+            **{"train.max_steps": 5, "train.ds_config": f"ds_configs/zero{stage}_fp32.json"},
+        ),
+    ]
     p = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     rows = [json.loads(x) for x in report.read_text().splitlines()]
@@ -333,8 +366,17 @@ def test_a_save_that_fails_on_one_rank_stops_every_rank_with_the_reason(world_sh
 
     run = tmp_path / "run"
     common = {"train.max_steps": 6, "train.save_every": 2, "train.collective_timeout_s": 120}
-    cmd = [str(Path(PY).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python", PY, "-c",
-           DISK_FULL_SCRIPT, CONFIG, *base_overrides(world_shards, run, **common)]  # fmt: skip
+    cmd = [
+        str(Path(PY).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        "--no-python",
+        PY,
+        "-c",
+        DISK_FULL_SCRIPT,
+        CONFIG,
+        *base_overrides(world_shards, run, **common),
+    ]
     t0 = time.time()
     p = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
     out = p.stdout + p.stderr
@@ -385,8 +427,9 @@ def test_a_signal_during_evaluation_or_export_checkpoints_and_exits_75(world_sha
         marker = tmp_path / f"{run.name}-{mode}.started"
         cmd = [PY, "-c", SLOW_EVAL_SCRIPT, CONFIG, *base_overrides(world_shards, run, **{"train.max_steps": 4, **kw})]
         env = run_env(EVAL_MODE=mode, EVAL_MARKER=str(marker))
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True), marker  # fmt: skip
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        ), marker
 
     def signal_when_started(proc, marker):
         end = time.time() + 300
@@ -532,8 +575,9 @@ def test_a_run_resumes_on_another_number_of_ranks(world_shards, tmp_path, ds_con
 
     one, two = _keys_by_step(tmp_path / "one.pt"), _keys_by_step(tmp_path / "two.pt")
     assert sorted(one) == [7, 8, 9] and sorted(two) == [10, 11, 12]
-    interrupted = [k for s in range(1, 7) for k in epoch[s]] + [k for s in one for k in one[s]] + \
-        [k for s in two for k in two[s]]  # fmt: skip
+    interrupted = (
+        [k for s in range(1, 7) for k in epoch[s]] + [k for s in one for k in one[s]] + [k for s in two for k in two[s]]
+    )
     assert sorted(interrupted) == sorted(k for v in epoch.values() for k in v)  # the same samples, each once
 
 
@@ -579,6 +623,12 @@ def test_fp16_loss_scale_survives_a_change_of_world_size():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    p = subprocess.run([PY, "-c", LOSS_SCALE_SCRIPT], cwd=REPO, env=run_env(MASTER_PORT=str(port)),
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [PY, "-c", LOSS_SCALE_SCRIPT],
+        cwd=REPO,
+        env=run_env(MASTER_PORT=str(port)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0 and "OK" in p.stdout, (p.stdout + p.stderr)[-3000:]

@@ -6,6 +6,7 @@ packages with slurm/local/install.sh when they are missing) and stopped at the e
 are skipped with the reason. Each node has one fake GPU (GRES File=/dev/null), so the scripts' --gpus-per-node path
 is exercised while CUDA stays unavailable and the jobs train on CPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,13 @@ class Cluster:
         self.env = dict(os.environ)
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_DIR", "WANDB_MODE"):
             self.env.pop(name, None)
-        self.env.update(SLURM_CONF=str(directory / "slurm.conf"), WANDB_MODE="offline", ALBEF_REPO=str(REPO),
-                        ALBEF_PYTHON=sys.executable, WANDB_SILENT="true")
+        self.env.update(
+            SLURM_CONF=str(directory / "slurm.conf"),
+            WANDB_MODE="offline",
+            ALBEF_REPO=str(REPO),
+            ALBEF_PYTHON=sys.executable,
+            WANDB_SILENT="true",
+        )
 
     def run(self, *cmd: str, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
         out = subprocess.run(list(cmd), env=self.env, cwd=cwd, capture_output=True, text=True, timeout=120)
@@ -122,19 +128,38 @@ def cluster():
     if os.name != "posix" or not hasattr(os, "geteuid"):
         pytest.skip("the local SLURM cluster needs Linux")
     if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root (slurmd launches jobs, munged runs as the munge user): "
-                    "run the tests as root, or try the scripts by hand with sudo slurm/local/start.sh")
+        pytest.skip(
+            "the local SLURM cluster needs root (slurmd launches jobs, munged runs as the munge user): "
+            "run the tests as root, or try the scripts by hand with sudo slurm/local/start.sh"
+        )
     if _missing_commands():
         if shutil.which("apt-get") is None:
-            pytest.skip(f"SLURM is not installed ({', '.join(_missing_commands())} missing) and there is no apt-get "
-                        "to install it: install slurmctld slurmd slurm-client munge")
+            pytest.skip(
+                f"SLURM is not installed ({', '.join(_missing_commands())} missing) and there is no apt-get "
+                "to install it: install slurmctld slurmd slurm-client munge"
+            )
         out = subprocess.run([str(LOCAL / "install.sh")], capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, f"slurm/local/install.sh failed:\n{out.stdout}\n{out.stderr}"
     directory = Path(tempfile.mkdtemp(prefix="albef-slurm-test-", dir="/tmp"))
     directory.chmod(0o755)  # munged (the munge user) keeps its socket in here
-    args = ["--nodes", "2", "--cpus", "2", "--gpus", "1", "--dir", str(directory),
-            "--ctld-port", str(_free_port()), "--node-port", str(_free_port_pair()),
-            "--requeue-delay", "5", "--kill-wait", "10"]
+    args = [
+        "--nodes",
+        "2",
+        "--cpus",
+        "2",
+        "--gpus",
+        "1",
+        "--dir",
+        str(directory),
+        "--ctld-port",
+        str(_free_port()),
+        "--node-port",
+        str(_free_port_pair()),
+        "--requeue-delay",
+        "5",
+        "--kill-wait",
+        "10",
+    ]
     c = Cluster(directory, args)
     out = subprocess.run([str(LOCAL / "start.sh"), *args], env=c.env, capture_output=True, text=True, timeout=180)
     if out.returncode != 0:
@@ -159,17 +184,42 @@ def world(tmp_path_factory):
 
 
 def _prep_args(world: Path, out: Path) -> List[str]:
-    return [str(world / "pretrain.json"), "--image-root", str(world / "images"), "--output", str(out),
-            "--shard-size", str(SHARD_SIZE), "--image-size", "64", "--no-progress"]
+    return [
+        str(world / "pretrain.json"),
+        "--image-root",
+        str(world / "images"),
+        "--output",
+        str(out),
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--image-size",
+        "64",
+        "--no-progress",
+    ]
 
 
 @pytest.fixture(scope="session")
 def shards(world, tmp_path_factory):
     """Real shards from data_prep.annotations with one worker (also the reference for the array job)."""
     out = tmp_path_factory.mktemp("slurm_shards") / "single"
-    run = subprocess.run([sys.executable, "-m", "data_prep.annotations", *_prep_args(world, out),
-                          "--num-workers", "1", "--worker-id", "0", "--processes", "1"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.annotations",
+            *_prep_args(world, out),
+            "--num-workers",
+            "1",
+            "--worker-id",
+            "0",
+            "--processes",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_samples"] == NUM_SAMPLES and len(manifest["shards"]) == NUM_SAMPLES // SHARD_SIZE
@@ -178,12 +228,20 @@ def shards(world, tmp_path_factory):
 
 def _config(path: Path, output_dir: Path, data: Dict, **train) -> Path:
     """A pretraining YAML on top of pretrain/configs/tiny_cpu.yaml (tiny model, fp32 ZeRO-2, 2 loader workers)."""
-    cfg = {"base": str(REPO / "pretrain" / "configs" / "tiny_cpu.yaml"), "data": data,
-           # The jobs run in the submit directory (tmp_path), as SLURM does: repository files need absolute paths.
-           "train": {"output_dir": str(output_dir), "global_batch_size": GLOBAL_BATCH,
-                     "ds_config": str(REPO / "ds_configs" / "zero2_fp32.json"),
-                     "micro_batch_size": MICRO_BATCH, "num_threads": 1, **train},
-           "wandb": {"mode": "offline"}}
+    cfg = {
+        "base": str(REPO / "pretrain" / "configs" / "tiny_cpu.yaml"),
+        "data": data,
+        # The jobs run in the submit directory (tmp_path), as SLURM does: repository files need absolute paths.
+        "train": {
+            "output_dir": str(output_dir),
+            "global_batch_size": GLOBAL_BATCH,
+            "ds_config": str(REPO / "ds_configs" / "zero2_fp32.json"),
+            "micro_batch_size": MICRO_BATCH,
+            "num_threads": 1,
+            **train,
+        },
+        "wandb": {"mode": "offline"},
+    }
     path.write_text(json.dumps(cfg, indent=1))  # JSON is YAML
     return path
 
@@ -236,12 +294,14 @@ def _check_resumed_run(run_dir: Path, total_steps: int, world: int):
 def test_local_cluster_is_up_and_start_is_idempotent(cluster):
     nodes = cluster.run("sinfo", "-h", "-N", "-o", "%N %T %G").stdout.split("\n")
     assert sorted(n for n in nodes if n) == ["node1 idle gpu:1", "node2 idle gpu:1"]
-    again = subprocess.run([str(LOCAL / "start.sh"), *cluster.start_args], env=cluster.env, capture_output=True,
-                           text=True, timeout=60)
+    again = subprocess.run(
+        [str(LOCAL / "start.sh"), *cluster.start_args], env=cluster.env, capture_output=True, text=True, timeout=60
+    )
     assert again.returncode == 0 and "already running" in again.stdout
     other = [a if a != "2" else "1" for a in cluster.start_args]  # --nodes 1 (and --cpus 1): another shape
-    refused = subprocess.run([str(LOCAL / "start.sh"), *other], env=cluster.env, capture_output=True, text=True,
-                             timeout=60)
+    refused = subprocess.run(
+        [str(LOCAL / "start.sh"), *other], env=cluster.env, capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode == 6 and "different shape" in refused.stderr
     assert cluster.run("scontrol", "ping").stdout.count("UP") == 1
 
@@ -254,14 +314,43 @@ def test_pretrain_two_nodes_gloo(cluster, shards, tmp_path):
     reads = tmp_path / "reads.log"
     # The loader runs this command once per shard it opens (in its worker processes, which inherit the rank
     # variables): it notes SLURM's task id, the engine's RANK/WORLD_SIZE and the shard, then streams the shard.
-    witness = (f"pipe:sh -c 'echo \"$SLURM_PROCID $RANK $WORLD_SIZE $0\" >> {reads}; exec cat \"$0\"' "
-               f"{shards}/{{000000..{NUM_SAMPLES // SHARD_SIZE - 1:06d}}}.tar")
-    cfg = _config(tmp_path / "cfg.yaml", run_dir, {"shards": [witness], "manifests": [str(shards / "manifest.json")]},
-                  max_steps=STEPS_PER_EPOCH, save_every=4, log_every=4)
+    witness = (
+        f'pipe:sh -c \'echo "$SLURM_PROCID $RANK $WORLD_SIZE $0" >> {reads}; exec cat "$0"\' '
+        f"{shards}/{{000000..{NUM_SAMPLES // SHARD_SIZE - 1:06d}}}.tar"
+    )
+    cfg = _config(
+        tmp_path / "cfg.yaml",
+        run_dir,
+        {"shards": [witness], "manifests": [str(shards / "manifest.json")]},
+        max_steps=STEPS_PER_EPOCH,
+        save_every=4,
+        log_every=4,
+    )
     submit = subprocess.run(
-        [sys.executable, str(REPO / "slurm" / "submit.py"), "pretrain", "--nodes", "2", "--gpus-per-node", "1",
-         "--cpus-per-task", "1", "--time", "20", "--log-dir", str(tmp_path), "--job-name", "two-nodes", str(cfg)],
-        env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            str(REPO / "slurm" / "submit.py"),
+            "pretrain",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "1",
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "20",
+            "--log-dir",
+            str(tmp_path),
+            "--job-name",
+            "two-nodes",
+            str(cfg),
+        ],
+        env=cluster.env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert submit.returncode == 0, submit.stderr
     assert "sbatch command: sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=1 --cpus-per-task=1" in submit.stdout
     job = submit.stdout.split("submitted job ")[1].split()[0]
@@ -289,7 +378,10 @@ def test_pretrain_two_nodes_gloo(cluster, shards, tmp_path):
     assert tag == f"step{STEPS_PER_EPOCH:09d}"
     assert json.loads((ckpt / tag / "COMPLETE").read_text())["world_size"] == 2
     assert (run_dir / "final.pth").is_file()
-    assert sorted(p.name for p in (ckpt / tag).glob("rank*_state.*")) == ["rank00000_state.json", "rank00001_state.json"]
+    assert sorted(p.name for p in (ckpt / tag).glob("rank*_state.*")) == [
+        "rank00000_state.json",
+        "rank00001_state.json",
+    ]
 
     # The W&B offline run.
     from wandb_records import history, run_id
@@ -311,9 +403,18 @@ def test_pretrain_two_nodes_gloo(cluster, shards, tmp_path):
 
 
 def _submit_pretrain(cluster: Cluster, tmp_path: Path, cfg: Path, name: str, nodes: int) -> str:
-    return cluster.sbatch(f"--nodes={nodes}", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=20",
-                          f"--job-name={name}", f"--output={tmp_path}/%x-%j.out", str(REPO / "slurm" / "pretrain.sbatch"),
-                          str(cfg), cwd=tmp_path)
+    return cluster.sbatch(
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=1",
+        "--cpus-per-task=1",
+        "--time=20",
+        f"--job-name={name}",
+        f"--output={tmp_path}/%x-%j.out",
+        str(REPO / "slurm" / "pretrain.sbatch"),
+        str(cfg),
+        cwd=tmp_path,
+    )
 
 
 @pytest.mark.slow
@@ -323,8 +424,15 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, shards, tmp_path):
     total = STEPS_PER_EPOCH + 4  # the resumed part crosses into the second epoch
     run_dir = tmp_path / "run"
     # save_every=0: the only checkpoint before the end is the one the signal asks for.
-    cfg = _config(tmp_path / "cfg.yaml", run_dir, {"shards": [str(shards)]}, max_steps=total, save_every=0,
-                  log_every=1, export_final=False)
+    cfg = _config(
+        tmp_path / "cfg.yaml",
+        run_dir,
+        {"shards": [str(shards)]},
+        max_steps=total,
+        save_every=0,
+        log_every=1,
+        export_final=False,
+    )
     job = _submit_pretrain(cluster, tmp_path, cfg, "usr1", nodes=2)
     log = tmp_path / f"usr1-{job}.out"
     _wait_for_step(run_dir, 3, cluster, job, log)
@@ -333,7 +441,10 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, shards, tmp_path):
     text = log.read_text()
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0" and rec["Restarts"] == "1", _tail(log)
 
-    assert "batch script received SIGUSR1" in text and f"forwarded SIGUSR1 to the tasks (scancel --signal=USR1 {job})" in text
+    assert (
+        "batch script received SIGUSR1" in text
+        and f"forwarded SIGUSR1 to the tasks (scancel --signal=USR1 {job})" in text
+    )
     assert "job step ended with exit code 75" in text and f"requeueing job {job} (restart 1)" in text
     assert f"job {job} 'usr1' restart 1 ====" in text  # the same log file continues (--open-mode=append)
 
@@ -360,8 +471,15 @@ def test_scontrol_requeue_resumes_from_last_checkpoint(cluster, shards, tmp_path
     One node and one task: what is tested is SLURM's requeue, the same at any size (and faster to start)."""
     total = STEPS_PER_EPOCH + 4  # the resumed part crosses into the second epoch
     run_dir = tmp_path / "run"
-    cfg = _config(tmp_path / "cfg.yaml", run_dir, {"shards": [str(shards)]}, max_steps=total, save_every=2,
-                  log_every=1, export_final=False)
+    cfg = _config(
+        tmp_path / "cfg.yaml",
+        run_dir,
+        {"shards": [str(shards)]},
+        max_steps=total,
+        save_every=2,
+        log_every=1,
+        export_final=False,
+    )
     job = _submit_pretrain(cluster, tmp_path, cfg, "requeue", nodes=1)
     log = tmp_path / f"requeue-{job}.out"
     _wait_for_step(run_dir, 3, cluster, job, log)
@@ -391,8 +509,15 @@ def test_data_prep_array_matches_single_worker(cluster, world, shards, tmp_path)
     """`sbatch --array=0-1 slurm/data_prep.sbatch annotations ...`: two array tasks split the shards and together
     produce the same samples, shard by shard, as the single-worker run."""
     out = tmp_path / "array"
-    job = cluster.sbatch("--array=0-1", "--cpus-per-task=1", "--time=10", str(REPO / "slurm" / "data_prep.sbatch"),
-                         "annotations", *_prep_args(world, out), cwd=tmp_path)
+    job = cluster.sbatch(
+        "--array=0-1",
+        "--cpus-per-task=1",
+        "--time=10",
+        str(REPO / "slurm" / "data_prep.sbatch"),
+        "annotations",
+        *_prep_args(world, out),
+        cwd=tmp_path,
+    )
     logs = [tmp_path / f"albef-data-prep-{job}_{i}.out" for i in (0, 1)]  # the script's %x-%A_%a.out
     recs = cluster.wait(job, logs=logs)
     assert sorted(r["ArrayTaskId"] for r in recs) == ["0", "1"]
@@ -412,8 +537,10 @@ def test_data_prep_array_matches_single_worker(cluster, world, shards, tmp_path)
             result[tar_path.name] = dict(per_key)
         return result
 
-    assert json.loads((out / "manifest.json").read_text())["shards"] == \
-        json.loads((shards / "manifest.json").read_text())["shards"]
+    assert (
+        json.loads((out / "manifest.json").read_text())["shards"]
+        == json.loads((shards / "manifest.json").read_text())["shards"]
+    )
     mine, reference = samples(out), samples(shards)
     assert len(mine) == NUM_SAMPLES // SHARD_SIZE and sum(len(s) for s in mine.values()) == NUM_SAMPLES
     assert mine == reference
@@ -433,12 +560,33 @@ def test_data_prep_array_task_requeued_on_usr1(cluster, world, tmp_path):
     server = LoopbackServer({f"/{i}.jpg": Route(p.read_bytes(), delay=0.4) for i, p in enumerate(images)}).start()
     try:
         urls = tmp_path / "urls.jsonl"
-        urls.write_text("".join(json.dumps({"url": server.url(f"/{i}.jpg"), "caption": f"picture number {i}"}) + "\n"
-                                for i in range(len(images))))
+        urls.write_text(
+            "".join(
+                json.dumps({"url": server.url(f"/{i}.jpg"), "caption": f"picture number {i}"}) + "\n"
+                for i in range(len(images))
+            )
+        )
         out = tmp_path / "out"
-        job = cluster.sbatch("--array=0-1", "--cpus-per-task=1", "--time=10", str(REPO / "slurm" / "data_prep.sbatch"),
-                             "download", str(urls), "--output", str(out), "--shard-size", "10", "--threads", "1",
-                             "--image-size", "64", "--allow-network", "127.0.0.0/8", "--no-progress", cwd=tmp_path)
+        job = cluster.sbatch(
+            "--array=0-1",
+            "--cpus-per-task=1",
+            "--time=10",
+            str(REPO / "slurm" / "data_prep.sbatch"),
+            "download",
+            str(urls),
+            "--output",
+            str(out),
+            "--shard-size",
+            "10",
+            "--threads",
+            "1",
+            "--image-size",
+            "64",
+            "--allow-network",
+            "127.0.0.0/8",
+            "--no-progress",
+            cwd=tmp_path,
+        )
         logs = [tmp_path / f"albef-data-prep-{job}_{i}.out" for i in (0, 1)]
         deadline = time.time() + JOB_TIMEOUT
         while "this worker owns 4" not in (logs[0].read_text() if logs[0].is_file() else ""):
@@ -448,8 +596,7 @@ def test_data_prep_array_task_requeued_on_usr1(cluster, world, tmp_path):
         recs = {r["ArrayTaskId"]: r for r in cluster.wait(job, logs=logs)}
     finally:
         server.stop()
-    assert all(r["JobState"] == "COMPLETED" and r["ExitCode"] == "0:0" for r in recs.values()), \
-        [_tail(p) for p in logs]
+    assert all(r["JobState"] == "COMPLETED" and r["ExitCode"] == "0:0" for r in recs.values()), [_tail(p) for p in logs]
     assert (recs["0"]["Restarts"], recs["1"]["Restarts"]) == ("1", "0")  # only the signalled task was requeued
     first = logs[0].read_text()
     assert f"forwarded SIGTERM to the tasks (scancel --signal=TERM {job}_0)" in first
@@ -471,19 +618,29 @@ def test_a_signal_at_a_steps_start_reaches_the_tasks(cluster, tmp_path):
     job starts. Forwarded at once, the signal found no task yet (lost until the resend a minute later) or a task
     before its `trap "" USR1` (killed: exit 138). It must reach the program as a request to stop (exit 75 here)."""
     script = tmp_path / "early.sh"
-    program = ("import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75)); "
-               "print('handler installed', flush=True); time.sleep(40); sys.exit(3)")
+    program = (
+        "import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75)); "
+        "print('handler installed', flush=True); time.sleep(40); sys.exit(3)"
+    )
     script.write_text(f"""#!/bin/bash
 set -euo pipefail
-source {REPO / 'slurm' / 'common.sh'}
+source {REPO / "slurm" / "common.sh"}
 albef_setup early-signal
 kill -USR1 $$  # what --signal=B:USR1@N does when N exceeds the time limit
 albef_run_step same "$ALBEF_PY" -c {shlex.quote(program)}
 echo "step exit code: $ALBEF_STEP_RC"
 """)
-    job = cluster.sbatch("--nodes=1", "--ntasks=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
-                         "--export=ALL,ALBEF_SIGNAL_GRACE=3", f"--output={tmp_path}/early-%j.out", str(script),
-                         cwd=tmp_path)
+    job = cluster.sbatch(
+        "--nodes=1",
+        "--ntasks=1",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=20",
+        "--export=ALL,ALBEF_SIGNAL_GRACE=3",
+        f"--output={tmp_path}/early-%j.out",
+        str(script),
+        cwd=tmp_path,
+    )
     log = tmp_path / f"early-{job}.out"
     (rec,) = cluster.wait(job, logs=[log])
     text = log.read_text()
@@ -498,23 +655,36 @@ def test_script_errors_fail_fast_with_readable_messages(cluster, tmp_path):
     a config the engine rejects fails with the engine's message."""
     bad_key = tmp_path / "bad_key.yaml"
     bad_key.write_text(f"base: {REPO / 'pretrain' / 'configs' / 'tiny_cpu.yaml'}\ntrain: {{learning_rate: 1.0}}\n")
-    pretrain, finetune, data_prep = (str(REPO / "slurm" / s) for s in ("pretrain.sbatch", "finetune.sbatch",
-                                                                       "data_prep.sbatch"))
+    pretrain, finetune, data_prep = (
+        str(REPO / "slurm" / s) for s in ("pretrain.sbatch", "finetune.sbatch", "data_prep.sbatch")
+    )
     cases = {
-        "missing-config": ([pretrain, "does/not/exist.yaml", "train.max_steps=5"],
-                           "error: config file 'does/not/exist.yaml' not found"),
+        "missing-config": (
+            [pretrain, "does/not/exist.yaml", "train.max_steps=5"],
+            "error: config file 'does/not/exist.yaml' not found",
+        ),
         "bad-override": ([pretrain, str(bad_key), "train.max_steps"], "'train.max_steps' is not a key=value override"),
         "no-args": ([pretrain], "usage: sbatch [sbatch options] slurm/pretrain.sbatch CONFIG.yaml"),
         "unknown-task": ([finetune, "no_such_task", str(bad_key)], "unknown fine-tuning task 'no_such_task'"),
-        "unknown-step": (["--array=0", data_prep, "no_such_step", "--output", "x"],
-                         "unknown data_prep step 'no_such_step'"),
+        "unknown-step": (
+            ["--array=0", data_prep, "no_such_step", "--output", "x"],
+            "unknown data_prep step 'no_such_step'",
+        ),
         "bad-key": ([pretrain, str(bad_key)], "config error:"),
     }
     jobs = {}
     for name, (args, _) in cases.items():
-        jobs[name] = cluster.sbatch("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-                                    "--time=10", f"--job-name={name}", f"--output={tmp_path}/%x-%j.out", *args,
-                                    cwd=tmp_path)
+        jobs[name] = cluster.sbatch(
+            "--nodes=1",
+            "--ntasks-per-node=1",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--job-name={name}",
+            f"--output={tmp_path}/%x-%j.out",
+            *args,
+            cwd=tmp_path,
+        )
     for name, job in jobs.items():
         log = tmp_path / f"{name}-{job}.out"  # (the one-task array's %j is its array id)
         (rec,) = cluster.wait(job, logs=[log])
@@ -536,18 +706,53 @@ def test_submit_helper_prints_the_sbatch_command(tmp_path):
     cfg.write_text("model: tiny\n")
 
     def submit(*args):
-        return subprocess.run([sys.executable, str(REPO / "slurm" / "submit.py"), *args], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, str(REPO / "slurm" / "submit.py"), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
-    out = submit("pretrain", "--dry-run", "--nodes", "4", "--gpus-per-node", "8", "--cpus-per-task", "12",
-                 "--time", "2-00:00:00", "--partition", "gpu", "--env", "WANDB_MODE=offline", str(cfg), "train.lr=2e-4")
+    out = submit(
+        "pretrain",
+        "--dry-run",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--cpus-per-task",
+        "12",
+        "--time",
+        "2-00:00:00",
+        "--partition",
+        "gpu",
+        "--env",
+        "WANDB_MODE=offline",
+        str(cfg),
+        "train.lr=2e-4",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (
         f"sbatch command: sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=12 "
         f"--time=2-00:00:00 --partition=gpu --export=ALL,ALBEF_REPO={REPO},WANDB_MODE=offline "
-        f"{REPO}/slurm/pretrain.sbatch {cfg} train.lr=2e-4")
-    out = submit("data_prep", "--dry-run", "--workers", "16", "--parallel", "4", "--log-dir", "logs", "--",
-                 "download", "urls/", "--output", "data/cc3m")
+        f"{REPO}/slurm/pretrain.sbatch {cfg} train.lr=2e-4"
+    )
+    out = submit(
+        "data_prep",
+        "--dry-run",
+        "--workers",
+        "16",
+        "--parallel",
+        "4",
+        "--log-dir",
+        "logs",
+        "--",
+        "download",
+        "urls/",
+        "--output",
+        "data/cc3m",
+    )
     assert out.returncode == 0, out.stderr
     assert "sbatch --array=0-15%4 --output=logs/%x-%A_%a.out" in out.stdout
     assert out.stdout.strip().endswith("slurm/data_prep.sbatch download urls/ --output data/cc3m")

@@ -1,6 +1,7 @@
 """Zero-shot classification (``finetune.zeroshot``): the classifier is the template-averaged prompt features, the
 metrics follow the scores, the entrypoint runs from a checkpoint, and bad configs name their field. That a
 pretrained model classifies far above chance is asserted on the demo's own pretraining (tests/test_demo.py)."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from albef.models.convert import save_official
 from albef.config import ConfigError, load_config
 from albef.demo.world import generate_world
 from albef.models import build_model
+from albef.models.convert import save_official
 from albef.tasks.zeroshot import ZeroShotConfig, ZeroShotTask
 from albef.tokenizer import Tokenizer, pre_caption
 
@@ -31,9 +32,17 @@ def world(tmp_path_factory):
 
 
 def _config(world: Path, out: Path, *extra: str) -> ZeroShotConfig:
-    return load_config(ZeroShotConfig, CONFIG, [f"data.test_file={world / 'zeroshot_test.json'}",
-                                                f"data.image_root={world / 'images'}", f"train.output_dir={out}",
-                                                "data.num_workers=0", *extra])  # fmt: skip
+    return load_config(
+        ZeroShotConfig,
+        CONFIG,
+        [
+            f"data.test_file={world / 'zeroshot_test.json'}",
+            f"data.image_root={world / 'images'}",
+            f"train.output_dir={out}",
+            "data.num_workers=0",
+            *extra,
+        ],
+    )
 
 
 def test_scores_are_image_features_against_template_averaged_prompts(world, tmp_path):
@@ -63,7 +72,9 @@ def test_scores_are_image_features_against_template_averaged_prompts(world, tmp_
         with torch.no_grad():
             scores = (model.image_feat(model.encode_image(normalize_images(pixels))) @ classifier.t())[0]
         top = scores.topk(5)
-        assert row["label"] == entry["label"] and [r["class"] for r in row["top"]] == [task.classes[i] for i in top.indices]
+        assert row["label"] == entry["label"] and [r["class"] for r in row["top"]] == [
+            task.classes[i] for i in top.indices
+        ]
         assert [r["score"] for r in row["top"]] == pytest.approx(top.values.tolist(), abs=1e-5)
         hits += task.classes[int(top.indices[0])] == entry["label"]
     assert metrics["top1"] == pytest.approx(100 * hits / len(entries))
@@ -82,12 +93,15 @@ def test_classes_default_to_the_sorted_labels_and_unknown_labels_are_errors(worl
         task.evaluate(build_model(task.cfg.model, "retrieval"), "test", torch.device("cpu"), torch.float32)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.templates=['a photo']", r"data.templates.*'a photo' must contain exactly one '\{\}'"),
-    ("data.templates=[]", r"data.templates=\[\]: give at least one prompt template"),
-    ("data.classes=[cat, cat]", r"data.classes=.*a class name is repeated"),
-    ("train.evaluate_only=false", r"override 'train.evaluate_only=false'.*nothing to train"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.templates=['a photo']", r"data.templates.*'a photo' must contain exactly one '\{\}'"),
+        ("data.templates=[]", r"data.templates=\[\]: give at least one prompt template"),
+        ("data.classes=[cat, cat]", r"data.classes=.*a class name is repeated"),
+        ("train.evaluate_only=false", r"override 'train.evaluate_only=false'.*nothing to train"),
+    ],
+)
 def test_bad_configs_name_the_field(world, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         _config(world, tmp_path, override)
@@ -99,10 +113,24 @@ def test_entrypoint_evaluates_a_checkpoint_on_both_splits(world, tmp_path):
     ckpt = tmp_path / "model.pth"
     save_official(build_model(cfg.model, "pretrain"), ckpt)  # a pretraining checkpoint loads into the ITC encoders
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "finetune.zeroshot", str(CONFIG), f"data.val_file={world / 'zeroshot_val.json'}",
-                        f"data.test_file={world / 'zeroshot_test.json'}", f"data.image_root={world / 'images'}",
-                        f"init.checkpoint={ckpt}", f"train.output_dir={out}", "data.num_workers=0"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.zeroshot",
+            str(CONFIG),
+            f"data.val_file={world / 'zeroshot_val.json'}",
+            f"data.test_file={world / 'zeroshot_test.json'}",
+            f"data.image_root={world / 'images'}",
+            f"init.checkpoint={ckpt}",
+            f"train.output_dir={out}",
+            "data.num_workers=0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     evaluated = json.loads((out / "eval.json").read_text())
     assert {"val/top1", "val/top5", "test/top1", "test/top5", "test/mean_per_class"} <= set(evaluated)

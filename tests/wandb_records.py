@@ -4,6 +4,7 @@ The file is a 7-byte header (``:W&B``, magic, version) followed by LevelDB-log f
 with a 7-byte header (crc32c, length, type FULL=1/FIRST=2/MIDDLE=3/LAST=4); every logical record is a serialised
 ``wandb.proto.wandb_internal_pb2.Record``.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,9 @@ def history(path: Path) -> List[Dict]:
     rows = []
     for rec in records(path):
         if rec.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+            )
     return rows
 
 

@@ -8,6 +8,7 @@ Plain fields with defaults (and the nested ``augment:`` section), so ``albef.con
       batch_size: 64
       num_workers: 8
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -70,15 +71,19 @@ class DataConfig:
             raise bad("max_bad_fraction", "must be in [0, 1]")
         if self.shards and self.json_files:  # neither (the default) is an error only when a loader is built
             raise ValueError(
-                f"data.shards={self.shards!r}, data.json_files={self.json_files!r}: set one of the two, not both")
+                f"data.shards={self.shards!r}, data.json_files={self.json_files!r}: set one of the two, not both"
+            )
         if any(not isinstance(s, str) or not s.strip() for s in self.shards):
             raise bad("shards", "entries must be non-empty strings")
         if self.manifests and len(self.manifests) != len(self.shards):
             raise bad("manifests", f"needs one entry per data.shards entry ({len(self.shards)}), or none")
         if self.weights:
             if not self.resampled:
-                raise bad("weights", "mixing weights need data.resampled: true (a non-resampled epoch visits "
-                                     "every shard exactly once; list a dataset twice to upsample it)")
+                raise bad(
+                    "weights",
+                    "mixing weights need data.resampled: true (a non-resampled epoch visits "
+                    "every shard exactly once; list a dataset twice to upsample it)",
+                )
             if len(self.weights) != len(self.shards):
                 raise bad("weights", f"needs one weight per data.shards entry ({len(self.shards)})")
             if any(w <= 0 for w in self.weights):
@@ -86,5 +91,8 @@ class DataConfig:
         if self.json_files and self.resampled:
             raise bad("resampled", "resampled mode needs data.shards (json_files are read one exact pass per epoch)")
         if self.samples_per_epoch and not self.resampled:
-            raise bad("samples_per_epoch", "only resampled mode has a configurable epoch length; a "
-                                           "non-resampled epoch is one pass over the manifests")
+            raise bad(
+                "samples_per_epoch",
+                "only resampled mode has a configurable epoch length; a "
+                "non-resampled epoch is one pass over the manifests",
+            )

@@ -20,6 +20,7 @@ Semantics (the same contract as ``PretrainLoader``, which the engine relies on):
 
 A dataset implements ``__len__`` and ``load(index, rng) -> dict``; ``collate_fn(list_of_dicts) -> batch``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,8 +60,17 @@ class _EpochView(Dataset):
 
 
 class MapLoader:
-    def __init__(self, dataset, collate_fn: Callable, batch_size: int, rank: int, world_size: int, seed: int,
-                 num_workers: int = 0, shuffle: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        dataset,
+        collate_fn: Callable,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int = 0,
+        shuffle: bool = True,
+    ):
         if len(dataset) // world_size < batch_size:
             raise ValueError(
                 f"{type(dataset).__name__} has {len(dataset)} samples: fewer than one batch of {batch_size} per rank "
@@ -91,10 +101,12 @@ class MapLoader:
 
     def _phase_indices(self) -> np.ndarray:
         n = len(self.dataset)
-        order = np.random.default_rng(derive_seed(self.seed, self.epoch)).permutation(n) if self.shuffle else np.arange(n)
+        order = (
+            np.random.default_rng(derive_seed(self.seed, self.epoch)).permutation(n) if self.shuffle else np.arange(n)
+        )
         for phase in self.phases:
             parts = self._split(order, phase["world_size"], phase["batch_size"])
-            order = np.concatenate([p[phase["batches"] * phase["batch_size"]:] for p in parts])
+            order = np.concatenate([p[phase["batches"] * phase["batch_size"] :] for p in parts])
         return order
 
     def _indices(self) -> np.ndarray:
@@ -108,28 +120,42 @@ class MapLoader:
 
     def __iter__(self) -> Iterator[Dict]:
         idx = self._indices()
-        batches = [idx[b * self.batch_size : (b + 1) * self.batch_size].tolist()
-                   for b in range(self.position, len(idx) // self.batch_size)]  # fmt: skip
-        loader = DataLoader(_EpochView(self.dataset, self.seed, self.epoch), batch_sampler=batches,
-                            collate_fn=self._collate, num_workers=self.num_workers,
-                            worker_init_fn=ignore_stop_signals if self.num_workers else None)  # fmt: skip
+        batches = [
+            idx[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            for b in range(self.position, len(idx) // self.batch_size)
+        ]
+        loader = DataLoader(
+            _EpochView(self.dataset, self.seed, self.epoch),
+            batch_sampler=batches,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            worker_init_fn=ignore_stop_signals if self.num_workers else None,
+        )
         for batch in iterate_workers(loader):
             self._stats.update(batch.pop("_bad"))
             self.position += 1
             yield batch
 
     def state_dict(self) -> Dict:
-        return {"epoch": self.epoch, "position": self.position, "num_samples": len(self.dataset),
-                "world_size": self.world, "batch_size": self.batch_size,
-                "num_batches": self.batches_this_epoch, "phases": [dict(p) for p in self.phases],
-                "stats": dict(self._stats)}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_samples": len(self.dataset),
+            "world_size": self.world,
+            "batch_size": self.batch_size,
+            "num_batches": self.batches_this_epoch,
+            "phases": [dict(p) for p in self.phases],
+            "stats": dict(self._stats),
+        }
 
     def load_state_dict(self, state: Dict) -> None:
         """Continue where ``state`` (any rank's) left off; another world size or batch size mid-epoch re-splits
         the rest of the epoch (see the module docstring). The dataset must be the same."""
         if state["num_samples"] != len(self.dataset):
-            raise ValueError(f"loader state was saved with num_samples={state['num_samples']}, this run has "
-                             f"{len(self.dataset)}: another dataset, so the position in the epoch is meaningless")
+            raise ValueError(
+                f"loader state was saved with num_samples={state['num_samples']}, this run has "
+                f"{len(self.dataset)}: another dataset, so the position in the epoch is meaningless"
+            )
         self.epoch, self.position = state["epoch"], state["position"]
         self.phases = [dict(p) for p in state.get("phases") or []]
         self._stats = Counter(state.get("stats") or {})
@@ -138,16 +164,26 @@ class MapLoader:
         if self.position >= total:  # that epoch is complete
             self.epoch, self.position, self.phases = self.epoch + 1, 0, []
             return
-        if saved == {"world_size": self.world, "batch_size": self.batch_size} or (self.position == 0 and not self.phases):
+        if saved == {"world_size": self.world, "batch_size": self.batch_size} or (
+            self.position == 0 and not self.phases
+        ):
             return
         if self.position:
             self.phases.append({**saved, "batches": self.position})
         self.position = 0
         remaining, left = len(self._phase_indices()), self.batches_this_epoch
-        log.warning("data: resuming in the middle of epoch %d (batch %d of %d per rank with world_size %d, "
-                    "batch_size %d) on %d rank(s), batch size %d: %s", self.epoch, state["position"], total,
-                    saved["world_size"], saved["batch_size"], self.world, self.batch_size,
-                    resplit_summary(remaining, left, self.world * self.batch_size))  # fmt: skip
+        log.warning(
+            "data: resuming in the middle of epoch %d (batch %d of %d per rank with world_size %d, "
+            "batch_size %d) on %d rank(s), batch size %d: %s",
+            self.epoch,
+            state["position"],
+            total,
+            saved["world_size"],
+            saved["batch_size"],
+            self.world,
+            self.batch_size,
+            resplit_summary(remaining, left, self.world * self.batch_size),
+        )
         if left == 0:
             self.epoch, self.phases = self.epoch + 1, []
 

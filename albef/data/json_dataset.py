@@ -13,6 +13,7 @@ Several files are concatenated in order, as the official ``train_file`` list.
 ``data.json_files`` is set. Standalone, ``ds[i]`` draws its augmentation from ``(seed, epoch, i)`` and raises
 ``BadSample`` (naming the file) for an unreadable image.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,9 @@ def load_json_entries(json_files: Sequence[str], image_root: str = "") -> List[T
             elif isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption):
                 captions = tuple(caption)
             else:
-                raise ValueError(f"{path}[{i}]: 'caption' must be a string or a non-empty list of strings, "
-                                 f"got {caption!r}")
+                raise ValueError(
+                    f"{path}[{i}]: 'caption' must be a string or a non-empty list of strings, got {caption!r}"
+                )
             if image_root and not os.path.isabs(image):
                 image = os.path.join(image_root, image)
             entries.append((image, captions))
@@ -66,8 +68,14 @@ def load_json_entries(json_files: Sequence[str], image_root: str = "") -> List[T
 
 
 class JsonCaptionDataset(Dataset):
-    def __init__(self, json_files: Sequence[str], transform: ImageTransform, max_words: int = 30,
-                 image_root: str = "", seed: int = 0):
+    def __init__(
+        self,
+        json_files: Sequence[str],
+        transform: ImageTransform,
+        max_words: int = 30,
+        image_root: str = "",
+        seed: int = 0,
+    ):
         if not json_files:
             raise ValueError("JsonCaptionDataset needs at least one JSON file")
         self.json_files = list(json_files)

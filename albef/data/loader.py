@@ -56,6 +56,7 @@ Semantics (W = max(1, num_workers) workers per rank, B = batch_size, R = world_s
   restored position. Iterating a finished epoch again restarts it. Workers are started per epoch (their state is
   the epoch's plan), so ``persistent_workers`` is not used.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -177,7 +178,7 @@ class Positions:
             return Positions([], [])
         i = int(np.searchsorted(self.cum, lo, "right")) - 1
         j = int(np.searchsorted(self.cum, lo + n, "left")) - 1
-        starts, lengths = self.starts[i:j + 1].copy(), self.lengths[i:j + 1].copy()
+        starts, lengths = self.starts[i : j + 1].copy(), self.lengths[i : j + 1].copy()
         head = lo - int(self.cum[i])
         starts[0] += head
         lengths[0] -= head
@@ -199,8 +200,10 @@ class Positions:
 def resplit_summary(remaining: int, batches: int, global_batch: int) -> str:
     """The log's account of a mid-epoch re-split (both loaders): samples dealt, batches per rank, tail dropped."""
     dropped = remaining - batches * global_batch
-    return (f"the {remaining} sample(s) of the epoch not yet delivered are re-split over them, {batches} batch(es) "
-            f"per rank" + (f"; the last {dropped} (less than one global batch) are dropped" if dropped else ""))
+    return (
+        f"the {remaining} sample(s) of the epoch not yet delivered are re-split over them, {batches} batch(es) "
+        f"per rank" + (f"; the last {dropped} (less than one global batch) are dropped" if dropped else "")
+    )
 
 
 def phase_key(seed: int, epoch: int, phase: int) -> Tuple:
@@ -323,6 +326,7 @@ class _JsonSlice:
 @dataclass
 class _EpochPlan:
     """Everything a worker needs for one epoch (built in the main process, inherited by the workers)."""
+
     epoch: int
     phase: int  # > 0 after a change of world size (or workers, batch size, buffer) in the middle of the epoch
     first_batch: int
@@ -343,8 +347,16 @@ class _EpochPlan:
 class _EpochDataset(IterableDataset):
     """One epoch of one rank; each DataLoader worker runs one logical worker's stream."""
 
-    def __init__(self, plan: _EpochPlan, transform: ImageTransform, tokenizer, max_words: int, max_text_len: int,
-                 log_limit: int, max_bad_fraction: float = 1.0):
+    def __init__(
+        self,
+        plan: _EpochPlan,
+        transform: ImageTransform,
+        tokenizer,
+        max_words: int,
+        max_text_len: int,
+        log_limit: int,
+        max_bad_fraction: float = 1.0,
+    ):
         self.plan, self.transform, self.tokenizer = plan, transform, tokenizer
         self.max_words, self.max_text_len, self.log_limit = max_words, max_text_len, log_limit
         self.max_bad_fraction = max_bad_fraction
@@ -375,13 +387,15 @@ class _EpochDataset(IterableDataset):
 class _WorkerStream:
     """One logical worker's epoch: shuffle buffer -> decode (with bad-sample fill) -> batches."""
 
-    def __init__(self, ds: _EpochDataset, source, buffer_size: int, worker: int, n_out: int, first_slot: int,
-                 key: Tuple):
+    def __init__(
+        self, ds: _EpochDataset, source, buffer_size: int, worker: int, n_out: int, first_slot: int, key: Tuple
+    ):
         plan = ds.plan
         self.ds, self.source, self.worker, self.n_out, self.first_slot = ds, source, worker, n_out, first_slot
         self.slot_seed = (*key, plan.rank, worker)
-        self.events = shuffle_events(source.num_raw, buffer_size,
-                                     random.Random(derive_seed(*key, plan.rank, worker, "buffer")))
+        self.events = shuffle_events(
+            source.num_raw, buffer_size, random.Random(derive_seed(*key, plan.rank, worker, "buffer"))
+        )
         self.stats = collections.Counter({"samples": 0})
         self.logged = 0
         self.history: collections.deque = collections.deque(maxlen=_BACKFILL_WINDOW)
@@ -428,14 +442,19 @@ class _WorkerStream:
                 f"rank {plan.rank} worker {self.worker}, epoch {plan.epoch}: {bad} bad samples of the {self.n_out} "
                 f"this worker reads this epoch ({counts}; the last: key={key} shard={shard}: {error.reason}) is more "
                 f"than data.max_bad_fraction={self.ds.max_bad_fraction}: the data is damaged or gone (a shard "
-                "deleted or unreadable?). Repair or re-prepare it, or raise data.max_bad_fraction.")
+                "deleted or unreadable?). Repair or re-prepare it, or raise data.max_bad_fraction."
+            )
         if isinstance(item, Missing):  # the shard reader already logged the whole shard's loss once
             log.debug("skipping lost sample key=%s shard=%s: %s", key, shard, error.reason)
             return
         self.logged += 1
         if self.logged == self.ds.log_limit + 1:
-            log.warning("rank %d worker %d: further bad samples this epoch are logged at DEBUG (all are counted "
-                        "in loader.stats())", self.ds.plan.rank, self.worker)
+            log.warning(
+                "rank %d worker %d: further bad samples this epoch are logged at DEBUG (all are counted "
+                "in loader.stats())",
+                self.ds.plan.rank,
+                self.worker,
+            )
         level = logging.WARNING if self.logged <= self.ds.log_limit else logging.DEBUG
         log.log(level, "skipping bad sample key=%s shard=%s: %s: %s", key, shard, error.reason, error.detail)
 
@@ -503,9 +522,11 @@ class _WorkerStream:
         if pending:
             item = self._backfill_item(last_good, pending[0])
             if item is None:
-                raise RuntimeError(f"rank {self.ds.plan.rank} worker {self.worker}, epoch {self.ds.plan.epoch}: "
-                                   f"no readable sample to fill bad slots {pending[0]}..{pending[-1]} (every "
-                                   f"sample nearby is bad; see the warnings above and loader.stats())")
+                raise RuntimeError(
+                    f"rank {self.ds.plan.rank} worker {self.worker}, epoch {self.ds.plan.epoch}: "
+                    f"no readable sample to fill bad slots {pending[0]}..{pending[-1]} (every "
+                    f"sample nearby is bad; see the warnings above and loader.stats())"
+                )
             for p in pending:
                 out = emit(self._decode(item, p))
                 if out is not None:
@@ -552,7 +573,8 @@ class PretrainLoader:
                     raise ValueError(
                         f"{len(self._shards)} shard(s) for {world_size} rank(s) x {self.num_workers} worker(s) = "
                         f"{needed} readers: every reader needs a shard of its own in non-resampled mode; use more "
-                        f"(smaller) shards, fewer data.num_workers, or data.resampled: true")
+                        f"(smaller) shards, fewer data.num_workers, or data.resampled: true"
+                    )
                 epoch_samples = self.num_samples
         else:
             self._json = JsonCaptionDataset(cfg.json_files, self.transform, cfg.max_words, cfg.image_root, seed)
@@ -561,19 +583,28 @@ class PretrainLoader:
         self.epoch_samples = epoch_samples
         self.num_batches = epoch_samples // (world_size * cfg.batch_size)
         if self.num_batches == 0:
-            raise ValueError(f"{epoch_samples} samples per epoch are fewer than one global batch "
-                             f"(world_size {world_size} x data.batch_size {cfg.batch_size})")
-        self.fingerprint = hashlib.sha1("\n".join([f"resampled={cfg.resampled}"] + fingerprint_items)
-                                        .encode()).hexdigest()[:16]
+            raise ValueError(
+                f"{epoch_samples} samples per epoch are fewer than one global batch "
+                f"(world_size {world_size} x data.batch_size {cfg.batch_size})"
+            )
+        self.fingerprint = hashlib.sha1(
+            "\n".join([f"resampled={cfg.resampled}"] + fingerprint_items).encode()
+        ).hexdigest()[:16]
         self._epoch = 0
         self._batch = 0
         self._phases: List[Dict] = []  # earlier phases of this epoch (see load_state_dict)
         self._phase_cache: Optional[Tuple] = None
         self._stats_base: collections.Counter = collections.Counter()
         self._worker_stats: Dict[int, Dict[str, int]] = {}
-        log.info("data: %d samples in %s; %d batches of %d per rank per epoch (%d ranks x %d workers)",
-                 self.num_samples, f"{len(self._shards)} shards" if self._shards else f"{len(cfg.json_files)} JSON "
-                 "file(s)", self.num_batches, cfg.batch_size, world_size, self.num_workers)
+        log.info(
+            "data: %d samples in %s; %d batches of %d per rank per epoch (%d ranks x %d workers)",
+            self.num_samples,
+            f"{len(self._shards)} shards" if self._shards else f"{len(cfg.json_files)} JSON file(s)",
+            self.num_batches,
+            cfg.batch_size,
+            world_size,
+            self.num_workers,
+        )
 
     def __len__(self) -> int:
         """Batches per rank of a whole epoch (the one after a mid-epoch re-split may have fewer:
@@ -595,8 +626,12 @@ class PretrainLoader:
             self._phases = []
 
     def _geometry(self) -> Dict:
-        return {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.cfg.batch_size,
-                "shuffle_buffer": self.cfg.shuffle_buffer}
+        return {
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.cfg.batch_size,
+            "shuffle_buffer": self.cfg.shuffle_buffer,
+        }
 
     def _phase(self) -> Tuple[Optional[Positions], int, int]:
         """This phase's positions (None in resampled mode), their number, and batches per rank, after the earlier
@@ -609,8 +644,9 @@ class PretrainLoader:
             for i, phase in enumerate(self._phases):
                 per_global = phase["world_size"] * phase["batch_size"]
                 if positions is not None:
-                    positions = epoch_remainder(positions, phase, phase_key(self.seed, self._epoch, i),
-                                                buffered=self._json is None)
+                    positions = epoch_remainder(
+                        positions, phase, phase_key(self.seed, self._epoch, i), buffered=self._json is None
+                    )
                     count = len(positions)
                 else:
                     count = (count // per_global - phase["batches"]) * per_global
@@ -629,24 +665,51 @@ class PretrainLoader:
             shards = self._shards
         else:
             perm = np.random.default_rng(derive_seed(self.seed, self._epoch, "json")).permutation(len(self._json))
-        return _EpochPlan(self._epoch, len(self._phases), self._batch, num_batches, self.rank, self.num_workers,
-                          self.cfg.batch_size, self.seed, self.cfg.shuffle_buffer, shards, offsets, positions,
-                          self._cum_weights, self._json, perm)
+        return _EpochPlan(
+            self._epoch,
+            len(self._phases),
+            self._batch,
+            num_batches,
+            self.rank,
+            self.num_workers,
+            self.cfg.batch_size,
+            self.seed,
+            self.cfg.shuffle_buffer,
+            shards,
+            offsets,
+            positions,
+            self._cum_weights,
+            self._json,
+            perm,
+        )
 
     def __iter__(self) -> Iterator[Dict]:
         if self._batch >= self.batches_this_epoch:
             self._batch = 0
             self._phases = []
         self._fold_stats()
-        dataset = _EpochDataset(self._plan(), self.transform, self.tokenizer, self.cfg.max_words,
-                                self.cfg.max_text_len, self.cfg.log_bad_samples, self.cfg.max_bad_fraction)
+        dataset = _EpochDataset(
+            self._plan(),
+            self.transform,
+            self.tokenizer,
+            self.cfg.max_words,
+            self.cfg.max_text_len,
+            self.cfg.log_bad_samples,
+            self.cfg.max_bad_fraction,
+        )
         if self.cfg.num_workers == 0:
             batches = iter(dataset)
         else:
-            batches = iterate_workers(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                                                 prefetch_factor=self.cfg.prefetch_factor,
-                                                 pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-                                                 worker_init_fn=ignore_stop_signals))
+            batches = iterate_workers(
+                DataLoader(
+                    dataset,
+                    batch_size=None,
+                    num_workers=self.cfg.num_workers,
+                    prefetch_factor=self.cfg.prefetch_factor,
+                    pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+                    worker_init_fn=ignore_stop_signals,
+                )
+            )
         try:
             for batch in batches:
                 self._worker_stats[batch.pop("_worker")] = batch.pop("_stats")
@@ -677,9 +740,16 @@ class PretrainLoader:
     def state_dict(self) -> Dict:
         stats = self.stats()
         stats.pop("skipped")
-        return {"version": STATE_VERSION, "epoch": self._epoch, "batch": self._batch,
-                "num_batches": self.batches_this_epoch, "phases": [dict(p) for p in self._phases], "stats": stats,
-                **self._geometry(), **self._identity()}
+        return {
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "batch": self._batch,
+            "num_batches": self.batches_this_epoch,
+            "phases": [dict(p) for p in self._phases],
+            "stats": stats,
+            **self._geometry(),
+            **self._identity(),
+        }
 
     def load_state_dict(self, state: Dict) -> None:
         """Continue where ``state`` (any rank's ``state_dict()``) left off. Mid-epoch, the same setup continues
@@ -689,8 +759,10 @@ class PretrainLoader:
         delivered once; only the new phase's last partial global batch is dropped (fewer than ranks x batch size
         samples, as at the end of any epoch). The data, seed and mode must not change mid-epoch."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state: expected a dict with version {STATE_VERSION}, got "
-                             f"{state.get('version') if isinstance(state, dict) else type(state).__name__!r}")
+            raise ValueError(
+                f"loader state: expected a dict with version {STATE_VERSION}, got "
+                f"{state.get('version') if isinstance(state, dict) else type(state).__name__!r}"
+            )
         for key in ("epoch", "batch", "num_batches"):
             if not isinstance(state.get(key), int) or state[key] < 0:
                 raise ValueError(f"loader state: {key}={state.get(key)!r} must be an integer >= 0")
@@ -700,8 +772,9 @@ class PretrainLoader:
         self._worker_stats = {}
         mid_epoch = batch < state["num_batches"] and (batch > 0 or phases)
         if not mid_epoch:
-            changed = {k: (state.get(k), v) for k, v in {**self._geometry(), **self._identity()}.items()
-                       if state.get(k) != v}
+            changed = {
+                k: (state.get(k), v) for k, v in {**self._geometry(), **self._identity()}.items() if state.get(k) != v
+            }
             if changed:
                 log.info("loader state at an epoch boundary; changed since it was saved: %s", changed)
             if batch >= state["num_batches"]:  # that epoch is complete
@@ -712,22 +785,33 @@ class PretrainLoader:
         if changed:
             raise ValueError(
                 "loader state is mid-epoch (epoch %d, batch %d) but %s changed; resume with the same data, seed and "
-                "data.resampled, or from an epoch-boundary checkpoint" % (epoch, batch, ", ".join(
-                    f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())))
+                "data.resampled, or from an epoch-boundary checkpoint"
+                % (epoch, batch, ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+            )
         self._epoch, self._batch, self._phases = epoch, batch, phases
         if saved == self._geometry():
             if self.batches_this_epoch != state["num_batches"]:
-                raise ValueError(f"loader state: num_batches={state['num_batches']} but this loader computes "
-                                 f"{self.batches_this_epoch} for epoch {epoch} phase {len(phases)} (corrupt state?)")
+                raise ValueError(
+                    f"loader state: num_batches={state['num_batches']} but this loader computes "
+                    f"{self.batches_this_epoch} for epoch {epoch} phase {len(phases)} (corrupt state?)"
+                )
             return
         if batch > 0:  # else that phase delivered nothing: it is simply replaced
             self._phases.append({**saved, "batches": batch})
         self._batch = 0
         remaining, left = self._phase()[1:]
-        log.warning("data: resuming in the middle of epoch %d (batch %d of %d per rank with %s) on %d rank(s) x %d "
-                    "worker(s), batch size %d: %s", epoch, batch, state["num_batches"],
-                    ", ".join(f"{k} {v}" for k, v in saved.items()), self.world_size, self.num_workers,
-                    self.cfg.batch_size, resplit_summary(remaining, left, self.world_size * self.cfg.batch_size))
+        log.warning(
+            "data: resuming in the middle of epoch %d (batch %d of %d per rank with %s) on %d rank(s) x %d "
+            "worker(s), batch size %d: %s",
+            epoch,
+            batch,
+            state["num_batches"],
+            ", ".join(f"{k} {v}" for k, v in saved.items()),
+            self.world_size,
+            self.num_workers,
+            self.cfg.batch_size,
+            resplit_summary(remaining, left, self.world_size * self.cfg.batch_size),
+        )
         if left == 0:
             self._epoch, self._phases = epoch + 1, []
 
@@ -735,6 +819,8 @@ class PretrainLoader:
 def build_pretrain_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, seed: int) -> PretrainLoader:
     """The pretraining loader for this rank (see the module docstring)."""
     if cfg.batch_size < 1:
-        raise ValueError(f"data.batch_size={cfg.batch_size}: the loader needs a per-rank batch >= 1 (a run sets it "
-                         "from train.micro_batch_size)")  # fmt: skip
+        raise ValueError(
+            f"data.batch_size={cfg.batch_size}: the loader needs a per-rank batch >= 1 (a run sets it "
+            "from train.micro_batch_size)"
+        )
     return PretrainLoader(cfg, tokenizer, rank, world_size, seed)

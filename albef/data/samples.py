@@ -10,6 +10,7 @@ RGB pixels (``stack_images``; the engine's ``to_device`` normalises them on its 
 (padding to the longest caption, at most ``max_text_len`` tokens, as the official ``Pretrain.py``), plus the
 ``caption`` and ``key`` lists.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,9 @@ def parse_captions(raw: bytes) -> List[str]:
     return captions
 
 
-def make_sample(image: bytes, captions: Sequence[str], key: str, transform: ImageTransform, rng: random.Random,
-                max_words: int) -> Dict:
+def make_sample(
+    image: bytes, captions: Sequence[str], key: str, transform: ImageTransform, rng: random.Random, max_words: int
+) -> Dict:
     """One caption drawn at random per access (official ``pretrain_dataset``), ``pre_caption``, image transform."""
     caption = captions[0] if len(captions) == 1 else rng.choice(captions)
     try:

@@ -18,6 +18,7 @@ truncated, unreadable or short shard are yielded as ``Missing`` placeholders. Sa
 are ignored. A sample is the run of consecutive tar members sharing a key (the member name up to the first dot of
 its file name), as in webdataset.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,6 +53,7 @@ class Shard:
 @dataclass
 class RawSample:
     """The members of one tar sample: ``{extension: bytes}``."""
+
     key: str
     shard: str
     members: Dict[str, bytes]
@@ -60,6 +62,7 @@ class RawSample:
 @dataclass
 class Missing:
     """A sample position the shard did not deliver (truncated or unreadable shard)."""
+
     key: str
     shard: str
     reason: str
@@ -99,8 +102,12 @@ def _parse_manifest(raw: bytes, location: str) -> Dict[str, int]:
         raise ValueError(f"manifest {location}: expected {{'format': 1, 'shards': [...]}} (data_prep.shards format)")
     sizes = {}
     for i, entry in enumerate(manifest["shards"]):
-        if (not isinstance(entry, dict) or not isinstance(entry.get("name"), str)
-                or not isinstance(entry.get("num_samples"), int) or entry["num_samples"] < 0):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("name"), str)
+            or not isinstance(entry.get("num_samples"), int)
+            or entry["num_samples"] < 0
+        ):
             raise ValueError(f"manifest {location}: shards[{i}]={entry!r} needs a 'name' and 'num_samples' >= 0")
         sizes[entry["name"]] = entry["num_samples"]
     return sizes
@@ -144,16 +151,19 @@ def expand_dataset(spec: str, index: int, manifest: str = "") -> List[Shard]:
     if not _is_url(spec) and not spec.startswith("pipe:") and os.path.isdir(spec):
         location = manifest or os.path.join(spec, MANIFEST)
         if not _is_url(location) and not os.path.isfile(location):
-            raise FileNotFoundError(f"data.shards[{index}]={spec!r} is a directory without {MANIFEST}: run data_prep "
-                                    f"(or data_prep.shards.write_manifest) or give a brace pattern of tar files")
+            raise FileNotFoundError(
+                f"data.shards[{index}]={spec!r} is a directory without {MANIFEST}: run data_prep "
+                f"(or data_prep.shards.write_manifest) or give a brace pattern of tar files"
+            )
         sizes = load_manifest(location)
         return [Shard(os.path.join(spec, name), n, index) for name, n in sizes.items() if n > 0]
     urls = list(braceexpand(spec))
     if not _is_url(spec) and not spec.startswith("pipe:"):
         missing = [u for u in urls if not os.path.isfile(u)]
         if missing:
-            raise FileNotFoundError(f"data.shards[{index}]={spec!r}: {len(missing)} of {len(urls)} shards do not "
-                                    f"exist, e.g. {missing[0]}")
+            raise FileNotFoundError(
+                f"data.shards[{index}]={spec!r}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}"
+            )
     found: Dict[str, Optional[Dict[str, int]]] = {}
     counts: List[Optional[int]] = []
     for url in urls:
@@ -167,13 +177,19 @@ def expand_dataset(spec: str, index: int, manifest: str = "") -> List[Shard]:
         elif name in sizes:
             counts.append(sizes[name])
         else:
-            raise ValueError(f"data.shards[{index}]: shard {url} is not listed in its manifest {location}; "
-                             f"rebuild the manifest")
+            raise ValueError(
+                f"data.shards[{index}]: shard {url} is not listed in its manifest {location}; rebuild the manifest"
+            )
     uncounted = [i for i, n in enumerate(counts) if n is None]
     if uncounted:
-        log.warning("data.shards[%d]=%r: no manifest for %d shard(s); counting their samples by reading them "
-                    "(write a %s with data_prep.shards.write_manifest, or set data.manifests, to skip this)",
-                    index, spec, len(uncounted), MANIFEST)
+        log.warning(
+            "data.shards[%d]=%r: no manifest for %d shard(s); counting their samples by reading them "
+            "(write a %s with data_prep.shards.write_manifest, or set data.manifests, to skip this)",
+            index,
+            spec,
+            len(uncounted),
+            MANIFEST,
+        )
         t0 = time.time()
         for i in uncounted:
             counts[i] = count_samples(urls[i])
@@ -191,7 +207,7 @@ def _urlopen(url: str):
             if attempt == _HTTP_RETRIES - 1:
                 raise
             log.warning("opening %s failed (%s); retrying", url, e)
-            time.sleep(2 ** attempt)
+            time.sleep(2**attempt)
     raise AssertionError("unreachable")
 
 
@@ -202,7 +218,7 @@ class _Stream:
         self.url = url
         self.proc: Optional[subprocess.Popen] = None
         if url.startswith("pipe:"):
-            self.proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
+            self.proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
             self.file = self.proc.stdout
         elif _is_url(url):
             self.file = _urlopen(url)
@@ -232,7 +248,7 @@ def _split_name(name: str) -> Tuple[str, str]:
     if dot <= 0:
         return name, ""
     prefix = base[0] + "/" if len(base) == 2 else ""
-    return prefix + stem[:dot], stem[dot + 1:].lower()
+    return prefix + stem[:dot], stem[dot + 1 :].lower()
 
 
 def _iter_tar(stream: _Stream, url: str, skip: int) -> Iterator[Union[RawSample, None]]:
@@ -285,8 +301,12 @@ def iter_shard(shard: Shard, skip: int = 0) -> Iterator[Union[RawSample, Missing
             error = error or pipe_error
     if position < shard.num_samples:
         detail = error or f"the shard ends after {position} of {shard.num_samples} samples (manifest is stale?)"
-        log.error("shard %s: %s; its remaining %d sample position(s) are skipped", shard.url, detail,
-                  shard.num_samples - position)
+        log.error(
+            "shard %s: %s; its remaining %d sample position(s) are skipped",
+            shard.url,
+            detail,
+            shard.num_samples - position,
+        )
         for p in range(position, shard.num_samples):
             yield Missing(f"{name}#{p}", shard.url, "truncated_shard", detail)
 

@@ -39,6 +39,7 @@ Images decoded by OpenCV stay BGR inside the transform, since every op here trea
 returned RGB. Randomness comes from the ``random.Random`` passed in, so the loader can seed every sample from its
 position (exact resume).
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,8 +54,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import get_worker_info
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 try:
     from albef.data import _jpegcrop
@@ -64,24 +65,39 @@ except ImportError:  # not compiled (setup.py makes it optional): whole-image de
 log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-RANDAUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
-               "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+RANDAUG_OPS = (
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+)
 PRETRAIN_SCALE = (0.2, 1.0)
 FINETUNE_SCALE = (0.5, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _FILL = (128, 128, 128)
 _SHARPEN_KERNEL = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
 _DECODE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # PIL (the official loader) ignores EXIF too
-_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                  8: cv2.IMREAD_REDUCED_COLOR_8}
+_REDUCED_FLAGS = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
 
 
 class ImageDecodeError(ValueError):
     """The bytes are not an image Pillow and OpenCV can read."""
 
 
-def random_resized_crop_params(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
-                               rng: random.Random) -> Tuple[int, int, int, int]:
+def random_resized_crop_params(
+    height: int, width: int, scale: Sequence[float], ratio: Sequence[float], rng: random.Random
+) -> Tuple[int, int, int, int]:
     """``(top, left, h, w)`` with torchvision's ``RandomResizedCrop.get_params`` distribution: up to 10 draws of
     an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``; else the largest centred crop
     whose aspect ratio is within ``ratio``."""
@@ -133,8 +149,9 @@ def _probe(data: bytes) -> Tuple[int, int, str, bool]:
         except ValueError as e:
             raise ImageDecodeError(str(e)) from None
         if width * height > MAX_JPEG_PIXELS:
-            raise ImageDecodeError(f"{width}x{height} pixels exceeds the decompression bomb limit of "
-                                   f"{MAX_JPEG_PIXELS} pixels")
+            raise ImageDecodeError(
+                f"{width}x{height} pixels exceeds the decompression bomb limit of {MAX_JPEG_PIXELS} pixels"
+            )
         return width, height, "JPEG", space not in _CMYK_SPACES
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -167,8 +184,9 @@ def decode_bgr(data: bytes, reduce: int = 1) -> np.ndarray:
     return img
 
 
-def _reduce_box(box: Tuple[int, int, int, int], height: int, width: int, new_height: int,
-                new_width: int) -> Tuple[int, int, int, int]:
+def _reduce_box(
+    box: Tuple[int, int, int, int], height: int, width: int, new_height: int, new_width: int
+) -> Tuple[int, int, int, int]:
     """A ``(top, left, h, w)`` crop of a ``height x width`` image mapped onto its DCT-scaled version."""
     top, left, crop_h, crop_w = box
     sy, sx = new_height / height, new_width / width
@@ -201,12 +219,17 @@ class RandAugment:
         self.ops = tuple(ops)
         level = magnitude / max_level
         self.magnitudes: Dict[str, float] = {
-            "Brightness": level * 1.8 + 0.1, "Sharpness": level * 1.8 + 0.1,
-            "ShearX": level * 0.3, "ShearY": level * 0.3,
-            "TranslateX": level * 10.0, "TranslateY": level * 10.0, "Rotate": level * 30.0,
+            "Brightness": level * 1.8 + 0.1,
+            "Sharpness": level * 1.8 + 0.1,
+            "ShearX": level * 0.3,
+            "ShearY": level * 0.3,
+            "TranslateX": level * 10.0,
+            "TranslateY": level * 10.0,
+            "Rotate": level * 30.0,
         }
-        self._brightness_lut = (np.arange(256, dtype=np.float32) * np.float32(self.magnitudes["Brightness"])
-                                ).clip(0, 255).astype(np.uint8)
+        self._brightness_lut = (
+            (np.arange(256, dtype=np.float32) * np.float32(self.magnitudes["Brightness"])).clip(0, 255).astype(np.uint8)
+        )
 
     def draw(self, rng: random.Random) -> List[Tuple[str, float]]:
         """The ops to apply, with their signs: N draws with replacement, each kept with probability 0.5."""
@@ -311,9 +334,11 @@ def _sharpen(img: np.ndarray, factor: float) -> np.ndarray:
 @functools.cache
 def _warn_if_no_crop_decoder() -> None:
     if _jpegcrop is None:
-        log.warning("albef.data._jpegcrop is not built (it needs gcc and libjpeg-turbo's headers, Debian: "
-                    "libjpeg62-turbo-dev, then `pip install -e .`): JPEGs are decoded whole with OpenCV, same "
-                    "pixels, about a third slower at 640x480")
+        log.warning(
+            "albef.data._jpegcrop is not built (it needs gcc and libjpeg-turbo's headers, Debian: "
+            "libjpeg62-turbo-dev, then `pip install -e .`): JPEGs are decoded whole with OpenCV, same "
+            "pixels, about a third slower at 640x480"
+        )
 
 
 class ImageTransform:
@@ -323,8 +348,14 @@ class ImageTransform:
     RandomResizedCrop with that area range. ``flip`` and ``randaugment`` add the training augmentations.
     """
 
-    def __init__(self, res: int, crop_scale: Optional[Tuple[float, float]] = PRETRAIN_SCALE, flip: bool = True,
-                 randaugment: bool = True, draft: bool = True):
+    def __init__(
+        self,
+        res: int,
+        crop_scale: Optional[Tuple[float, float]] = PRETRAIN_SCALE,
+        flip: bool = True,
+        randaugment: bool = True,
+        draft: bool = True,
+    ):
         if res < 1:
             raise ValueError(f"image resolution must be >= 1, got {res}")
         self.res = res
@@ -350,7 +381,7 @@ class ImageTransform:
             if img.shape[:2] != (height, width):
                 box = _reduce_box(box, height, width, img.shape[0], img.shape[1])
             top, left, crop_h, crop_w = box
-            img = img[top:top + crop_h, left:left + crop_w]
+            img = img[top : top + crop_h, left : left + crop_w]
         img = resize_bicubic(img, self.res, self.res)
         if self.flip and rng.random() < 0.5:
             img = cv2.flip(img, 1)
@@ -370,11 +401,14 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         if self.crop_scale and not (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
-            raise ValueError(f"data.augment.crop_scale={self.crop_scale!r}: expected [] or [lo, hi] with 0 < lo <= hi <= 1")
+            raise ValueError(
+                f"data.augment.crop_scale={self.crop_scale!r}: expected [] or [lo, hi] with 0 < lo <= hi <= 1"
+            )
 
     def transform(self, res: int, draft: bool = True) -> "ImageTransform":
-        return ImageTransform(res, tuple(self.crop_scale) or None, flip=self.flip, randaugment=self.randaugment,
-                              draft=draft)  # fmt: skip
+        return ImageTransform(
+            res, tuple(self.crop_scale) or None, flip=self.flip, randaugment=self.randaugment, draft=draft
+        )
 
 
 def pretrain_transform(res: int = 256, draft: bool = True) -> ImageTransform:
@@ -418,8 +452,9 @@ def normalize_images(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -
     dimensions, any device): ``(..., 3, H, W)`` contiguous in ``dtype``, equal to ``(x / 255 - mean) / std``
     computed in float32. The engine calls it after moving a batch to its device, so on a GPU it costs nothing."""
     if pixels.dtype != torch.uint8 or pixels.dim() < 3 or pixels.shape[-1] != 3:
-        raise ValueError(f"normalize_images: expected uint8 pixels (..., H, W, 3), got {tuple(pixels.shape)} "
-                         f"{pixels.dtype}")
+        raise ValueError(
+            f"normalize_images: expected uint8 pixels (..., H, W, 3), got {tuple(pixels.shape)} {pixels.dtype}"
+        )
     if pixels.device.type != "cpu":
         return _normalize_torch(pixels, dtype)
     lead, (h, w) = pixels.shape[:-3], pixels.shape[-3:-1]

@@ -19,6 +19,7 @@ Stages, each with the real command-line tools a user runs (printed as they start
 Everything lands in ``--out`` (default ``runs/demo``); rerunning reuses the world and shards and starts the runs
 anew. Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,11 +72,13 @@ class StageProgress:
 
     def format(self, line: str) -> str | None:
         if line.startswith("run summary: "):
-            s = json.loads(line[len("run summary: "):])
+            s = json.loads(line[len("run summary: ") :])
             if s.get("evaluate_only"):
                 return self._eval_line("evaluated", s)
-            return (f"{self.name} done: {s['steps']} steps, {s['samples']} pairs in {_duration(s['train_seconds'])}"
-                    f", exit {s['exit_code']}")  # fmt: skip
+            return (
+                f"{self.name} done: {s['steps']} steps, {s['samples']} pairs in {_duration(s['train_seconds'])}"
+                f", exit {s['exit_code']}"
+            )
         if not line.startswith("step "):
             return None
         row = self.parse(line)
@@ -85,10 +88,13 @@ class StageProgress:
         if self.first is None:
             self.first = (now, step)
         done = f"step {step}" + (f"/{self.total} {100 * step / self.total:3.0f}%" if self.total else "")
-        losses = {k[len("train/loss_"):]: v for k, v in row.items() if k.startswith("train/loss_")}
+        losses = {k[len("train/loss_") :]: v for k, v in row.items() if k.startswith("train/loss_")}
         losses = losses or {"loss": row["train/loss"]}
-        parts = [f"{self.name} {done}", " ".join(f"{'itc' if k == 'ita' else k} {v:.3g}" for k, v in losses.items()),
-                 f"{row.get('perf/samples_per_s', 0):.0f} pairs/s"]  # fmt: skip
+        parts = [
+            f"{self.name} {done}",
+            " ".join(f"{'itc' if k == 'ita' else k} {v:.3g}" for k, v in losses.items()),
+            f"{row.get('perf/samples_per_s', 0):.0f} pairs/s",
+        ]
         if "perf/mfu" in row:
             parts.append(f"MFU {100 * row['perf/mfu']:.0f}%")
         if "perf/max_rss_mb" in row:
@@ -118,8 +124,9 @@ def run(cmd, log: Path, env=None, name: str | None = None, total_steps: int | No
     progress = StageProgress(name or log.stem, total_steps)
     t0 = time.time()
     with open(log, "w") as f:
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
         for line in proc.stdout:
             f.write(line)
             shown = progress.format(line)
@@ -154,8 +161,11 @@ def swap_captions(entries: list, fraction: float, seed: int) -> list:
 
 def noisy_pairs(world: Path, out: Path, fraction: float = 0.3, seed: int = 0) -> Path:
     """The held-out (val + test) images with their first caption, ``fraction`` of them swapped (``swap_captions``)."""
-    rows = [{"image": e["image"], "caption": e["caption"][0]}
-            for split in ("val", "test") for e in json.loads((world / f"retrieval_{split}.json").read_text())]  # fmt: skip
+    rows = [
+        {"image": e["image"], "caption": e["caption"][0]}
+        for split in ("val", "test")
+        for e in json.loads((world / f"retrieval_{split}.json").read_text())
+    ]
     out.write_text(json.dumps(swap_captions(rows, fraction, seed)))
     return out
 
@@ -180,8 +190,13 @@ def main() -> None:
     size = SIZES["quick" if a.quick else "full"]
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
-               WANDB_SILENT="true", PYTHONUNBUFFERED="1")  # fmt: skip
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
+        WANDB_SILENT="true",
+        PYTHONUNBUFFERED="1",
+    )
     threads = max(1, (os.cpu_count() or 2) // a.nproc)
     times = {}
     t_all = time.time()
@@ -193,85 +208,229 @@ def main() -> None:
     world = out / "world"
     t0 = time.time()
     if not (world / "world.json").is_file():
-        generate_world(world, seed=a.seed, num_train=size["train"], num_val=size["val"], num_test=size["test"],
-                       image_size=size["image"])  # fmt: skip
+        generate_world(
+            world,
+            seed=a.seed,
+            num_train=size["train"],
+            num_val=size["val"],
+            num_test=size["test"],
+            image_size=size["image"],
+        )
     times["world"] = time.time() - t0
-    print(f"[1/6] world: {size['train']} train / {size['val']} val / {size['test']} test images at {size['image']} px "
-          f"in {world}", flush=True)  # fmt: skip
+    print(
+        f"[1/6] world: {size['train']} train / {size['val']} val / {size['test']} test images at {size['image']} px "
+        f"in {world}",
+        flush=True,
+    )
 
     # 2. crawl + download over loopback
     site, web_pairs, web_shards = out / "site", out / "web_pairs.jsonl", out / "shards_web"
     shutil.rmtree(site, ignore_errors=True)
     base_url, _pages, stop = start_crawl_site(site)
     try:
-        times["crawl"] = run([sys.executable, "-m", "data_prep.crawl", site, "--base-url", base_url, "--output", web_pairs],
-                             out / "crawl.log", env)  # fmt: skip
+        times["crawl"] = run(
+            [sys.executable, "-m", "data_prep.crawl", site, "--base-url", base_url, "--output", web_pairs],
+            out / "crawl.log",
+            env,
+        )
         shutil.rmtree(web_shards, ignore_errors=True)  # the server's port changes every run: fetch anew
-        times["download"] = run([sys.executable, "-m", "data_prep.download", web_pairs, "--output", web_shards,
-                                 "--allow-network", "127.0.0.0/8", "--image-size", size["image"], "--resize-mode", "center_crop",
-                                 "--no-progress"], out / "download.log", env)  # fmt: skip
+        times["download"] = run(
+            [
+                sys.executable,
+                "-m",
+                "data_prep.download",
+                web_pairs,
+                "--output",
+                web_shards,
+                "--allow-network",
+                "127.0.0.0/8",
+                "--image-size",
+                size["image"],
+                "--resize-mode",
+                "center_crop",
+                "--no-progress",
+            ],
+            out / "download.log",
+            env,
+        )
     finally:
         stop()
-    print(f"[2/6] web crawl: {sum(1 for _ in open(web_pairs))} pairs extracted, "
-          f"{json.loads((web_shards / 'manifest.json').read_text())['num_samples']} images in shards", flush=True)
+    print(
+        f"[2/6] web crawl: {sum(1 for _ in open(web_pairs))} pairs extracted, "
+        f"{json.loads((web_shards / 'manifest.json').read_text())['num_samples']} images in shards",
+        flush=True,
+    )
 
     # 3. world annotations -> shards
     shards = out / "shards_world"
-    times["shards"] = run([sys.executable, "-m", "data_prep.annotations", world / "pretrain.json", "--image-root",
-                           world / "images", "--output", shards, "--shard-size", "100", "--image-size", size["image"],
-                           "--no-progress"], out / "shards.log", env)  # fmt: skip
+    times["shards"] = run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.annotations",
+            world / "pretrain.json",
+            "--image-root",
+            world / "images",
+            "--output",
+            shards,
+            "--shard-size",
+            "100",
+            "--image-size",
+            size["image"],
+            "--no-progress",
+        ],
+        out / "shards.log",
+        env,
+    )
     print(f"[3/6] shards: {json.loads((shards / 'manifest.json').read_text())['num_samples']} samples", flush=True)
 
     # 4. pretraining
     pre = out / "pretrain"
     shutil.rmtree(pre, ignore_errors=True)
-    times["pretrain"] = run(torchrun(a.nproc) + ["pretrain.train", "pretrain/configs/demo.yaml",
-                            f"data.shards=[{shards},{web_shards}]", f"train.output_dir={pre}",
-                            f"train.max_steps={size['pretrain_steps']}", f"train.num_threads={threads}"],
-                            out / "pretrain.log", env, "pretrain", size["pretrain_steps"])  # fmt: skip
+    times["pretrain"] = run(
+        torchrun(a.nproc)
+        + [
+            "pretrain.train",
+            "pretrain/configs/demo.yaml",
+            f"data.shards=[{shards},{web_shards}]",
+            f"train.output_dir={pre}",
+            f"train.max_steps={size['pretrain_steps']}",
+            f"train.num_threads={threads}",
+        ],
+        out / "pretrain.log",
+        env,
+        "pretrain",
+        size["pretrain_steps"],
+    )
     print(f"[4/6] pretraining done: {pre / 'final.pth'}", flush=True)
 
     # 5. retrieval: zero-shot, then fine-tuned
-    data = [f"data.train_files=[{world / 'retrieval_train.json'}]", f"data.val_file={world / 'retrieval_val.json'}",
-            f"data.test_file={world / 'retrieval_test.json'}", f"data.image_root={world / 'images'}"]  # fmt: skip
+    data = [
+        f"data.train_files=[{world / 'retrieval_train.json'}]",
+        f"data.val_file={world / 'retrieval_val.json'}",
+        f"data.test_file={world / 'retrieval_test.json'}",
+        f"data.image_root={world / 'images'}",
+    ]
     zs, ft = out / "zeroshot", out / "retrieval"
     shutil.rmtree(zs, ignore_errors=True), shutil.rmtree(ft, ignore_errors=True)
-    times["zero-shot eval"] = run([sys.executable, "-m", "finetune.retrieval", "finetune/configs/demo_retrieval.yaml",
-                                   *data, f"init.checkpoint={pre / 'final.pth'}", "train.evaluate_only=true",
-                                   f"train.output_dir={zs}", f"train.num_threads={os.cpu_count() or 2}"],
-                                  out / "zeroshot.log", env, "zero-shot")  # fmt: skip
+    times["zero-shot eval"] = run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.retrieval",
+            "finetune/configs/demo_retrieval.yaml",
+            *data,
+            f"init.checkpoint={pre / 'final.pth'}",
+            "train.evaluate_only=true",
+            f"train.output_dir={zs}",
+            f"train.num_threads={os.cpu_count() or 2}",
+        ],
+        out / "zeroshot.log",
+        env,
+        "zero-shot",
+    )
     zc = out / "zeroshot_classes"
     shutil.rmtree(zc, ignore_errors=True)
-    times["zero-shot classes"] = run([sys.executable, "-m", "finetune.zeroshot", "finetune/configs/demo_zeroshot.yaml",
-                                      f"data.val_file={world / 'zeroshot_val.json'}",
-                                      f"data.test_file={world / 'zeroshot_test.json'}", f"data.image_root={world / 'images'}",
-                                      f"init.checkpoint={pre / 'final.pth'}", f"train.output_dir={zc}",
-                                      f"train.num_threads={os.cpu_count() or 2}"],
-                                     out / "zeroshot_classes.log", env, "zero-shot classes")  # fmt: skip
+    times["zero-shot classes"] = run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.zeroshot",
+            "finetune/configs/demo_zeroshot.yaml",
+            f"data.val_file={world / 'zeroshot_val.json'}",
+            f"data.test_file={world / 'zeroshot_test.json'}",
+            f"data.image_root={world / 'images'}",
+            f"init.checkpoint={pre / 'final.pth'}",
+            f"train.output_dir={zc}",
+            f"train.num_threads={os.cpu_count() or 2}",
+        ],
+        out / "zeroshot_classes.log",
+        env,
+        "zero-shot classes",
+    )
     # the model filters web noise: held-out pairs, 30% with another image's caption, scored by ITC
     noisy, filtered = out / "noisy_shards", out / "noisy_filtered"
     shutil.rmtree(noisy, ignore_errors=True), shutil.rmtree(filtered, ignore_errors=True)
     t0 = time.time()
-    run([sys.executable, "-m", "data_prep.annotations", noisy_pairs(world, out / "noisy_pairs.json"), "--image-root",
-         world / "images", "--output", noisy, "--shard-size", "50", "--image-size", size["image"], "--no-progress"],
-        out / "noisy_shards.log", env)  # fmt: skip
-    run([sys.executable, "-m", "data_prep.filter", noisy, "--checkpoint", pre / "final.pth", "--output", filtered,
-         "--min-itc", "0.5", "--workers", "0", "--no-progress"], out / "filter.log", env)  # fmt: skip
+    run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.annotations",
+            noisy_pairs(world, out / "noisy_pairs.json"),
+            "--image-root",
+            world / "images",
+            "--output",
+            noisy,
+            "--shard-size",
+            "50",
+            "--image-size",
+            size["image"],
+            "--no-progress",
+        ],
+        out / "noisy_shards.log",
+        env,
+    )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.filter",
+            noisy,
+            "--checkpoint",
+            pre / "final.pth",
+            "--output",
+            filtered,
+            "--min-itc",
+            "0.5",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+        out / "filter.log",
+        env,
+    )
     times["filter"] = time.time() - t0
-    times["retrieval fine-tune"] = run(torchrun(a.nproc) + ["finetune.retrieval", "finetune/configs/demo_retrieval.yaml",
-                                       *data, f"init.checkpoint={pre / 'final.pth'}", f"train.output_dir={ft}",
-                                       "train.epochs=100", f"train.max_steps={size['finetune_steps']}", f"train.num_threads={threads}"],
-                                       out / "retrieval.log", env, "fine-tune", size["finetune_steps"])  # fmt: skip
+    times["retrieval fine-tune"] = run(
+        torchrun(a.nproc)
+        + [
+            "finetune.retrieval",
+            "finetune/configs/demo_retrieval.yaml",
+            *data,
+            f"init.checkpoint={pre / 'final.pth'}",
+            f"train.output_dir={ft}",
+            "train.epochs=100",
+            f"train.max_steps={size['finetune_steps']}",
+            f"train.num_threads={threads}",
+        ],
+        out / "retrieval.log",
+        env,
+        "fine-tune",
+        size["finetune_steps"],
+    )
     print("[5/6] retrieval evaluated", flush=True)
 
     # 6. SNLI-VE from the pretrained weights: accuracy per label against the hypothesis-only prior
     ve = out / "ve"
     shutil.rmtree(ve, ignore_errors=True)
-    times["ve fine-tune"] = run(torchrun(a.nproc) + ["finetune.ve", "finetune/configs/demo_ve.yaml",
-                                f"data.train_files=[{world / 've_train.json'}]", f"data.test_file={world / 've_test.json'}",
-                                f"data.image_root={world / 'images'}", f"init.checkpoint={pre / 'final.pth'}",
-                                f"train.output_dir={ve}", f"train.max_steps={size['finetune_steps']}",
-                                f"train.num_threads={threads}"], out / "ve.log", env, "ve", size["finetune_steps"])  # fmt: skip
+    times["ve fine-tune"] = run(
+        torchrun(a.nproc)
+        + [
+            "finetune.ve",
+            "finetune/configs/demo_ve.yaml",
+            f"data.train_files=[{world / 've_train.json'}]",
+            f"data.test_file={world / 've_test.json'}",
+            f"data.image_root={world / 'images'}",
+            f"init.checkpoint={pre / 'final.pth'}",
+            f"train.output_dir={ve}",
+            f"train.max_steps={size['finetune_steps']}",
+            f"train.num_threads={threads}",
+        ],
+        out / "ve.log",
+        env,
+        "ve",
+        size["finetune_steps"],
+    )
     print("[6/6] SNLI-VE evaluated", flush=True)
 
     summarize(out, world, times, time.time() - t_all)
@@ -294,68 +453,121 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
         return pre_rows[0][key], sum(r[key] for r in pre_rows[-5:]) / len(pre_rows[-5:])
 
     speeds = [r["perf/samples_per_s"] for r in pre_rows[len(pre_rows) // 2 :]]
-    lines = ["", "=" * 78, "ALBEF offline demo: summary", "=" * 78,
-             f"pretraining: {pre_sum['steps']} steps, {pre_sum['samples']} image-text pairs, "
-             f"{pre_sum['train_seconds']:.0f} s, {sum(speeds) / max(1, len(speeds)):.1f} pairs/s"]  # fmt: skip
+    lines = [
+        "",
+        "=" * 78,
+        "ALBEF offline demo: summary",
+        "=" * 78,
+        f"pretraining: {pre_sum['steps']} steps, {pre_sum['samples']} image-text pairs, "
+        f"{pre_sum['train_seconds']:.0f} s, {sum(speeds) / max(1, len(speeds)):.1f} pairs/s",
+    ]
     mfu = [r["perf/mfu"] for r in pre_rows[len(pre_rows) // 2 :] if "perf/mfu" in r]
     rss = max((r["perf/max_rss_mb"] for r in pre_rows if "perf/max_rss_mb" in r), default=None)
     if mfu or rss:
-        lines.append("  " + ", ".join(([f"MFU {100 * sum(mfu) / len(mfu):.1f}%"] if mfu else [])
-                                      + ([f"peak RSS {rss:.0f} MB (rank 0)"] if rss else [])))  # fmt: skip
+        lines.append(
+            "  "
+            + ", ".join(
+                ([f"MFU {100 * sum(mfu) / len(mfu):.1f}%"] if mfu else [])
+                + ([f"peak RSS {rss:.0f} MB (rank 0)"] if rss else [])
+            )
+        )
     for key in ("train/loss_mlm", "train/loss_ita", "train/loss_itm"):
-        f, l = first_last(key)
-        lines.append(f"  {key[6:]:<9} {f:7.3f} -> {l:7.3f}")
+        start, end = first_last(key)
+        lines.append(f"  {key[6:]:<9} {start:7.3f} -> {end:7.3f}")
     lines.append(f"retrieval on {n_img} held-out images x {n_cap} captions (R@1 / R@5 / R@10, %):")
     lines.append(f"  {'':<22}{'text retrieval':>24}{'image retrieval':>24}")
-    lines.append(f"  {'chance':<22}{chance_tr[1]:>10.1f}{chance_tr[5]:>7.1f}{chance_tr[10]:>7.1f}"
-                 f"{chance_ir[1]:>10.1f}{chance_ir[5]:>7.1f}{chance_ir[10]:>7.1f}")  # fmt: skip
+    lines.append(
+        f"  {'chance':<22}{chance_tr[1]:>10.1f}{chance_tr[5]:>7.1f}{chance_tr[10]:>7.1f}"
+        f"{chance_ir[1]:>10.1f}{chance_ir[5]:>7.1f}{chance_ir[10]:>7.1f}"
+    )
     for name, m, prefix in (("zero-shot (pretrained)", zero, "test/"), ("fine-tuned", ft, "test/")):
         if m:
-            lines.append(f"  {name:<22}" + "".join(f"{m[prefix + k]:>{10 if k.endswith('r1') else 7}.1f}" for k in
-                         ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")))  # fmt: skip
+            lines.append(
+                f"  {name:<22}"
+                + "".join(
+                    f"{m[prefix + k]:>{10 if k.endswith('r1') else 7}.1f}"
+                    for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")
+                )
+            )
     lines.append("does the fusion encoder use the image? ITC: similarities alone; ITM: ITC's top k re-ranked by ITM;")
     lines.append("  matched-vs-random: ITM prefers an image's own caption to another image's (50% = image-blind)")
     for name, m, prefix in (("zero-shot (pretrained)", zero, "test/"), ("fine-tuned", ft, "test/")):
         if m and prefix + "itm_match_acc" in m:
-            lines.append(f"  {name:<22} R@1 TR {m[prefix + 'itc_txt_r1']:.1f} (ITC) -> {m[prefix + 'txt_r1']:.1f} (ITM), "
-                         f"IR {m[prefix + 'itc_img_r1']:.1f} -> {m[prefix + 'img_r1']:.1f}; matched-vs-random "
-                         f"{m[prefix + 'itm_match_acc']:.0f}%")  # fmt: skip
+            lines.append(
+                f"  {name:<22} R@1 TR {m[prefix + 'itc_txt_r1']:.1f} (ITC) -> {m[prefix + 'txt_r1']:.1f} (ITM), "
+                f"IR {m[prefix + 'itc_img_r1']:.1f} -> {m[prefix + 'img_r1']:.1f}; matched-vs-random "
+                f"{m[prefix + 'itm_match_acc']:.0f}%"
+            )
     classes = json.loads((out / "zeroshot_classes" / "eval.json").read_text())
-    lines.append("zero-shot classification of the held-out one-object images into 24 'colour shape' classes from prompts")
-    lines.append("  (ITC features only; top-1 / top-5 %): " + "; ".join(
-        f"{split} {classes[split + '/top1']:.1f} / {classes[split + '/top5']:.1f} ({classes[split + '/num_images']:.0f} images)"
-        for split in ("val", "test")) + f"; chance {classes['test/chance']:.1f} / {5 * classes['test/chance']:.1f}")  # fmt: skip
+    lines.append(
+        "zero-shot classification of the held-out one-object images into 24 'colour shape' classes from prompts"
+    )
+    lines.append(
+        "  (ITC features only; top-1 / top-5 %): "
+        + "; ".join(
+            f"{split} {classes[split + '/top1']:.1f} / {classes[split + '/top5']:.1f} ({classes[split + '/num_images']:.0f} images)"
+            for split in ("val", "test")
+        )
+        + f"; chance {classes['test/chance']:.1f} / {5 * classes['test/chance']:.1f}"
+    )
     noisy = json.loads((out / "noisy_pairs.json").read_text())
     from data_prep.shards import iter_tar_samples
 
-    kept = [json.loads(m["json"])["extra"]["swapped"] for t in sorted((out / "noisy_filtered").glob("*.tar"))
-            for _, m in iter_tar_samples(t)]  # fmt: skip
+    kept = [
+        json.loads(m["json"])["extra"]["swapped"]
+        for t in sorted((out / "noisy_filtered").glob("*.tar"))
+        for _, m in iter_tar_samples(t)
+    ]
     n_swapped = sum(e["swapped"] for e in noisy)
-    filt = {"swapped": n_swapped, "true": len(noisy) - n_swapped, "swapped_removed": n_swapped - sum(kept),
-            "true_kept": len(kept) - sum(kept)}  # fmt: skip
-    lines.append(f"data_prep.filter --min-itc 0.5 on {len(noisy)} held-out pairs, {n_swapped} of them with another "
-                 "image's caption:")
-    lines.append(f"  removed {filt['swapped_removed']} of {n_swapped} swapped pairs "
-                 f"({100 * filt['swapped_removed'] / max(1, n_swapped):.0f}%), kept {filt['true_kept']} of {filt['true']} "
-                 f"true ones ({100 * filt['true_kept'] / max(1, filt['true']):.0f}%)")  # fmt: skip
+    filt = {
+        "swapped": n_swapped,
+        "true": len(noisy) - n_swapped,
+        "swapped_removed": n_swapped - sum(kept),
+        "true_kept": len(kept) - sum(kept),
+    }
+    lines.append(
+        f"data_prep.filter --min-itc 0.5 on {len(noisy)} held-out pairs, {n_swapped} of them with another "
+        "image's caption:"
+    )
+    lines.append(
+        f"  removed {filt['swapped_removed']} of {n_swapped} swapped pairs "
+        f"({100 * filt['swapped_removed'] / max(1, n_swapped):.0f}%), kept {filt['true_kept']} of {filt['true']} "
+        f"true ones ({100 * filt['true_kept'] / max(1, filt['true']):.0f}%)"
+    )
     ve_rows = [r for r in rows(out / "ve" / "metrics.jsonl") if "test/prior_acc" in r] if (out / "ve").is_dir() else []
     if ve_rows:
         v = ve_rows[-1]
-        labels = sorted(k[len("test/acc_"):] for k in v if k.startswith("test/acc_"))
-        lines.append(f"SNLI-VE after {v['step']} steps, held-out test accuracy % (model / hypothesis-only prior of "
-                     "the train file):")
-        lines.append("  all " + f"{v['test/acc']:.1f} / {v['test/prior_acc']:.1f}; " + "; ".join(
-            f"{k} {v['test/acc_' + k]:.1f} / {v['test/prior_acc_' + k]:.1f}" for k in labels))  # fmt: skip
+        labels = sorted(k[len("test/acc_") :] for k in v if k.startswith("test/acc_"))
+        lines.append(
+            f"SNLI-VE after {v['step']} steps, held-out test accuracy % (model / hypothesis-only prior of "
+            "the train file):"
+        )
+        lines.append(
+            "  all "
+            + f"{v['test/acc']:.1f} / {v['test/prior_acc']:.1f}; "
+            + "; ".join(f"{k} {v['test/acc_' + k]:.1f} / {v['test/prior_acc_' + k]:.1f}" for k in labels)
+        )
     lines.append("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {total:.0f}")
     lines.append(f"outputs: {out}")
     text = "\n".join(lines)
     print(text, flush=True)
     (out / "summary.txt").write_text(text + "\n")
-    (out / "summary.json").write_text(json.dumps({"pretrain": pre_sum, "zero_shot": zero, "fine_tuned": ft,
-                                                  "zero_shot_classes": classes, "filter": filt,
-                                                  "ve": ve_rows[-1] if ve_rows else {},
-                                                  "chance": {"txt": chance_tr, "img": chance_ir},
-                                                  "seconds": times, "total_seconds": total}, indent=1))  # fmt: skip
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "pretrain": pre_sum,
+                "zero_shot": zero,
+                "fine_tuned": ft,
+                "zero_shot_classes": classes,
+                "filter": filt,
+                "ve": ve_rows[-1] if ve_rows else {},
+                "chance": {"txt": chance_tr, "img": chance_ir},
+                "seconds": times,
+                "total_seconds": total,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ that must not survive, each with the reason.
 
 Run: ``python -m albef.demo.photos --out /tmp/site`` writes the site and serves it until Ctrl-C.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,33 +71,61 @@ from PIL import Image, ImageDraw
 
 # name: (file in skimage/data, file extension on the site, captions written for the photo)
 PHOTOS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
-    "astronaut": ("astronaut.png", "jpg", (
-        "a smiling astronaut in an orange spacesuit in front of an american flag",
-        "portrait of a woman astronaut holding a helmet next to a model of the space shuttle",
-        "an astronaut with short hair wearing an orange flight suit")),
-    "chelsea": ("chelsea.png", "jpg", (
-        "close up of a tabby cat with green eyes",
-        "the face of a brown striped cat looking to the side",
-        "a cat with long white whiskers and a pink nose")),
-    "coffee": ("coffee.png", "jpg", (
-        "a cup of espresso on a red saucer with a spoon",
-        "a red and white coffee cup on a wooden table",
-        "espresso with crema in a small cup & saucer")),
-    "rocket": ("rocket.jpg", "jpg", (
-        "a white rocket on the launch pad at dusk",
-        "a falcon 9 rocket standing between tall towers before launch")),
-    "hubble": ("hubble_deep_field.jpg", "jpg", (
-        "thousands of distant galaxies on a black sky",
-        "a deep field image of space taken by the hubble telescope")),
-    "camera": ("camera.png", "jpg", (
-        "a black and white photo of a man filming with a camera on a tripod",
-        "a man in a dark coat looking through a camera on a grassy field")),
-    "coins": ("coins.png", "jpg", (
-        "rows of ancient greek coins on a dark background",
-        "a black and white photo of old silver coins")),
-    "retina": ("retina.jpg", "png", (
-        "a photograph of the back of a human eye showing blood vessels",
-        "an orange retina with red blood vessels")),
+    "astronaut": (
+        "astronaut.png",
+        "jpg",
+        (
+            "a smiling astronaut in an orange spacesuit in front of an american flag",
+            "portrait of a woman astronaut holding a helmet next to a model of the space shuttle",
+            "an astronaut with short hair wearing an orange flight suit",
+        ),
+    ),
+    "chelsea": (
+        "chelsea.png",
+        "jpg",
+        (
+            "close up of a tabby cat with green eyes",
+            "the face of a brown striped cat looking to the side",
+            "a cat with long white whiskers and a pink nose",
+        ),
+    ),
+    "coffee": (
+        "coffee.png",
+        "jpg",
+        (
+            "a cup of espresso on a red saucer with a spoon",
+            "a red and white coffee cup on a wooden table",
+            "espresso with crema in a small cup & saucer",
+        ),
+    ),
+    "rocket": (
+        "rocket.jpg",
+        "jpg",
+        ("a white rocket on the launch pad at dusk", "a falcon 9 rocket standing between tall towers before launch"),
+    ),
+    "hubble": (
+        "hubble_deep_field.jpg",
+        "jpg",
+        ("thousands of distant galaxies on a black sky", "a deep field image of space taken by the hubble telescope"),
+    ),
+    "camera": (
+        "camera.png",
+        "jpg",
+        (
+            "a black and white photo of a man filming with a camera on a tripod",
+            "a man in a dark coat looking through a camera on a grassy field",
+        ),
+    ),
+    "coins": (
+        "coins.png",
+        "jpg",
+        ("rows of ancient greek coins on a dark background", "a black and white photo of old silver coins"),
+    ),
+    "retina": (
+        "retina.jpg",
+        "png",
+        ("a photograph of the back of a human eye showing blood vessels", "an orange retina with red blood vessels"),
+    ),
 }
 MIN_WORDS, MAX_WORDS = 1, 64
 PLACEHOLDER_ALTS = ("image", "img", "photo", "picture", "logo", "icon", "spacer", "untitled", "placeholder")
@@ -123,6 +152,7 @@ def load_photo(name: str, max_side: int = VARIANTS[""]) -> Image.Image:
 
 def _tags(base_url: str) -> List[Tuple[str, str, str, str, str]]:
     """Every <img> of the site: (page, tag, resolved image URL or "", expected caption or "", why it is dropped)."""
+
     def img(page, src, name, k, path, extra=""):  # a kept tag: caption k of photo `name`
         caption = PHOTOS[name][2][k]
         return page, f'<img src="{src}" alt="{html.escape(caption)}"{extra}>', f"{base_url}/{path}", caption, ""
@@ -137,24 +167,56 @@ def _tags(base_url: str) -> List[Tuple[str, str, str, str, str]]:
         bad("index.html", '<img src="img/logo.png" alt="Logo">', "img/logo.png", "placeholder alt"),
         bad("index.html", '<img src="img/spacer.gif" alt="" width="1">', "img/spacer.gif", "empty alt"),
         img("index.html", "/img/rocket.jpg", "rocket", 0, "img/rocket.jpg", ' width="320"'),
-        bad("pages/animals.html", f'<img src="../img/chelsea.jpg" alt="{chelsea0}">', "img/chelsea.jpg",
-            "same URL and caption as on index.html"),
+        bad(
+            "pages/animals.html",
+            f'<img src="../img/chelsea.jpg" alt="{chelsea0}">',
+            "img/chelsea.jpg",
+            "same URL and caption as on index.html",
+        ),
         img("pages/animals.html", "/img/chelsea_m.jpg", "chelsea", 1, "img/chelsea_m.jpg"),
-        bad("pages/animals.html", '<img src="../img/chelsea_m.jpg" alt="cat">', "img/chelsea_m.jpg",
-            "URL already captioned above (a one-word alt)"),
+        bad(
+            "pages/animals.html",
+            '<img src="../img/chelsea_m.jpg" alt="cat">',
+            "img/chelsea_m.jpg",
+            "URL already captioned above (a one-word alt)",
+        ),
         img("pages/animals.html", "../img/chelsea_s.jpg", "chelsea", 2, "img/chelsea_s.jpg"),
-        bad("pages/animals.html", '<img src="../img/chelsea_s.jpg" alt="a close up of a cat">', "img/chelsea_s.jpg",
-            "URL already captioned above"),
-        img("pages/kitchen.html", "../img/coffee_xs.jpg", "coffee", 0, "img/coffee_s.jpg",
-            ' srcset="../img/coffee_xs.jpg 1x, ../img/coffee_s.jpg 2x"'),  # coffee_xs.jpg is not on the site
-        ("pages/kitchen.html", f'<IMG SRC="../img/coffee.jpg" ALT="{PHOTOS["coffee"][2][1]}">',
-          f"{base_url}/img/coffee.jpg", PHOTOS["coffee"][2][1], ""),
+        bad(
+            "pages/animals.html",
+            '<img src="../img/chelsea_s.jpg" alt="a close up of a cat">',
+            "img/chelsea_s.jpg",
+            "URL already captioned above",
+        ),
+        img(
+            "pages/kitchen.html",
+            "../img/coffee_xs.jpg",
+            "coffee",
+            0,
+            "img/coffee_s.jpg",
+            ' srcset="../img/coffee_xs.jpg 1x, ../img/coffee_s.jpg 2x"',
+        ),  # coffee_xs.jpg is not on the site
+        (
+            "pages/kitchen.html",
+            f'<IMG SRC="../img/coffee.jpg" ALT="{PHOTOS["coffee"][2][1]}">',
+            f"{base_url}/img/coffee.jpg",
+            PHOTOS["coffee"][2][1],
+            "",
+        ),
         img("pages/kitchen.html", "../img/coffee_m.jpg", "coffee", 2, "img/coffee_m.jpg"),
         bad("pages/kitchen.html", f'<img src="../img/coffee_m.jpg" alt="{SPAM}">', "img/coffee_m.jpg", "70 words"),
-        ("pages/kitchen.html", f'<img src="../{MISSING}" alt="a plate of fresh croissants next to a jug of milk">',
-          f"{base_url}/{MISSING}", "a plate of fresh croissants next to a jug of milk", ""),
-        bad("pages/people.html", '<img src="../img/camera_s.jpg" alt="IMG_0042.JPG">', "img/camera_s.jpg",
-            "file-name alt"),
+        (
+            "pages/kitchen.html",
+            f'<img src="../{MISSING}" alt="a plate of fresh croissants next to a jug of milk">',
+            f"{base_url}/{MISSING}",
+            "a plate of fresh croissants next to a jug of milk",
+            "",
+        ),
+        bad(
+            "pages/people.html",
+            '<img src="../img/camera_s.jpg" alt="IMG_0042.JPG">',
+            "img/camera_s.jpg",
+            "file-name alt",
+        ),
         img("pages/people.html", "../img/camera.jpg", "camera", 0, "img/camera.jpg"),
         img("pages/people.html", "/img/camera_m.jpg", "camera", 1, "img/camera_m.jpg"),
         img("pages/people.html", "/img/astronaut_m.jpg", "astronaut", 1, "img/astronaut_m.jpg"),
@@ -166,20 +228,36 @@ def _tags(base_url: str) -> List[Tuple[str, str, str, str, str]]:
         img("pages/people.html", "../img/retina_m.png", "retina", 1, "img/retina_m.png"),
         img("pages/space.html", "../img/astronaut.jpg", "astronaut", 0, "img/astronaut.jpg"),
         img("pages/space.html", f"{base_url}/img/rocket_m.jpg", "rocket", 1, "img/rocket_m.jpg"),
-        ("pages/space.html", f'<img alt="{PHOTOS["hubble"][2][0]}" loading="lazy" src="../img/hubble.jpg">',
-          f"{base_url}/img/hubble.jpg", PHOTOS["hubble"][2][0], ""),
-        ("pages/space.html",
-          '<img src="/img/hubble_m.jpg"\n     alt="a deep field image of space\n      taken by the  hubble telescope">',
-          f"{base_url}/img/hubble_m.jpg", PHOTOS["hubble"][2][1], ""),
-        bad("pages/space.html", f'<img src="data:image/png;base64,{dot}" alt="a tiny red square drawn inline">', "",
-            "data: URI"),
+        (
+            "pages/space.html",
+            f'<img alt="{PHOTOS["hubble"][2][0]}" loading="lazy" src="../img/hubble.jpg">',
+            f"{base_url}/img/hubble.jpg",
+            PHOTOS["hubble"][2][0],
+            "",
+        ),
+        (
+            "pages/space.html",
+            '<img src="/img/hubble_m.jpg"\n     alt="a deep field image of space\n      taken by the  hubble telescope">',
+            f"{base_url}/img/hubble_m.jpg",
+            PHOTOS["hubble"][2][1],
+            "",
+        ),
+        bad(
+            "pages/space.html",
+            f'<img src="data:image/png;base64,{dot}" alt="a tiny red square drawn inline">',
+            "",
+            "data: URI",
+        ),
     ]
 
 
 def expected_pairs(base_url: str) -> List[dict]:
     """The (url, caption) pairs a typical extractor keeps, in crawl order, with "downloadable" (False: a 404)."""
-    return [{"url": u, "caption": c, "page": f"{base_url}/{p}", "downloadable": not u.endswith(MISSING)}
-            for p, _, u, c, why in _tags(base_url) if not why]
+    return [
+        {"url": u, "caption": c, "page": f"{base_url}/{p}", "downloadable": not u.endswith(MISSING)}
+        for p, _, u, c, why in _tags(base_url)
+        if not why
+    ]
 
 
 def dropped_tags(base_url: str) -> List[dict]:
@@ -211,9 +289,11 @@ def write_crawl_site(out_dir, base_url: str) -> List[str]:
         up = "../" * page.count("/")
         links = " | ".join(f'<a href="{up}{p}">{Path(p).stem}</a>' for p in PAGES)
         body = "\n".join(f"<p>{t}</p>" for p, t, *_ in tags if p == page)
-        (out / page).write_text(f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{Path(page).stem}"
-                                f"</title></head>\n<body>\n<nav>{links}</nav>\n<h1>{Path(page).stem}</h1>\n{body}\n"
-                                "</body></html>\n")
+        (out / page).write_text(
+            f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{Path(page).stem}'
+            f"</title></head>\n<body>\n<nav>{links}</nav>\n<h1>{Path(page).stem}</h1>\n{body}\n"
+            "</body></html>\n"
+        )
     urls = [f"{base_url}/{p}" for p in PAGES]
     (out / "urls.txt").write_text("\n".join(urls) + "\n")
     return urls

@@ -66,6 +66,7 @@ pretraining):
 Run: ``python -m albef.demo.world --out /tmp/world --seed 0 [--num-train 2000 --num-val 250 --num-test 250
 --image-size 128]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star")
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 235), "yellow": (240, 210, 30),
-           "purple": (150, 60, 200), "white": (235, 235, 235)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 90, 235),
+    "yellow": (240, 210, 30),
+    "purple": (150, 60, 200),
+    "white": (235, 235, 235),
+}
 SIZES = {"small": 0.5, "large": 0.85}  # side of the object's square, as a fraction of a grid cell
 VOCAB = {"size": tuple(SIZES), "colour": tuple(COLOURS), "shape": SHAPES}
 ATTRS = tuple(VOCAB)
@@ -95,10 +102,16 @@ QUESTIONS_PER_IMAGE = 4
 COLOUR_JITTER = 12
 SPLITS = ("train", "val", "test")
 NLVR_VE_SPLIT = {"train": "train", "val": "dev", "test": "test"}
-_WORD_OK = {"top": lambda r, c: r == 0, "bottom": lambda r, c: r == 2, "left": lambda r, c: c == 0,
-            "right": lambda r, c: c == 2, "center": lambda r, c: r == 1 and c == 1}
-_WHERES = {(r, c): tuple(w for w in POSITIONS if all(_WORD_OK[x](r, c) for x in w.split()))
-           for r in range(3) for c in range(3)}  # the region names each grid cell satisfies
+_WORD_OK = {
+    "top": lambda r, c: r == 0,
+    "bottom": lambda r, c: r == 2,
+    "left": lambda r, c: c == 0,
+    "right": lambda r, c: c == 2,
+    "center": lambda r, c: r == 1 and c == 1,
+}
+_WHERES = {
+    (r, c): tuple(w for w in POSITIONS if all(_WORD_OK[x](r, c) for x in w.split())) for r in range(3) for c in range(3)
+}  # the region names each grid cell satisfies
 
 
 def pick(rng: np.random.Generator, seq):
@@ -204,19 +217,30 @@ def retry(fn, rng, *args):
 def captions(rng, objs: List[dict]) -> List[str]:
     """Five varied captions: the full description in reading order, a shape inventory, grouped counts, a spatial
     relation (or the lone object's place), and sizes with shapes. Each has at most 30 words."""
-    desc = lambda o, size=True: indefinite(f"{o['size']} " * size + f"{o['colour']} {o['shape']}")
+
+    def desc(o, size=True):
+        return indefinite(f"{o['size']} " * size + f"{o['colour']} {o['shape']}")
+
     n, shuffled = len(objs), [objs[i] for i in rng.permutation(len(objs))]
     # the full description fits ALBEF's 30-word caption limit: 4 objects go without sizes and without a prefix
     full = (pick(rng, ("", "a picture of ", "an image with ")) if n < 4 else "") + join_list(
-        [f"{desc(o, n < 4)} {where_phrase(o['position'])}" for o in objs])
+        [f"{desc(o, n < 4)} {where_phrase(o['position'])}" for o in objs]
+    )
     inventory = f"{NUMBERS[n]} shape{'s' * (n > 1)}: " + join_list([desc(o, False) for o in shuffled])
     grouped = counted(shuffled, ("colour", "shape")) + pick(rng, ("", " on a grey background", " on a dark background"))
     if n == 1:
         relation = f"{desc(objs[0])} alone {where_phrase(objs[0]['position'])}"
     else:
         a, b = shuffled[:2]
-        rel = ("to the left of" if a["col"] < b["col"] else "to the right of" if a["col"] > b["col"]
-               else "above" if a["row"] < b["row"] else "below")
+        rel = (
+            "to the left of"
+            if a["col"] < b["col"]
+            else "to the right of"
+            if a["col"] > b["col"]
+            else "above"
+            if a["row"] < b["row"]
+            else "below"
+        )
         relation = f"{desc(a)} {rel} {desc(b)}"
     return [full, inventory, grouped, relation, counted(shuffled, ("size", "shape"))]
 
@@ -326,8 +350,13 @@ def _points(shape: str, x0: int, y0: int, d: int) -> List[tuple]:
     if shape == "triangle":
         return [(x0, y1), (x1, y1), (x0 + (d - 1) // 2, y0)]
     cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (d - 1) / 2
-    return [(round(cx + r * (1 if k % 2 == 0 else 0.42) * math.cos(math.pi * (k / 5 - 0.5))),
-             round(cy + r * (1 if k % 2 == 0 else 0.42) * math.sin(math.pi * (k / 5 - 0.5)))) for k in range(10)]
+    return [
+        (
+            round(cx + r * (1 if k % 2 == 0 else 0.42) * math.cos(math.pi * (k / 5 - 0.5))),
+            round(cy + r * (1 if k % 2 == 0 else 0.42) * math.sin(math.pi * (k / 5 - 0.5))),
+        )
+        for k in range(10)
+    ]
 
 
 def draw_scene(rng, size: int):
@@ -347,15 +376,25 @@ def draw_scene(rng, size: int):
         pts = _points(shape, x0, y0, d)
         {"circle": draw.ellipse, "square": draw.rectangle}.get(shape, draw.polygon)(pts, fill=rgb)
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        objs.append({"shape": shape, "colour": colour, "size": size_name, "position": POSITIONS[int(c)],
-                     "row": row, "col": col, "box": [min(xs), min(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1],
-                     "rgb": list(rgb)})
+        objs.append(
+            {
+                "shape": shape,
+                "colour": colour,
+                "size": size_name,
+                "position": POSITIONS[int(c)],
+                "row": row,
+                "col": col,
+                "box": [min(xs), min(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1],
+                "rgb": list(rgb),
+            }
+        )
     return image, objs
 
 
 # ------------------------------------------------------------------------------------------------------- world
-def generate_world(out_dir, seed: int = 0, num_train: int = 2000, num_val: int = 250, num_test: int = 250,
-                   image_size: int = 128) -> dict:
+def generate_world(
+    out_dir, seed: int = 0, num_train: int = 2000, num_val: int = 250, num_test: int = 250, image_size: int = 128
+) -> dict:
     """Write the world (images and every task's JSON files, see the module docstring) to out_dir; returns a summary."""
     if seed < 0 or min(num_train, num_val, num_test) < 2 or image_size < 48:
         raise ValueError("need seed >= 0, at least 2 images per split and image_size >= 48")
@@ -363,8 +402,13 @@ def generate_world(out_dir, seed: int = 0, num_train: int = 2000, num_val: int =
     out = Path(out_dir).resolve()
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts = {"train": num_train, "val": num_val, "test": num_test}
-    files: Dict[str, object] = {"pretrain.json": [], "vqa_test_answers.json": {}, "answer_list.json": list(ANSWERS),
-                                "refcoco+_refs.json": {}, "dets.json": {}}
+    files: Dict[str, object] = {
+        "pretrain.json": [],
+        "vqa_test_answers.json": {},
+        "answer_list.json": list(ANSWERS),
+        "refcoco+_refs.json": {},
+        "dets.json": {},
+    }
     scenes: Dict[str, dict] = {}
     qid = ref_id = 0
     for s, split in enumerate(SPLITS):
@@ -399,16 +443,23 @@ def generate_world(out_dir, seed: int = 0, num_train: int = 2000, num_val: int =
                     item["answer"] = [a]
                 vqa.append(item)
                 qid += 1
-            ve += [{"image": name, "sentence": retry(fact, rng, objs, True), "label": "entailment"},
-                   {"image": name, "sentence": retry(neutral, rng, objs), "label": "neutral"},
-                   {"image": name, "sentence": retry(fact, rng, objs, False), "label": "contradiction"}]
+            ve += [
+                {"image": name, "sentence": retry(fact, rng, objs, True), "label": "entailment"},
+                {"image": name, "sentence": retry(neutral, rng, objs), "label": "neutral"},
+                {"image": name, "sentence": retry(fact, rng, objs, False), "label": "contradiction"},
+            ]
             for obj in objs if len(objs) > 1 else []:
                 spec = refer(rng, obj, objs)
                 if spec is not None:
                     refs.append({"image": file, "text": f"the {noun_phrase(spec)}", "ref_id": ref_id})
                     files["refcoco+_refs.json"][str(ref_id)] = {
-                        "image_id": name, "image": file, "bbox": obj["box"], "split": split,
-                        "height": image_size, "width": image_size}
+                        "image_id": name,
+                        "image": file,
+                        "bbox": obj["box"],
+                        "split": split,
+                        "height": image_size,
+                        "width": image_size,
+                    }
                     ref_id += 1
         rng = np.random.default_rng([seed, s, 1, 0])
         nlvr = []
@@ -423,16 +474,34 @@ def generate_world(out_dir, seed: int = 0, num_train: int = 2000, num_val: int =
         files[f"ve_{NLVR_VE_SPLIT[split]}.json"] = ve
         files[f"refcoco+_{split}.json"] = refs
         if split != "train":
-            files[f"zeroshot_{split}.json"] = [{"image": scenes[n]["image"], "label": f"{o[0]['colour']} {o[0]['shape']}"}
-                                               for n in names if len(o := scenes[n]["objects"]) == 1]  # fmt: skip
-    files["world.json"] = {"seed": seed, "image_size": image_size, "image_root": "images", "counts": counts,
-                           "vocabulary": {"shapes": SHAPES, "colours": COLOURS, "sizes": list(SIZES),
-                                          "positions": POSITIONS, "answers": ANSWERS},
-                           "scenes": scenes}
+            files[f"zeroshot_{split}.json"] = [
+                {"image": scenes[n]["image"], "label": f"{o[0]['colour']} {o[0]['shape']}"}
+                for n in names
+                if len(o := scenes[n]["objects"]) == 1
+            ]
+    files["world.json"] = {
+        "seed": seed,
+        "image_size": image_size,
+        "image_root": "images",
+        "counts": counts,
+        "vocabulary": {
+            "shapes": SHAPES,
+            "colours": COLOURS,
+            "sizes": list(SIZES),
+            "positions": POSITIONS,
+            "answers": ANSWERS,
+        },
+        "scenes": scenes,
+    }
     for fname, obj in files.items():
         (out / fname).write_text(json.dumps(obj))
-    return {"out_dir": str(out), "image_root": str(out / "images"), "num_images": len(scenes),
-            "files": sorted(files), "seconds": round(time.perf_counter() - start, 3)}
+    return {
+        "out_dir": str(out),
+        "image_root": str(out / "images"),
+        "num_images": len(scenes),
+        "files": sorted(files),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 def main(argv=None):

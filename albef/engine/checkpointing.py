@@ -17,6 +17,7 @@ another number of ranks loads through DeepSpeed's universal checkpoint (``prepar
 turns any of them (ZeRO-partitioned or not) into one float32 state dict in the official ALBEF layout
 (``pretrain/export.py``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,9 +62,11 @@ def safe_loads():
 
 
 def _load_error(tag_dir: Path, e: Exception) -> RuntimeError:
-    return RuntimeError(f"{tag_dir}: cannot load this checkpoint safely ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}). Its files hold something other than weights "
-                        "and plain data (tampered, or not written by this code), or they are damaged.")
+    return RuntimeError(
+        f"{tag_dir}: cannot load this checkpoint safely ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}). Its files hold something other than weights "
+        "and plain data (tampered, or not written by this code), or they are damaged."
+    )
 
 
 class CheckpointError(RuntimeError):
@@ -106,11 +109,12 @@ def find_latest(ckpt_dir: Path) -> Optional[str]:
         problem = damage(ckpt_dir / tag)
         if problem is None:
             return tag
-        log.warning("checkpoint %s is damaged (%s): falling back to the previous complete one", ckpt_dir / tag,
-                    problem)  # fmt: skip
+        log.warning("checkpoint %s is damaged (%s): falling back to the previous complete one", ckpt_dir / tag, problem)
     if tags:
-        raise RuntimeError(f"{ckpt_dir}: every complete checkpoint is damaged ({', '.join(tags)}; see the warnings "
-                           "above); repair one, or start a new run in another train.output_dir")
+        raise RuntimeError(
+            f"{ckpt_dir}: every complete checkpoint is damaged ({', '.join(tags)}; see the warnings "
+            "above); repair one, or start a new run in another train.output_dir"
+        )
     return None
 
 
@@ -163,11 +167,16 @@ def save(engine, ckpt_dir: Path, step: int, client_state: Dict, rank_state: Dict
                     fsync_path(path)
         except Exception as e:  # noqa: BLE001
             error = e
-    failures = [(r, m) for r, m in enumerate(dist.gather_objects(None if error is None else
-                                                                  f"{type(error).__name__}: {error}")) if m]  # fmt: skip
+    failures = [
+        (r, m)
+        for r, m in enumerate(dist.gather_objects(None if error is None else f"{type(error).__name__}: {error}"))
+        if m
+    ]
     if failures:
-        raise CheckpointError("; ".join(f"checkpoint {tag} failed on rank {r}: {m}" for r, m in failures) +
-                              f" ({tag_dir} is incomplete; the previous complete checkpoint is kept)") from error
+        raise CheckpointError(
+            "; ".join(f"checkpoint {tag} failed on rank {r}: {m}" for r, m in failures)
+            + f" ({tag_dir} is incomplete; the previous complete checkpoint is kept)"
+        ) from error
     if rank == 0:
         world = dist.rank_and_world()[1]
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
@@ -193,8 +202,7 @@ def _prune(ckpt_dir: Path, keep_last: int, newest: str) -> None:
     complete = complete_tags(ckpt_dir)
     doomed = complete[:-keep_last] if keep_last > 0 else []
     doomed = [t for t in doomed if t != best_tag(ckpt_dir)]
-    doomed += [p.name for p in ckpt_dir.iterdir()
-               if _TAG.match(p.name) and p.name < newest and p.name not in complete]  # fmt: skip
+    doomed += [p.name for p in ckpt_dir.iterdir() if _TAG.match(p.name) and p.name < newest and p.name not in complete]
     for tag in doomed:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
@@ -223,11 +231,20 @@ def prepare_universal(ckpt_dir: Path, tag: str, rank: int) -> None:
 
         tmp = tag_dir / f"{UNIVERSAL}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=True)  # fmt: skip
-        log.info("converting %s to a universal checkpoint (it was written by %d ranks)", tag_dir,
-                 saved_world_size(ckpt_dir, tag))  # fmt: skip
+        args = argparse.Namespace(
+            input_folder=str(tag_dir),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
+        log.info(
+            "converting %s to a universal checkpoint (it was written by %d ranks)",
+            tag_dir,
+            saved_world_size(ckpt_dir, tag),
+        )
         try:
             with safe_loads():
                 ds_to_universal.main(args)
@@ -289,7 +306,9 @@ def consolidate(ckpt_dir: Path, tag: Optional[str] = None) -> Dict[str, torch.Te
     tag_dir = ckpt_dir / tag
     try:
         with safe_loads():
-            sd = dict(torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"])
+            sd = dict(
+                torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+            )
             if list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -304,9 +323,9 @@ def export_official_file(run_dir: Path, out: Path, tag: Optional[str] = None) ->
     model built from the run's ``config.yaml``."""
     import yaml
 
-    from albef.models.convert import load_pretrained, model_kind_of, save_official
     from albef.config import from_dict
     from albef.models import ModelConfig, build_model
+    from albef.models.convert import load_pretrained, model_kind_of, save_official
 
     ckpt_dir = Path(run_dir) / "checkpoints"
     tag = tag or find_latest(ckpt_dir)

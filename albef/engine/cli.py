@@ -5,6 +5,7 @@ Accepts (and ignores) ``--local_rank=N``, which the deepspeed launcher appends. 
 After a clean finish the process ends with ``os._exit`` so that DeepSpeed's gloo threads cannot abort the
 interpreter's shutdown (seen in about 1 of 3 world-size-2 CPU runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,15 @@ from albef.config import ConfigError, load_config
 def main(task_cls, argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog=f"albef {task_cls.name}", description=task_cls.__doc__)
     parser.add_argument("config", help="YAML file (see pretrain/configs, finetune/configs)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 model.grad_checkpointing=true")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 model.grad_checkpointing=true"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     from albef.engine import signals
 
     signals.install()  # before any slow import: a SIGTERM/SIGUSR1 during start-up must not kill the job
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)  # fmt: skip
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     try:
         cfg = load_config(task_cls.config_cls, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:

@@ -5,6 +5,7 @@ per GPU) we derive them from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JO
 master) and SLURM_JOB_ID (the port), which the official ALBEF code never did (its SLURM branch left world_size at
 1 and no master address). All five variables are exported before DeepSpeed starts: with any missing it tries MPI.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -55,18 +56,24 @@ def detect() -> DistEnv:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(
-            rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", 29500)),
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
             launcher="torchrun",
-        )  # fmt: skip
+        )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "127.0.0.1"))
         port = int(env.get("MASTER_PORT", 0)) or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
         return DistEnv(
-            rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)), master_addr=env.get("MASTER_ADDR", hosts[0]),
-            master_port=port, launcher="slurm",
-        )  # fmt: skip
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR", hosts[0]),
+            master_port=port,
+            launcher="slurm",
+        )
     # A single process still gets a (one-member) process group from DeepSpeed: give it a free port, so that
     # several single-process runs on one machine do not collide on the default 29500.
     return DistEnv(master_port=int(env.get("MASTER_PORT", 0)) or _free_port())
@@ -81,8 +88,13 @@ def _free_port() -> int:
 def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
     """Export the launcher variables, pick the device, start the process group (a no-op at world size 1). A
     collective that waits more than ``timeout_s`` (a rank died or hangs) raises instead of waiting forever."""
-    for k, v in dict(RANK=env.rank, WORLD_SIZE=env.world_size, LOCAL_RANK=env.local_rank,
-                     MASTER_ADDR=env.master_addr, MASTER_PORT=env.master_port).items():  # fmt: skip
+    for k, v in dict(
+        RANK=env.rank,
+        WORLD_SIZE=env.world_size,
+        LOCAL_RANK=env.local_rank,
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=env.master_port,
+    ).items():
         os.environ[k] = str(v)
     if torch.cuda.is_available():
         device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
@@ -97,8 +109,9 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
     import deepspeed
 
     if env.world_size > 1 or env.launcher != "none":
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s)
+        )
     return device
 
 

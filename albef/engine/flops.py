@@ -7,6 +7,7 @@ only); backward is twice the online forward. Text layers count a batch's real to
 (the official code computes it; token packing skips it), so the same batch has the same count in every variant.
 tests/test_engine.py checks it against torch's FlopCounterMode.
 """
+
 from __future__ import annotations
 
 import time

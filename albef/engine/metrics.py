@@ -3,6 +3,7 @@
 W&B runs offline when no API key is configured (``wandb sync <run>/wandb/offline-run-*`` uploads later) and is
 resumed with the run id stored in the run folder, so a requeued job keeps appending to the same W&B run.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,16 +36,27 @@ def _wandb_mode(mode: str) -> str:
         return mode
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or Path("~/.netrc").expanduser().is_file() and \
-        "api.wandb.ai" in Path("~/.netrc").expanduser().read_text(errors="ignore")  # fmt: skip
+    has_key = (
+        bool(os.environ.get("WANDB_API_KEY"))
+        or Path("~/.netrc").expanduser().is_file()
+        and "api.wandb.ai" in Path("~/.netrc").expanduser().read_text(errors="ignore")
+    )
     return "online" if has_key else "offline"
 
 
 class MetricsLogger:
     """Rank 0 writes; other ranks get a logger whose calls do nothing."""
 
-    def __init__(self, run_dir: Path, cfg: WandbConfig, run_config: Dict, enabled: bool, total_steps: int,
-                 start_step: int, wandb_id: Optional[str] = None):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: WandbConfig,
+        run_config: Dict,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        wandb_id: Optional[str] = None,
+    ):
         self.enabled = enabled
         self.wandb_run = None
         self.wandb_id = wandb_id
@@ -69,14 +81,28 @@ class MetricsLogger:
             self.wandb_id = wandb_id or secrets.token_hex(4)  # W&B ids: [a-z0-9]{8} by convention
             id_file.write_text(self.wandb_id + "\n")
             self.wandb_run = wandb.init(
-                project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, group=cfg.group,
-                tags=cfg.tags or None, config=run_config, id=self.wandb_id, resume="allow", mode=mode,
+                project=cfg.project,
+                entity=cfg.entity,
+                name=cfg.name or run_dir.name,
+                group=cfg.group,
+                tags=cfg.tags or None,
+                config=run_config,
+                id=self.wandb_id,
+                resume="allow",
+                mode=mode,
                 dir=str(run_dir),
-            )  # fmt: skip
+            )
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                         file=sys.stderr, disable=not sys.stderr.isatty() and os.environ.get("ALBEF_PROGRESS") != "1")  # fmt: skip
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=not sys.stderr.isatty() and os.environ.get("ALBEF_PROGRESS") != "1",
+        )
         self._t0 = time.time()
 
     def log(self, step: int, metrics: Dict[str, float], console: bool = True, media: Optional[Dict] = None) -> None:

@@ -5,6 +5,7 @@ weights, ...) get no weight decay; every other parameter does, including ``pos_e
 the official wrapper never consults the ViT's no-weight-decay list, and its 0-d ``temp`` fails the ``ndim == 1``
 test. Our ``temp`` is stored with shape [1] (DeepSpeed), so it is named explicitly to keep the official behaviour.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -46,8 +47,9 @@ class FiniteAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float], eps: float,
-                    check_finite: bool = False):
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float], eps: float, check_finite: bool = False
+):
     """AdamW over ``param_groups``; ``check_finite``: skip steps with non-finite gradients (``FiniteAdamW``), for
     engines that do not check (no ZeRO)."""
     cls = FiniteAdamW if check_finite else torch.optim.AdamW

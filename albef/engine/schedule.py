@@ -10,13 +10,22 @@ from epoch ``e >= 1``. ``cosine`` is the per-step variant most users want at sca
 Alpha (the MoD weight) ramps linearly from 0 to ``alpha`` over the first ``alpha_warmup_epochs`` epochs
 (official: 1, LAVIS: 2), measured in optimizer steps.
 """
+
 from __future__ import annotations
 
 import math
 
 
-def albef_lr(step: int, steps_per_epoch: int, epochs: int, lr: float, warmup_lr: float, min_lr: float,
-             warmup_steps: int, warmup_granularity: int = 100) -> float:  # fmt: skip
+def albef_lr(
+    step: int,
+    steps_per_epoch: int,
+    epochs: int,
+    lr: float,
+    warmup_lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    warmup_granularity: int = 100,
+) -> float:
     epoch, i = divmod(step, steps_per_epoch)
     if epoch == 0:
         if warmup_steps <= 0:

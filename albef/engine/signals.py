@@ -9,6 +9,7 @@ itself; the trainer then checkpoints and exits with 75. No collective may run in
 ``install()`` runs first thing in every entrypoint, so that a signal arriving during the slow start-up (imports,
 DeepSpeed initialisation) is remembered instead of killing the process.
 """
+
 from __future__ import annotations
 
 import logging

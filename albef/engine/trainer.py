@@ -25,6 +25,7 @@ What the engine guarantees:
   forward pass moved are put back), is counted, and ``max_nonfinite_steps`` in a row stop the run. fp16 gradient
   overflow is DeepSpeed's dynamic loss scaler's business (its skipped steps are put back too, not counted).
 """
+
 from __future__ import annotations
 
 import collections
@@ -42,11 +43,11 @@ import yaml
 
 from albef.data.transforms import to_device
 from albef.engine import checkpointing, dist, signals
-from albef.engine.signals import StopRequested
 from albef.engine.flops import measured_matmul_peak
 from albef.engine.metrics import MetricsLogger
 from albef.engine.optim import build_optimizer
 from albef.engine.schedule import albef_lr, alpha_at, cosine_lr
+from albef.engine.signals import StopRequested
 from albef.tasks.base import Progress, Task
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,11 @@ def ds_config_for(path: str, micro: int, global_batch: int, world: int) -> Dict:
         )
     if "optimizer" in cfg or "scheduler" in cfg:
         raise ValueError(f"{path}: the optimizer and LR schedule are owned by the train section of the YAML")
-    cfg.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=micro,
-               gradient_accumulation_steps=global_batch // (micro * world))  # fmt: skip
+    cfg.update(
+        train_batch_size=global_batch,
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=global_batch // (micro * world),
+    )
     return cfg
 
 
@@ -135,8 +139,9 @@ class Trainer:
     def _set_lr(self, optimizer, step: int, steps_per_epoch: int, total_steps: int) -> float:
         t = self.train
         if t.schedule == "albef":
-            lr = albef_lr(step, steps_per_epoch, t.epochs, t.lr, t.warmup_lr, t.min_lr, t.warmup_steps,
-                          t.warmup_granularity)  # fmt: skip
+            lr = albef_lr(
+                step, steps_per_epoch, t.epochs, t.lr, t.warmup_lr, t.min_lr, t.warmup_steps, t.warmup_granularity
+            )
         else:
             lr = cosine_lr(step, total_steps, t.lr, t.warmup_lr, t.min_lr, t.warmup_steps)
         for group in optimizer.param_groups:
@@ -164,8 +169,13 @@ class Trainer:
         ds_cfg = ds_config_for(t.ds_config, t.micro_batch_size, t.global_batch_size, env.world_size)
         gas = ds_cfg["gradient_accumulation_steps"]
         self.task.check_batch_geometry(self.cfg.model, t.micro_batch_size * env.world_size)
-        half = ds_cfg.get("bf16", {}).get("enabled") and torch.bfloat16 or \
-            ds_cfg.get("fp16", {}).get("enabled") and torch.float16 or None  # fmt: skip
+        half = (
+            ds_cfg.get("bf16", {}).get("enabled")
+            and torch.bfloat16
+            or ds_cfg.get("fp16", {}).get("enabled")
+            and torch.float16
+            or None
+        )
         dtype = half or torch.float32
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
@@ -192,8 +202,10 @@ class Trainer:
         loader = self.task.build_train_loader(tokenizer, env.rank, env.world_size, t.micro_batch_size, t.seed)
         steps_per_epoch = len(loader) // gas
         if steps_per_epoch == 0:
-            raise ValueError(f"one epoch holds {len(loader)} micro-batches per rank, fewer than one optimizer step "
-                             f"({gas} micro-batches): add data or lower train.global_batch_size")  # fmt: skip
+            raise ValueError(
+                f"one epoch holds {len(loader)} micro-batches per rank, fewer than one optimizer step "
+                f"({gas} micro-batches): add data or lower train.global_batch_size"
+            )
         total_steps = t.max_steps or t.epochs * steps_per_epoch
 
         state = {"step": 0, "micro_step": 0, "epoch": 0, "samples": 0, "nonfinite_total": 0, "wandb_id": None}
@@ -206,8 +218,13 @@ class Trainer:
                 loader.load_state_dict(rank_state["loader"])
             else:
                 self._resume_data_on_new_world(loader, ckpt_root / resume_tag, saved_world, env.rank)
-            log.info("resumed from %s at step %d (written by %d ranks, now %d)", ckpt_root / resume_tag,
-                     state["step"], saved_world, env.world_size)  # fmt: skip
+            log.info(
+                "resumed from %s at step %d (written by %d ranks, now %d)",
+                ckpt_root / resume_tag,
+                state["step"],
+                saved_world,
+                env.world_size,
+            )
             best = ckpt_root / checkpointing.BEST  # the best score's one owner (a checkpoint may predate it)
             if best.is_file():
                 metrics = json.loads(best.read_text())["metrics"]
@@ -221,8 +238,9 @@ class Trainer:
         epoch_ended = loader.epoch > state["epoch"]
         state["epoch"] = loader.epoch
 
-        logger = MetricsLogger(run_dir, self.cfg.wandb, asdict(self.cfg), env.is_main, total_steps, state["step"],
-                               state["wandb_id"])  # fmt: skip
+        logger = MetricsLogger(
+            run_dir, self.cfg.wandb, asdict(self.cfg), env.is_main, total_steps, state["step"], state["wandb_id"]
+        )
         state["wandb_id"] = logger.wandb_id
         peak = t.peak_tflops * 1e12 or measured_matmul_peak(dtype, device)
         signals.install()  # (again: entrypoints install it first thing; Trainer may also be used directly)
@@ -231,8 +249,9 @@ class Trainer:
             client = {"train_state": dict(state)}
             if half:
                 client["momentum_fp32"] = model.momentum_state_fp32()
-            checkpointing.save(engine, ckpt_root, state["step"], client,
-                               {"loader": loader.state_dict()}, env.rank, t.keep_last)  # fmt: skip
+            checkpointing.save(
+                engine, ckpt_root, state["step"], client, {"loader": loader.state_dict()}, env.rank, t.keep_last
+            )
 
         def evaluate() -> None:
             results = self._run_eval(model, device, dtype)
@@ -262,8 +281,9 @@ class Trainer:
             nonlocal nonfinite_run
             nonfinite_run += 1
             state["nonfinite_total"] += 1
-            log.warning("non-finite %s at step %d (%d in a row): skipped, no state changed", what, state["step"],
-                        nonfinite_run)  # fmt: skip
+            log.warning(
+                "non-finite %s at step %d (%d in a row): skipped, no state changed", what, state["step"], nonfinite_run
+            )
             if nonfinite_run >= t.max_nonfinite_steps:
                 raise FloatingPointError(f"{nonfinite_run} non-finite losses in a row (train.max_nonfinite_steps)")
 
@@ -271,8 +291,12 @@ class Trainer:
         t_start, nonfinite_run = time.time(), 0
         exit_code = 0
         try:
-            if epoch_ended and self.task.eval_splits and state["epoch"] % t.eval_every_epochs == 0 \
-                    and state.get("evaluated_step") != state["step"]:  # fmt: skip
+            if (
+                epoch_ended
+                and self.task.eval_splits
+                and state["epoch"] % t.eval_every_epochs == 0
+                and state.get("evaluated_step") != state["step"]
+            ):
                 evaluate()
             while state["step"] < total_steps:
                 t_data = time.perf_counter()
@@ -283,14 +307,19 @@ class Trainer:
                     state["micro_step"] += 1
                     batch = {k: to_device(v, device, dtype) for k, v in batch.items()}
                     lr = self._set_lr(optimizer, state["step"], steps_per_epoch, total_steps)
-                    progress = Progress(state["step"], state["epoch"],
-                                        alpha_at(state["step"], steps_per_epoch, t.alpha, t.alpha_warmup_epochs),
-                                        state["step"] >= t.itm_random_negative_steps)  # fmt: skip
+                    progress = Progress(
+                        state["step"],
+                        state["epoch"],
+                        alpha_at(state["step"], steps_per_epoch, t.alpha, t.alpha_warmup_epochs),
+                        state["step"] >= t.itm_random_negative_steps,
+                    )
                     if window_micro == 0 and gas > 1:
                         torch._foreach_copy_(before_step, forward_state())
                     torch._foreach_copy_(before_micro, forward_state())
                     loss, logs = self.task.training_step(engine, batch, progress)
-                    flags = dist.all_reduce_max(float(not math.isfinite(loss.item())) + 2.0 * (signals.received() is not None))
+                    flags = dist.all_reduce_max(
+                        float(not math.isfinite(loss.item())) + 2.0 * (signals.received() is not None)
+                    )
                     if flags % 2 >= 1:
                         torch._foreach_copy_(forward_state(), before_micro)
                         nonfinite("loss")
@@ -326,8 +355,12 @@ class Trainer:
                         if t.save_every and state["step"] % t.save_every == 0:
                             checkpoint()
                             state["last_saved"] = state["step"]
-                        if t.eval_every_steps and self.task.eval_splits and state["step"] % t.eval_every_steps == 0 \
-                                and state["step"] < total_steps:  # fmt: skip
+                        if (
+                            t.eval_every_steps
+                            and self.task.eval_splits
+                            and state["step"] % t.eval_every_steps == 0
+                            and state["step"] < total_steps
+                        ):
                             evaluate()
                         if state["step"] >= total_steps:
                             break
@@ -354,13 +387,24 @@ class Trainer:
                 checkpoint()
                 state["last_saved"] = state["step"]
             exit_code = EXIT_REQUEUE
-            log.warning("checkpoint saved at step %d after signal %s; exiting with %d for requeue",
-                        state["step"], signals.received(), EXIT_REQUEUE)  # fmt: skip
+            log.warning(
+                "checkpoint saved at step %d after signal %s; exiting with %d for requeue",
+                state["step"],
+                signals.received(),
+                EXIT_REQUEUE,
+            )
         elapsed = time.time() - t_start
-        summary = {"exit_code": exit_code, "steps": state["step"], "total_steps": total_steps,
-                   "samples": state["samples"], "epochs_completed": round(state["step"] / steps_per_epoch, 3), "train_seconds": round(elapsed, 2),
-                   "nonfinite_skipped": state["nonfinite_total"], "data_skipped": loader.stats(),
-                   "wandb_id": state["wandb_id"]}  # fmt: skip
+        summary = {
+            "exit_code": exit_code,
+            "steps": state["step"],
+            "total_steps": total_steps,
+            "samples": state["samples"],
+            "epochs_completed": round(state["step"] / steps_per_epoch, 3),
+            "train_seconds": round(elapsed, 2),
+            "nonfinite_skipped": state["nonfinite_total"],
+            "data_skipped": loader.stats(),
+            "wandb_id": state["wandb_id"],
+        }
         logger.summary(summary)
         logger.close()
         if env.is_main:
@@ -402,7 +446,9 @@ class Trainer:
         try:
             results = self._run_eval(model, device, dtype)
         except StopRequested:  # nothing to keep: the rerun evaluates again
-            log.warning("evaluation stopped by signal %s; exiting with %d for requeue", signals.received(), EXIT_REQUEUE)
+            log.warning(
+                "evaluation stopped by signal %s; exiting with %d for requeue", signals.received(), EXIT_REQUEUE
+            )
             summary = {"exit_code": EXIT_REQUEUE, "evaluate_only": True}
             if env.is_main:
                 print("run summary: " + json.dumps(summary), flush=True)
@@ -418,13 +464,19 @@ class Trainer:
         n = max(1, window["n"])
         step_time = (window["data"] + window["compute"]) / max(1, n) * engine.gradient_accumulation_steps()
         metrics = {f"train/{k}": v / n for k, v in window["logs"].items()}
-        metrics.update({
-            "train/loss": window["loss"] / n, "train/lr": lr, "train/alpha": alpha,
-            "train/epoch": state["epoch"], "train/samples": state["samples"],
-            "perf/samples_per_s": self.train.global_batch_size / step_time if step_time else 0.0,
-            "time/data_s": window["data"] / n, "time/compute_s": window["compute"] / n,
-            "perf/max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        })  # fmt: skip
+        metrics.update(
+            {
+                "train/loss": window["loss"] / n,
+                "train/lr": lr,
+                "train/alpha": alpha,
+                "train/epoch": state["epoch"],
+                "train/samples": state["samples"],
+                "perf/samples_per_s": self.train.global_batch_size / step_time if step_time else 0.0,
+                "time/data_s": window["data"] / n,
+                "time/compute_s": window["compute"] / n,
+                "perf/max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
         if hasattr(model, "temp"):  # the contrastive models; the task-head models (VQA, NLVR2, SNLI-VE) have none
             metrics["train/temp"] = float(model.temp.detach().float().reshape(-1)[0])
         grad_norm = engine.get_global_grad_norm()

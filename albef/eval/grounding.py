@@ -36,6 +36,7 @@ gradient-partitioning hooks never fire, the optimizer state is untouched) and wo
 The maps are the official ones: the official code's ``loss.backward()`` gives the same gradient at the attention
 map. Gradient checkpointing is switched off for the call (a recomputed block would record its attention twice).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -112,13 +113,16 @@ def _grid_side(num_patches: int) -> int:
     return side
 
 
-def gradcam_from_cross_attention(attention: torch.Tensor, gradients: torch.Tensor,
-                                 text_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def gradcam_from_cross_attention(
+    attention: torch.Tensor, gradients: torch.Tensor, text_mask: torch.Tensor
+) -> torch.Tensor:
     """Official ``itm`` Grad-CAM: ``(B, heads, L, 1 + g*g)`` attention and gradient, ``(B, L)`` text mask ->
     ``(B, g, g)`` non-negative float32 map."""
     if attention.shape != gradients.shape or attention.dim() != 4:
-        raise ValueError(f"attention {tuple(attention.shape)} and gradients {tuple(gradients.shape)} must both be "
-                         "(B, heads, L_text, N_image)")  # fmt: skip
+        raise ValueError(
+            f"attention {tuple(attention.shape)} and gradients {tuple(gradients.shape)} must both be "
+            "(B, heads, L_text, N_image)"
+        )
     b, _, length, n = attention.shape
     if tuple(text_mask.shape) != (b, length):
         raise ValueError(f"text_mask {tuple(text_mask.shape)} does not match attention rows ({b}, {length})")
@@ -132,8 +136,9 @@ def gradcam_from_vit_attention(attention: torch.Tensor, gradients: torch.Tensor)
     """Official ``itc`` Grad-CAM: ViT self-attention ``(B, heads, 1 + g*g, 1 + g*g)`` and its gradient -> the CLS
     query's row over the patches, ``attention * gradient.clamp(0)``, mean over heads: ``(B, g, g)``."""
     if attention.shape != gradients.shape or attention.dim() != 4:
-        raise ValueError(f"attention {tuple(attention.shape)} and gradients {tuple(gradients.shape)} must both be "
-                         "(B, heads, N, N)")  # fmt: skip
+        raise ValueError(
+            f"attention {tuple(attention.shape)} and gradients {tuple(gradients.shape)} must both be (B, heads, N, N)"
+        )
     b, n = attention.shape[0], attention.shape[-1]
     g = _grid_side(n - 1)
     cam = attention[:, :, 0, 1:].float() * gradients[:, :, 0, 1:].float().clamp(min=0)
@@ -141,8 +146,15 @@ def gradcam_from_vit_attention(attention: torch.Tensor, gradients: torch.Tensor)
 
 
 # ------------------------------------------------------------------------------------------- one expression
-def ground(cam: torch.Tensor, height: int, width: int, proposals: Sequence[Box], gt_box: Optional[Box] = None,
-           alpha: float = 0.5, iou_threshold: float = 0.5) -> Dict:  # fmt: skip
+def ground(
+    cam: torch.Tensor,
+    height: int,
+    width: int,
+    proposals: Sequence[Box],
+    gt_box: Optional[Box] = None,
+    alpha: float = 0.5,
+    iou_threshold: float = 0.5,
+) -> Dict:
     """Upsample ``cam`` (g, g) to the image, pick the best proposal; with ``gt_box``, its IoU and correctness.
 
     Returns ``{"pred_index", "pred_box", "score"}`` plus ``"iou"`` and ``"correct"`` when ``gt_box`` is given.
@@ -185,8 +197,10 @@ def check_block(model_cfg, mode: str, block_num: int) -> None:
     else:
         depth = model_cfg.vision.depth
         if not 0 <= block_num < depth:
-            raise ValueError(f"block_num={block_num} is not a ViT block of this model: 'itc' Grad-CAM reads the "
-                             f"self-attention of a block in [0, {depth})")  # fmt: skip
+            raise ValueError(
+                f"block_num={block_num} is not a ViT block of this model: 'itc' Grad-CAM reads the "
+                f"self-attention of a block in [0, {depth})"
+            )
 
 
 class ViTAttentionRecorder:
@@ -200,8 +214,10 @@ class ViTAttentionRecorder:
     def __init__(self, attn_module):
         for name in ("fused_attn", "attn_drop", "qkv"):
             if not hasattr(attn_module, name):
-                raise TypeError(f"{type(attn_module).__name__} has no {name!r}: not a timm ViT Attention module "
-                                "(the itc Grad-CAM needs timm's Attention with an explicit-softmax path)")  # fmt: skip
+                raise TypeError(
+                    f"{type(attn_module).__name__} has no {name!r}: not a timm ViT Attention module "
+                    "(the itc Grad-CAM needs timm's Attention with an explicit-softmax path)"
+                )
         self.attn = attn_module
         self.maps: List[torch.Tensor] = []
         self._handle = None
@@ -232,8 +248,14 @@ def _no_grad_checkpointing(model):
         vit.grad_checkpointing, bert.grad_checkpointing = saved
 
 
-def gradcam(model, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "itm",
-            block_num: int = 8) -> torch.Tensor:  # fmt: skip
+def gradcam(
+    model,
+    image: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mode: str = "itm",
+    block_num: int = 8,
+) -> torch.Tensor:
     """Grad-CAM maps ``(B, g, g)`` (float32, non-negative, detached) of (image b, expression b) pairs.
 
     ``model`` is an ``ALBEFRetrieval`` (or any ``ALBEFBase``) on the device and in the dtype of ``image``; call

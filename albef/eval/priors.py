@@ -15,6 +15,7 @@ SNLI-VE / NLI baselines, the sentence-only NLVR2 prior):
 The VQA, SNLI-VE and NLVR2 tasks report ``prior_acc`` and per-type ``acc_<type>`` / ``prior_acc_<type>`` beside
 their accuracy on every evaluated split that has labels.
 """
+
 from __future__ import annotations
 
 import re
@@ -81,8 +82,14 @@ def per_type_accuracy(scores: Sequence[float], types: Sequence[str], prefix: str
     return out
 
 
-def compare_with_prior(truth: Sequence, texts: Sequence[str], types: Sequence[str], predictions: Sequence,
-                       prior: TextPrior, score: Callable = lambda p, t: float(p == t)) -> Dict[str, float]:  # fmt: skip
+def compare_with_prior(
+    truth: Sequence,
+    texts: Sequence[str],
+    types: Sequence[str],
+    predictions: Sequence,
+    prior: TextPrior,
+    score: Callable = lambda p, t: float(p == t),
+) -> Dict[str, float]:
     """The model's and the prior's accuracy, overall and per type, on one labelled split."""
     model = [score(p, t) for p, t in zip(predictions, truth)]
     base = [score(prior.predict(x, k), t) for x, k, t in zip(texts, types, truth)]

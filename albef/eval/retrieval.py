@@ -16,6 +16,7 @@ each batch cut to its longest caption and projecting each of its images' cross-a
 ``recall_metrics`` implements the official ``itm_eval``: text retrieval ranks, for each image, the best-ranked of
 its ground-truth captions; image retrieval ranks each caption's one image.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -51,8 +52,9 @@ def encode_images(model, images) -> tuple:
 
 
 @torch.no_grad()
-def itm_rerank(model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, k_test: int,
-               pair_batch: int = 512) -> tuple:  # fmt: skip
+def itm_rerank(
+    model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, k_test: int, pair_batch: int = 512
+) -> tuple:
     """Score matrices (i2t: N_img x N_txt, t2i: N_txt x N_img) as the official evaluation, batched across queries.
 
     The (caption, image) pairs of this rank's image queries and caption queries are gathered first, and a pair that
@@ -113,8 +115,9 @@ def _lengths(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def itm_match_accuracy(model, image_embeds, text_embeds, text_mask, img2txt: Sequence[Sequence[int]],
-                       batch_size: int = 128) -> float:  # fmt: skip
+def itm_match_accuracy(
+    model, image_embeds, text_embeds, text_mask, img2txt: Sequence[Sequence[int]], batch_size: int = 128
+) -> float:
     """Does the fusion encoder look at the image? For every image, the ITM match probability of its own first
     caption against that of the next image's first caption (a random negative, not a hard one): the percentage of
     images where its own caption wins. 50 = image-blind (a text-only ITM head scores both captions alike)."""
@@ -129,12 +132,13 @@ def itm_match_accuracy(model, image_embeds, text_embeds, text_mask, img2txt: Seq
         images = image_embeds[rows].repeat(2, 1, 1)
         texts = torch.cat([own[rows], other[rows]])
         p = model.itm_logits(text_embeds[texts], text_mask[texts], images).float().softmax(-1)[:, 1]
-        wins += int((p[: len(rows)] > p[len(rows):]).sum())
+        wins += int((p[: len(rows)] > p[len(rows) :]).sum())
     return 100.0 * wins / n
 
 
-def recall_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, img2txt: Sequence[Sequence[int]],
-                   txt2img: Sequence[int]) -> Dict[str, float]:  # fmt: skip
+def recall_metrics(
+    score_i2t: np.ndarray, score_t2i: np.ndarray, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]
+) -> Dict[str, float]:
     """Official ``itm_eval``: R@1/5/10 for text retrieval (TR) and image retrieval (IR), their means, r_mean.
 
     Ranks come from a stable descending sort: tied candidates keep index order (the official ``np.argsort(-score)``

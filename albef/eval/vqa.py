@@ -17,6 +17,7 @@
 * ``vqa_accuracy`` averages the scores over the questions (in percent, like the server); ``load_vqa_answers`` reads
   ground truth in the official annotation layout, as ``{question_id: [answers]}`` or from our VQA JSON entries.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -25,8 +26,20 @@ import re
 from typing import Dict, List, Mapping, Sequence
 
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
+NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 ARTICLES = ("a", "an", "the")
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _PERIOD = re.compile(r"\.(?!\d)")
@@ -105,8 +118,10 @@ def vqa_accuracy(results: Sequence[Mapping], ground_truth: Mapping[str, Sequence
     """
     unknown = [r["question_id"] for r in results if str(r["question_id"]) not in ground_truth]
     if unknown:
-        raise ValueError(f"{len(unknown)} result(s) have no ground-truth answers, e.g. question_id {unknown[:5]}: "
-                         "is the answer file of the same split?")  # fmt: skip
+        raise ValueError(
+            f"{len(unknown)} result(s) have no ground-truth answers, e.g. question_id {unknown[:5]}: "
+            "is the answer file of the same split?"
+        )
     if not results:
         raise ValueError("vqa_accuracy: no results")
     total = sum(vqa_score(r["answer"], ground_truth[str(r["question_id"])]) for r in results)
@@ -128,12 +143,17 @@ def load_vqa_answers(path: str) -> Dict[str, List[str]]:
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: annotation entries need question_id and answers[].answer ({e})") from None
     if isinstance(data, list):
-        bad = [i for i, e in enumerate(data) if not (isinstance(e, dict) and "question_id" in e
-                                                      and isinstance(e.get("answer"), list))]  # fmt: skip
+        bad = [
+            i
+            for i, e in enumerate(data)
+            if not (isinstance(e, dict) and "question_id" in e and isinstance(e.get("answer"), list))
+        ]
         if bad:
             raise ValueError(f"{path}[{bad[0]}]: expected {{'question_id', 'answer': [answers]}}")
         return {str(e["question_id"]): list(e["answer"]) for e in data}
     if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
         return {str(k): list(v) for k, v in data.items()}
-    raise ValueError(f"{path}: not a VQA answer file (official annotations, {{question_id: [answers]}} or a list of "
-                     "{'question_id', 'answer': [...]})")  # fmt: skip
+    raise ValueError(
+        f"{path}: not a VQA answer file (official annotations, {{question_id: [answers]}} or a list of "
+        "{'question_id', 'answer': [...]})"
+    )

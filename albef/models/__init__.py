@@ -1,4 +1,5 @@
 """Model code: ``build_model(preset_or_yaml, task, overrides)`` is the one way to construct an ALBEF model."""
+
 from __future__ import annotations
 
 from typing import Iterable, Optional, Union
@@ -6,16 +7,27 @@ from typing import Iterable, Optional, Union
 from albef.config import load_config
 from albef.models.albef import MODEL_CLASSES, ALBEFBase, ALBEFPretrain, ALBEFRetrieval, ModelConfig
 from albef.models.bert import BertConfig
-from albef.models.downstream import TASK_MODEL_CLASSES, ALBEFNLVR, ALBEFNLVRPretrain, ALBEFVE, ALBEFVQA
+from albef.models.downstream import ALBEFNLVR, ALBEFVE, ALBEFVQA, TASK_MODEL_CLASSES, ALBEFNLVRPretrain
 from albef.models.vit import VisionConfig
 
 __all__ = [
-    "ALBEFBase", "ALBEFPretrain", "ALBEFRetrieval", "ALBEFVQA", "ALBEFNLVR", "ALBEFNLVRPretrain", "ALBEFVE",
-    "BertConfig", "ModelConfig", "VisionConfig",
-    "build_model", "model_config",
-]  # fmt: skip
+    "ALBEFBase",
+    "ALBEFPretrain",
+    "ALBEFRetrieval",
+    "ALBEFVQA",
+    "ALBEFNLVR",
+    "ALBEFNLVRPretrain",
+    "ALBEFVE",
+    "BertConfig",
+    "ModelConfig",
+    "VisionConfig",
+    "build_model",
+    "model_config",
+]
 
-MODEL_CLASSES.update(TASK_MODEL_CLASSES)  # the downstream heads (albef/models/downstream.py) live beside the core models
+MODEL_CLASSES.update(
+    TASK_MODEL_CLASSES
+)  # the downstream heads (albef/models/downstream.py) live beside the core models
 
 
 def model_config(preset: Union[str, ModelConfig] = "base", overrides: Iterable[str] = ()) -> ModelConfig:
@@ -27,7 +39,9 @@ def model_config(preset: Union[str, ModelConfig] = "base", overrides: Iterable[s
 
 
 def build_model(
-    preset: Union[str, ModelConfig] = "base", task: str = "pretrain", overrides: Iterable[str] = (),
+    preset: Union[str, ModelConfig] = "base",
+    task: str = "pretrain",
+    overrides: Iterable[str] = (),
     seed: Optional[int] = None,
 ) -> ALBEFBase:
     """Build a randomly initialised model; load weights with ``albef.models.convert``."""

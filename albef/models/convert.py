@@ -20,6 +20,7 @@
 
 All ``torch.load`` calls use ``weights_only=True``: a checkpoint file cannot run code.
 """
+
 from __future__ import annotations
 
 import logging
@@ -256,8 +257,11 @@ def init_vit_from_deit(model: ALBEFBase, path: Union[str, Path]) -> List[str]:
     if "pos_embed" in sd:
         sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], vit.patch_embed.num_patches)
     target = vit.state_dict()
-    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in sd.items()
-                  if k in target and v.shape != target[k].shape]  # fmt: skip
+    mismatched = [
+        f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}"
+        for k, v in sd.items()
+        if k in target and v.shape != target[k].shape
+    ]
     missing = [k for k in target if k not in sd]
     unexpected = [k for k in sd if k not in target]
     if mismatched or missing or unexpected:
@@ -273,9 +277,14 @@ def init_vit_from_deit(model: ALBEFBase, path: Union[str, Path]) -> List[str]:
 
 
 _HF_FIELDS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-    "max_position_embeddings", "type_vocab_size",
-)  # fmt: skip
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
 
 
 def init_text_from_hf(model: ALBEFBase, name_or_path: str) -> LoadReport:
@@ -292,10 +301,15 @@ def init_text_from_hf(model: ALBEFBase, name_or_path: str) -> LoadReport:
     local = Path(name_or_path).is_dir()
     hf_cfg = HFBertConfig.from_pretrained(name_or_path, local_files_only=local)
     ours = model.cfg.text
-    diffs = [f"{f}: {getattr(hf_cfg, f)} (checkpoint) vs {getattr(ours, f)} (model.text)" for f in _HF_FIELDS
-             if getattr(hf_cfg, f) != getattr(ours, f)]  # fmt: skip
+    diffs = [
+        f"{f}: {getattr(hf_cfg, f)} (checkpoint) vs {getattr(ours, f)} (model.text)"
+        for f in _HF_FIELDS
+        if getattr(hf_cfg, f) != getattr(ours, f)
+    ]
     if diffs:
-        raise CheckpointError(f"{name_or_path}: BERT architecture differs from the model config:\n  " + "\n  ".join(diffs))
+        raise CheckpointError(
+            f"{name_or_path}: BERT architecture differs from the model config:\n  " + "\n  ".join(diffs)
+        )
     hf, info = HFBertForMaskedLM.from_pretrained(name_or_path, local_files_only=local, output_loading_info=True)
     head_missing = any(k.startswith("cls.") for k in info["missing_keys"])
     hf_sd = {k: v for k, v in hf.state_dict().items() if not k.startswith("bert.pooler.")}
@@ -323,8 +337,16 @@ def init_text_from_hf(model: ALBEFBase, name_or_path: str) -> LoadReport:
 
 _TEXT_KEY = re.compile(r"^(text_encoder(?:_m)?)\.(?:bert\.)?(.*)$")  # pretraining (bert.) or downstream layout
 _LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.*)$")
-_PRETRAIN_ONLY = ("vision_proj", "text_proj", "itm_head.", "temp", "image_queue", "text_queue", "queue_ptr",
-                  "idx_queue")  # fmt: skip
+_PRETRAIN_ONLY = (
+    "vision_proj",
+    "text_proj",
+    "itm_head.",
+    "temp",
+    "image_queue",
+    "text_queue",
+    "queue_ptr",
+    "idx_queue",
+)
 
 
 def pretrain_to_vqa(sd: StateDict, fusion_layer: int) -> StateDict:
@@ -389,18 +411,21 @@ def _text_layer_count(sd: Mapping[str, torch.Tensor]) -> int:
 def adapt_task_layout(sd: StateDict, model: nn.Module, report: LoadReport) -> StateDict:
     """Map a pretraining-layout checkpoint onto a VQA / NLVR2 model; a no-op for every other model or when the
     checkpoint is already in the model's layout (a fine-tuned checkpoint)."""
-    from albef.models.downstream import ALBEFNLVR, ALBEFNLVRPretrain, ALBEFVQA
+    from albef.models.downstream import ALBEFNLVR, ALBEFVQA, ALBEFNLVRPretrain
 
     if isinstance(model, ALBEFVQA) and not any(k.startswith("text_decoder.") for k in sd):
         f = model.cfg.text.fusion_layer
-        report.converted.append(f"text_encoder(_m) layers >= {f} -> text_decoder(_m).bert layers 0.., embeddings and "
-                                "MLM head copied to text_decoder(_m) (VQA answer decoder)")
+        report.converted.append(
+            f"text_encoder(_m) layers >= {f} -> text_decoder(_m).bert layers 0.., embeddings and "
+            "MLM head copied to text_decoder(_m) (VQA answer decoder)"
+        )
         return pretrain_to_vqa(sd, f)
     if isinstance(model, (ALBEFNLVR, ALBEFNLVRPretrain)):
         f, n = model.cfg.text.fusion_layer, model.cfg.text.num_hidden_layers
         if _text_layer_count(sd) == n != model.text_encoder.cfg.num_hidden_layers:
-            report.converted.append(f"text_encoder(_m) layer k >= {f} -> layers {f}+2(k-{f}) and {f}+2(k-{f})+1 "
-                                    "(NLVR2 two-image layout)")
+            report.converted.append(
+                f"text_encoder(_m) layer k >= {f} -> layers {f}+2(k-{f}) and {f}+2(k-{f})+1 (NLVR2 two-image layout)"
+            )
             return pretrain_to_nlvr(sd, f)
     return sd
 
@@ -415,13 +440,14 @@ class TaskLoadRules:
 
 
 def task_load_rules(model: nn.Module) -> TaskLoadRules:
-    from albef.models.downstream import ALBEFNLVRPretrain, ALBEFVQA, FusionClassifier
+    from albef.models.downstream import ALBEFVQA, ALBEFNLVRPretrain, FusionClassifier
 
     if isinstance(model, ALBEFVQA):  # the decoder must come from the checkpoint: nothing new may stay at init
         return TaskLoadRules(unexpected=_PRETRAIN_ONLY, momentum=("text_decoder_m.",))
     if isinstance(model, FusionClassifier):  # NLVR2 and SNLI-VE: the classifier is new unless fine-tuned
-        return TaskLoadRules(missing=("cls_head.", "cls_head_m."), unexpected=_PRETRAIN_ONLY + ("ta_head.",),
-                             momentum=("cls_head_m.",))  # fmt: skip
+        return TaskLoadRules(
+            missing=("cls_head.", "cls_head_m."), unexpected=_PRETRAIN_ONLY + ("ta_head.",), momentum=("cls_head_m.",)
+        )
     if isinstance(model, ALBEFNLVRPretrain):  # no momentum model at all
         return TaskLoadRules(missing=("ta_head.",), unexpected=_PRETRAIN_ONLY + MOMENTUM_PREFIXES)
     return TaskLoadRules()

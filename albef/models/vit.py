@@ -8,6 +8,7 @@ tokens after the final LayerNorm, CLS at index 0, like the official ``models/vit
 ``F.interpolate(align_corners=False)``, keeping the CLS row, which is what the official code does when a 256 px
 checkpoint is fine-tuned at 384 px (timm's ``resample_abs_pos_embed`` anti-aliases by default and differs).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,7 @@ class VisionConfig:
                 f"vision.img_size={self.img_size} is not a multiple of vision.patch_size={self.patch_size}"
             )
         if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"vision.embed_dim={self.embed_dim} is not divisible by vision.num_heads={self.num_heads}"
-            )
+            raise ValueError(f"vision.embed_dim={self.embed_dim} is not divisible by vision.num_heads={self.num_heads}")
 
 
 def build_vit(cfg: VisionConfig) -> nn.Module:

@@ -3,6 +3,7 @@
 A task builds its model and its training data, turns one batch into a loss, and (optionally) evaluates. The
 engine (``albef.engine.trainer``) owns everything around that: DeepSpeed, schedules, logging, checkpoints.
 """
+
 from __future__ import annotations
 
 import sys
@@ -68,10 +69,20 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"train.betas={self.betas}: expected two numbers in [0, 1), AdamW's (beta1, beta2)")
-        for key, low in (("log_every", 1), ("eval_every_epochs", 1), ("max_nonfinite_steps", 1), ("epochs", 1),
-                         ("save_every", 0), ("max_steps", 0), ("keep_last", 0), ("warmup_granularity", 1),
-                         ("itm_random_negative_steps", 0), ("mlm_weight", 0), ("eval_every_steps", 0),
-                         ("collective_timeout_s", 1)):
+        for key, low in (
+            ("log_every", 1),
+            ("eval_every_epochs", 1),
+            ("max_nonfinite_steps", 1),
+            ("epochs", 1),
+            ("save_every", 0),
+            ("max_steps", 0),
+            ("keep_last", 0),
+            ("warmup_granularity", 1),
+            ("itm_random_negative_steps", 0),
+            ("mlm_weight", 0),
+            ("eval_every_steps", 0),
+            ("collective_timeout_s", 1),
+        ):
             if getattr(self, key) < low:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must be >= {low}")
         if self.schedule not in ("albef", "cosine"):
@@ -97,13 +108,17 @@ class RunConfig:
         data = getattr(self, "data", None)
         res = getattr(data, "image_res", None)
         if res is not None and res != self.model.vision.img_size:
-            raise ValueError(f"data.image_res={res} must equal model.vision.img_size={self.model.vision.img_size}: "
-                             "set both (the ViT's patch grid and position embedding are built for that size; "
-                             "checkpoints are resized to the model's size on load)")  # fmt: skip
+            raise ValueError(
+                f"data.image_res={res} must equal model.vision.img_size={self.model.vision.img_size}: "
+                "set both (the ViT's patch grid and position embedding are built for that size; "
+                "checkpoints are resized to the model's size on load)"
+            )
         batch = getattr(data, "batch_size", None)  # the pretraining loader's; its one owner is the train section
         if batch is not None and batch not in (0, self.train.micro_batch_size):
-            raise ValueError(f"data.batch_size={batch}: the per-rank batch is train.micro_batch_size="
-                             f"{self.train.micro_batch_size}; leave data.batch_size unset")  # fmt: skip
+            raise ValueError(
+                f"data.batch_size={batch}: the per-rank batch is train.micro_batch_size="
+                f"{self.train.micro_batch_size}; leave data.batch_size unset"
+            )
 
 
 @dataclass

@@ -6,6 +6,7 @@ with the text-only prior of the train files (per sentence) and per gold label be
 with VQA. The train augmentation is ``data.augment`` (``albef.data.transforms.AugmentConfig``, official by default;
 turn flip/crop off for data whose text speaks of left/right or counts, e.g. the demo world).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -112,8 +113,11 @@ class ClassifierTask(Task):
         def collate(samples: List[Dict]) -> Dict:
             pixels = stack_images([img for s in samples for img in s["images"]])  # (B * n, H, W, 3)
             text = tokenizer([s["sentence"] for s in samples], max_length=None)
-            return {"images": pixels.view(len(samples), -1, *pixels.shape[1:]), **text,
-                    "label": torch.tensor([s["label"] for s in samples])}  # fmt: skip
+            return {
+                "images": pixels.view(len(samples), -1, *pixels.shape[1:]),
+                **text,
+                "label": torch.tensor([s["label"] for s in samples]),
+            }
 
         return collate
 
@@ -124,8 +128,13 @@ class ClassifierTask(Task):
         return MapLoader(dataset, self.collate(tokenizer), micro_batch_size, rank, world_size, seed, d.num_workers)
 
     def training_step(self, model, batch, progress):
-        out = model(list(batch["images"].unbind(1)), batch["input_ids"], batch["attention_mask"], batch["label"],
-                    alpha=progress.alpha)  # fmt: skip
+        out = model(
+            list(batch["images"].unbind(1)),
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["label"],
+            alpha=progress.alpha,
+        )
         acc = (out["logits"].argmax(1) == batch["label"]).float().mean()
         return out["loss"], {"acc": acc}
 
@@ -136,12 +145,17 @@ class ClassifierTask(Task):
     def evaluate(self, model, split, device, dtype) -> Dict[str, float]:
         if split not in self._eval_sets:
             d = self.cfg.data
-            self._eval_sets[split] = ClassifierDataset(self._items(getattr(d, f"{split}_file")),
-                                                       test_transform(d.image_res))  # fmt: skip
+            self._eval_sets[split] = ClassifierDataset(
+                self._items(getattr(d, f"{split}_file")), test_transform(d.image_res)
+            )
         ds = self._eval_sets[split]
         subset = torch.utils.data.Subset(ds, dist.rank_share(len(ds)))
-        loader = DataLoader(subset, batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.data.num_workers,
-                            collate_fn=self.collate(self._tokenizer))  # fmt: skip
+        loader = DataLoader(
+            subset,
+            batch_size=self.cfg.eval.batch_size,
+            num_workers=self.cfg.data.num_workers,
+            collate_fn=self.collate(self._tokenizer),
+        )
         correct, predictions = 0, []
         for batch in until_stop(loader):
             images = list(to_device(batch["images"], device, dtype).unbind(1))
@@ -155,9 +169,15 @@ class ClassifierTask(Task):
             pairs = sorted(dist.gather_lists(list(zip(subset.indices, predictions))))
             items = [ds.items[i] for i, _ in pairs]
             labels = [label for _, _, label in items]
-            metrics.update(compare_with_prior(labels, [sentence for _, sentence, _ in items],
-                                              [self.label_names[y] for y in labels], [p for _, p in pairs],
-                                              self._prior()))  # fmt: skip
+            metrics.update(
+                compare_with_prior(
+                    labels,
+                    [sentence for _, sentence, _ in items],
+                    [self.label_names[y] for y in labels],
+                    [p for _, p in pairs],
+                    self._prior(),
+                )
+            )
         return metrics
 
     def _prior(self) -> TextPrior:

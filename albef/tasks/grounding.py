@@ -42,6 +42,7 @@ Data, as the official files (``data.image_root`` is prefixed to every image path
 ``python -m albef.tasks.grounding --refer-dir refer/data/refcoco+ --out refs.json`` writes the REFER ground truth
 as the JSON layout above once, so later runs need neither the pickle nor ``instances.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,7 +77,7 @@ from albef.eval.grounding import (
     ground,
     random_choice_accuracy,
     upsample_map,
-)  # fmt: skip
+)
 from albef.tasks.base import RunConfig
 from albef.tasks.retrieval import RetrievalDataConfig, RetrievalTask, RetrievalTrainSet
 from albef.tokenizer import pre_caption
@@ -106,8 +107,9 @@ class GroundingEvalConfig:
         if self.mode not in GRADCAM_MODES:
             raise ValueError(f"eval.mode={self.mode!r}: expected one of {GRADCAM_MODES}")
         if self.batch_size < 1 or self.num_examples < 0:
-            raise ValueError(f"eval.batch_size={self.batch_size} must be >= 1, eval.num_examples="
-                             f"{self.num_examples} >= 0")  # fmt: skip
+            raise ValueError(
+                f"eval.batch_size={self.batch_size} must be >= 1, eval.num_examples={self.num_examples} >= 0"
+            )
         if not 0.0 < self.iou_threshold <= 1.0:
             raise ValueError(f"eval.iou_threshold={self.iou_threshold}: expected a value in (0, 1]")
 
@@ -155,8 +157,14 @@ def refs_from_refer(refer_dir: str) -> Dict[str, Dict]:
     out = {}
     for r in refs:
         img = images[r["image_id"]]
-        out[str(r["ref_id"])] = {"image_id": r["image_id"], "image": img["file_name"], "bbox": boxes[r["ann_id"]],
-                                 "split": r["split"], "height": img["height"], "width": img["width"]}  # fmt: skip
+        out[str(r["ref_id"])] = {
+            "image_id": r["image_id"],
+            "image": img["file_name"],
+            "bbox": boxes[r["ann_id"]],
+            "split": r["split"],
+            "height": img["height"],
+            "width": img["width"],
+        }
     return out
 
 
@@ -178,8 +186,9 @@ def load_refs(path: str) -> Dict[str, Dict]:
         if missing:
             raise ValueError(f"data.refs_file {path}: ref {ref_id}: missing field(s) {missing}")
         if len(entry["bbox"]) != 4 or entry["bbox"][2] <= 0 or entry["bbox"][3] <= 0:
-            raise ValueError(f"data.refs_file {path}: ref {ref_id}: bbox {entry['bbox']} is not [x, y, w, h] "
-                             "with w, h > 0")
+            raise ValueError(
+                f"data.refs_file {path}: ref {ref_id}: bbox {entry['bbox']} is not [x, y, w, h] with w, h > 0"
+            )
     return refs
 
 
@@ -200,13 +209,15 @@ def load_proposals(dets_file: str, refs: Dict[str, Dict]) -> Dict[str, List[List
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read data.dets_file {dets_file}: {e}") from None
     if not isinstance(dets, dict):
-        raise ValueError(f"data.dets_file {dets_file}: expected {{image_id: [[x, y, w, h], ...]}}, "
-                         f"got {type(dets).__name__}")  # fmt: skip
+        raise ValueError(
+            f"data.dets_file {dets_file}: expected {{image_id: [[x, y, w, h], ...]}}, got {type(dets).__name__}"
+        )
     out = {}
     for image_id, boxes in dets.items():
         if not isinstance(boxes, list) or any(not isinstance(b, (list, tuple)) or len(b) < 4 for b in boxes):
-            raise ValueError(f"data.dets_file {dets_file}: image {image_id}: expected a list of "
-                             "[x, y, w, h, ...] boxes")
+            raise ValueError(
+                f"data.dets_file {dets_file}: image {image_id}: expected a list of [x, y, w, h, ...] boxes"
+            )
         out[str(image_id)] = [[float(v) for v in b[:4]] for b in boxes]
     return out
 
@@ -227,8 +238,18 @@ class RefItem:
 class GroundingEvalSet:
     """One item per referring expression of an evaluation file, joined with its truth and its image's proposals."""
 
-    def __init__(self, path: str, split: str, image_root: str, res: int, max_words: int, refs: Dict[str, Dict],
-                 proposals: Dict[str, List[List[float]]], refs_name: str, dets_name: str):  # fmt: skip
+    def __init__(
+        self,
+        path: str,
+        split: str,
+        image_root: str,
+        res: int,
+        max_words: int,
+        refs: Dict[str, Dict],
+        proposals: Dict[str, List[List[float]]],
+        refs_name: str,
+        dets_name: str,
+    ):
         self.items: List[RefItem] = []
         for i, e in enumerate(read_json_list(path, ("image", "text", "ref_id"))):
             ref = refs.get(str(e["ref_id"]))
@@ -238,8 +259,9 @@ class GroundingEvalSet:
             boxes = proposals.get(image_id)
             if not boxes:
                 source = f"data.dets_file {dets_name}" if dets_name else "data.refs_file (true boxes)"
-                raise ValueError(f"{path}[{i}]: image_id {image_id} (ref_id {e['ref_id']}) has no proposals in "
-                                 f"{source}")
+                raise ValueError(
+                    f"{path}[{i}]: image_id {image_id} (ref_id {e['ref_id']}) has no proposals in {source}"
+                )
             image = os.path.join(image_root, e["image"])
             if "height" in ref and "width" in ref:
                 height, width = int(ref["height"]), int(ref["width"])
@@ -248,9 +270,19 @@ class GroundingEvalSet:
                     width, height, _ = read_image_header(Path(image).read_bytes())
                 except OSError as err:
                     raise FileNotFoundError(f"{path}[{i}]: image {image}: {err.strerror or err}") from None
-            self.items.append(RefItem(str(e["ref_id"]), image, pre_caption(e["text"], max_words), image_id,
-                                      [float(v) for v in ref["bbox"]], str(ref.get("split", split)), height, width,
-                                      boxes))  # fmt: skip
+            self.items.append(
+                RefItem(
+                    str(e["ref_id"]),
+                    image,
+                    pre_caption(e["text"], max_words),
+                    image_id,
+                    [float(v) for v in ref["bbox"]],
+                    str(ref.get("split", split)),
+                    height,
+                    width,
+                    boxes,
+                )
+            )
         self.transform = test_transform(res)
 
     def __len__(self) -> int:
@@ -295,33 +327,58 @@ class GroundingTask(RetrievalTask):
             if self._refs is None:
                 self._refs = load_refs(d.refs_file)
                 self._proposals = load_proposals(d.dets_file, self._refs)
-            self._eval_cache[split] = GroundingEvalSet(getattr(d, f"{split}_file"), split, d.image_root, d.image_res,
-                                                       d.max_words, self._refs, self._proposals, d.refs_file,
-                                                       d.dets_file)  # fmt: skip
+            self._eval_cache[split] = GroundingEvalSet(
+                getattr(d, f"{split}_file"),
+                split,
+                d.image_root,
+                d.image_res,
+                d.max_words,
+                self._refs,
+                self._proposals,
+                d.refs_file,
+                d.dets_file,
+            )
         return self._eval_cache[split]
 
     def evaluate(self, model, split, device, dtype) -> Dict[str, float]:
         ds, e = self._eval_data(split), self.cfg.eval
         rank, world = dist.rank_and_world()
         mine = dist.rank_share(len(ds))
-        loader = DataLoader(Subset(ds, mine), batch_size=e.batch_size, num_workers=self.cfg.data.num_workers,
-                            collate_fn=_collate)  # fmt: skip
+        loader = DataLoader(
+            Subset(ds, mine), batch_size=e.batch_size, num_workers=self.cfg.data.num_workers, collate_fn=_collate
+        )
         max_len = self.cfg.model.text.max_position_embeddings  # official: no length limit at evaluation
         rows, examples = [], []
         for images, indices in until_stop(loader):
             text = self._tokenizer([ds.items[i].text for i in indices], max_length=max_len)
-            cams = gradcam(model, to_device(images, device, dtype), text["input_ids"].to(device),
-                           text["attention_mask"].to(device), e.mode, e.block_num)  # fmt: skip
+            cams = gradcam(
+                model,
+                to_device(images, device, dtype),
+                text["input_ids"].to(device),
+                text["attention_mask"].to(device),
+                e.mode,
+                e.block_num,
+            )
             for cam, i in zip(cams, indices):
                 item = ds.items[i]
                 thr = e.iou_threshold
                 res = ground(cam, item.height, item.width, item.proposals, item.bbox, e.box_alpha, thr)
                 centre = item.proposals[centre_choice(item.proposals, item.width, item.height)]
-                rows.append({"index": i, "ref_id": item.ref_id, "split": item.split, "text": item.text,
-                             "image": item.image, "pred_box": res["pred_box"], "gt_box": item.bbox,
-                             "iou": res["iou"], "correct": res["correct"],
-                             "centre_correct": box_iou(centre, item.bbox) >= thr,
-                             "random_correct": random_choice_accuracy(item.proposals, item.bbox, thr)})  # fmt: skip
+                rows.append(
+                    {
+                        "index": i,
+                        "ref_id": item.ref_id,
+                        "split": item.split,
+                        "text": item.text,
+                        "image": item.image,
+                        "pred_box": res["pred_box"],
+                        "gt_box": item.bbox,
+                        "iou": res["iou"],
+                        "correct": res["correct"],
+                        "centre_correct": box_iou(centre, item.bbox) >= thr,
+                        "random_correct": random_choice_accuracy(item.proposals, item.bbox, thr),
+                    }
+                )
                 if rank == 0 and len(examples) < e.num_examples:
                     examples.append((rows[-1], cam.detach().float().cpu()))
         if world > 1:
@@ -358,10 +415,12 @@ def grounding_metrics(rows: List[Dict], split: str) -> Dict[str, float]:
     if not rows:
         raise ValueError(f"grounding evaluation of {split!r}: no referring expressions")
     n = len(rows)
-    metrics = {"acc": 100.0 * sum(r["correct"] for r in rows) / n,
-               "baseline_centre": 100.0 * sum(r["centre_correct"] for r in rows) / n,
-               "baseline_random": 100.0 * sum(r["random_correct"] for r in rows) / n,
-               "num_refs": float(n)}  # fmt: skip
+    metrics = {
+        "acc": 100.0 * sum(r["correct"] for r in rows) / n,
+        "baseline_centre": 100.0 * sum(r["centre_correct"] for r in rows) / n,
+        "baseline_random": 100.0 * sum(r["random_correct"] for r in rows) / n,
+        "num_refs": float(n),
+    }
     splits = sorted({r["split"] for r in rows})
     if splits != [split]:
         for s in splits:

@@ -21,6 +21,7 @@ Deliberate difference from ``NLVR.py``: the official script copies the online we
 *before* loading the TA checkpoint (which has no momentum weights), so its momentum model starts from the BERT /
 random weights; here a checkpoint without momentum weights initialises them from the loaded online weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,5 +79,7 @@ class NLVRPretrainTask(Task):
     def check_batch_geometry(self, model_cfg, global_micro_batch) -> None:
         micro = self.cfg.train.micro_batch_size
         if micro < 3:
-            raise ValueError(f"train.micro_batch_size={micro}: text assignment draws two hard-negative images per "
-                             "caption from the same micro batch, which needs at least 3 images")  # fmt: skip
+            raise ValueError(
+                f"train.micro_batch_size={micro}: text assignment draws two hard-negative images per "
+                "caption from the same micro batch, which needs at least 3 images"
+            )

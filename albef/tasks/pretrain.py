@@ -11,6 +11,7 @@ Optional held-out evaluation during pretraining (split ``heldout``, every ``trai
 ``eval.zeroshot_file`` (the zero-shot task's: ``zs_top1``, ``zs_top5``, ...). The best ``heldout/r_mean`` (else
 ``zs_top1``) marks the best checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,13 +65,25 @@ class PretrainTask(Task):
         train = dataclasses.replace(c.train, evaluate_only=True, output_dir=f"{c.train.output_dir}/heldout_eval")
         out = []
         if e.retrieval_file:
-            data = RetrievalDataConfig(test_file=e.retrieval_file, image_root=e.image_root, image_res=c.data.image_res,
-                                       max_words=c.data.max_words, max_text_len=c.data.max_text_len, num_workers=0)
+            data = RetrievalDataConfig(
+                test_file=e.retrieval_file,
+                image_root=e.image_root,
+                image_res=c.data.image_res,
+                max_words=c.data.max_words,
+                max_text_len=c.data.max_text_len,
+                num_workers=0,
+            )
             ev = RetrievalEvalConfig(k_test=e.k_test, image_batch_size=e.image_batch_size)
             out.append(("", RetrievalTask(RetrievalConfig(model=c.model, data=data, eval=ev, train=train))))
         if e.zeroshot_file:
-            data = ZeroShotDataConfig(test_file=e.zeroshot_file, image_root=e.image_root, image_res=c.data.image_res,
-                                      classes=list(e.classes), templates=list(e.templates), num_workers=0)
+            data = ZeroShotDataConfig(
+                test_file=e.zeroshot_file,
+                image_root=e.image_root,
+                image_res=c.data.image_res,
+                classes=list(e.classes),
+                templates=list(e.templates),
+                num_workers=0,
+            )
             ev = ZeroShotEvalConfig(image_batch_size=e.image_batch_size)
             out.append(("zs_", ZeroShotTask(ZeroShotConfig(model=c.model, data=data, eval=ev, train=train))))
         return out
@@ -87,8 +100,13 @@ class PretrainTask(Task):
         return build_pretrain_loader(data, tokenizer, rank=rank, world_size=world_size, seed=seed)
 
     def training_step(self, model, batch, progress):
-        out = model(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=progress.alpha,
-                    hard_negatives=progress.hard_negatives)  # fmt: skip
+        out = model(
+            batch["image"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            alpha=progress.alpha,
+            hard_negatives=progress.hard_negatives,
+        )
         loss = self.cfg.train.mlm_weight * out["loss_mlm"] + out["loss_ita"] + out["loss_itm"]
         return loss, {k: v.detach() for k, v in out.items()}
 

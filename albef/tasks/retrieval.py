@@ -14,6 +14,7 @@ retrieved items of every query and, when W&B is on, two tables (``{split}/text_r
 Data, as the official files: train ``[{"image": rel_path, "caption": str, "image_id": any}]`` (one entry per
 caption), val/test ``[{"image": rel_path, "caption": [str, ...]}]``, with ``data.image_root`` prefixed.
 """
+
 from __future__ import annotations
 
 import json
@@ -151,14 +152,24 @@ class RetrievalTask(Task):
 
         def collate(samples):
             text = tokenizer([s["caption"] for s in samples], max_length=d.max_text_len)
-            return {"image": stack_images([s["image"] for s in samples]), **text,
-                    "idx": torch.tensor([s["idx"] for s in samples]), "key": [s["key"] for s in samples]}  # fmt: skip
+            return {
+                "image": stack_images([s["image"] for s in samples]),
+                **text,
+                "idx": torch.tensor([s["idx"] for s in samples]),
+                "key": [s["key"] for s in samples],
+            }
 
         return MapLoader(dataset, collate, micro_batch_size, rank, world_size, seed, d.num_workers)
 
     def training_step(self, model, batch, progress):
-        out = model(batch["image"], batch["input_ids"], batch["attention_mask"], idx=batch["idx"], alpha=progress.alpha,
-                    hard_negatives=progress.hard_negatives)  # fmt: skip
+        out = model(
+            batch["image"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            idx=batch["idx"],
+            alpha=progress.alpha,
+            hard_negatives=progress.hard_negatives,
+        )
         return out["loss_ita"] + out["loss_itm"], {k: v.detach() for k, v in out.items()}
 
     def _eval_data(self, split: str):
@@ -174,8 +185,9 @@ class RetrievalTask(Task):
         ds, text = self._eval_data(split)
         e = self.cfg.eval
         ids, mask = text["input_ids"].to(device), text["attention_mask"].to(device)
-        loader = DataLoader(ds, batch_size=e.image_batch_size, num_workers=self.cfg.data.num_workers,
-                            collate_fn=stack_images)  # fmt: skip
+        loader = DataLoader(
+            ds, batch_size=e.image_batch_size, num_workers=self.cfg.data.num_workers, collate_fn=stack_images
+        )
         image_embeds, image_feat = encode_images(model, (to_device(b, device, dtype) for b in until_stop(loader)))
         text_embeds, text_feat = encode_texts(model, ids, mask, e.text_batch_size)
         sims = image_feat.float() @ text_feat.float().t()
@@ -184,8 +196,9 @@ class RetrievalTask(Task):
         # the contrastive similarities alone: ITM re-ranking should beat them (the fusion encoder uses the image)
         itc = recall_metrics(sims.cpu().numpy(), sims.t().cpu().numpy(), ds.img2txt, ds.txt2img)
         metrics.update({f"itc_{k}": itc[k] for k in ("txt_r1", "img_r1", "r_mean")})
-        metrics["itm_match_acc"] = itm_match_accuracy(model, image_embeds, text_embeds, mask, ds.img2txt,
-                                                      e.pair_batch_size)  # fmt: skip
+        metrics["itm_match_acc"] = itm_match_accuracy(
+            model, image_embeds, text_embeds, mask, ds.img2txt, e.pair_batch_size
+        )
         self._write_results(split, ds, score_i2t, score_t2i, metrics)
         return metrics
 
@@ -198,16 +211,24 @@ class RetrievalTask(Task):
         result = {
             "metrics": metrics,
             "text_retrieval": [
-                {"image": ds.images[i], "gt": ds.img2txt[i],
-                 "top": [{"caption": ds.texts[j], "index": j, "score": s} for j, s in zip(idx.tolist(), sc.tolist())]}
+                {
+                    "image": ds.images[i],
+                    "gt": ds.img2txt[i],
+                    "top": [
+                        {"caption": ds.texts[j], "index": j, "score": s} for j, s in zip(idx.tolist(), sc.tolist())
+                    ],
+                }
                 for i, (idx, sc) in enumerate(zip(i2t.indices, i2t.values))
             ],
             "image_retrieval": [
-                {"caption": ds.texts[t], "gt": ds.txt2img[t],
-                 "top": [{"image": ds.images[j], "index": j, "score": s} for j, s in zip(idx.tolist(), sc.tolist())]}
+                {
+                    "caption": ds.texts[t],
+                    "gt": ds.txt2img[t],
+                    "top": [{"image": ds.images[j], "index": j, "score": s} for j, s in zip(idx.tolist(), sc.tolist())],
+                }
                 for t, (idx, sc) in enumerate(zip(t2i.indices, t2i.values))
             ],
-        }  # fmt: skip
+        }
         out = Path(self.cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"retrieval_{split}.json").write_text(json.dumps(result, indent=1))
@@ -233,13 +254,22 @@ class RetrievalTask(Task):
         tr = wandb.Table(columns=["image", "ground truth captions", "retrieved captions (score)", "r1_correct"])
         for q in result["text_retrieval"][:n]:
             top = q["top"]
-            tr.add_data(thumb(q["image"]), "\n".join(ds.texts[j] for j in q["gt"]),
-                        "\n".join(f"{t['score']:.3f}  {t['caption']}" for t in top), bool(top) and top[0]["index"] in q["gt"])
-        ir = wandb.Table(columns=["caption", "ground truth image"] + [f"rank {r + 1}" for r in range(k)]
-                         + ["scores", "r1_correct"])  # fmt: skip
+            tr.add_data(
+                thumb(q["image"]),
+                "\n".join(ds.texts[j] for j in q["gt"]),
+                "\n".join(f"{t['score']:.3f}  {t['caption']}" for t in top),
+                bool(top) and top[0]["index"] in q["gt"],
+            )
+        ir = wandb.Table(
+            columns=["caption", "ground truth image"] + [f"rank {r + 1}" for r in range(k)] + ["scores", "r1_correct"]
+        )
         for q in result["image_retrieval"][:n]:
             top = q["top"] + [None] * (k - len(q["top"]))
-            ir.add_data(q["caption"], thumb(ds.images[q["gt"]]),
-                        *[thumb(t["image"]) if t else None for t in top],
-                        " ".join(f"{t['score']:.3f}" for t in q["top"]), bool(q["top"]) and q["top"][0]["index"] == q["gt"])
+            ir.add_data(
+                q["caption"],
+                thumb(ds.images[q["gt"]]),
+                *[thumb(t["image"]) if t else None for t in top],
+                " ".join(f"{t['score']:.3f}" for t in q["top"]),
+                bool(q["top"]) and q["top"][0]["index"] == q["gt"],
+            )
         return {f"{split}/text_retrieval": tr, f"{split}/image_retrieval": ir}

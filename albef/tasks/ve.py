@@ -10,6 +10,7 @@ entailment (2), neutral (1), contradiction (0), images under ``data.image_root``
 config has no alpha warm-up (``warm_up: False``), hence ``train.alpha_warmup_epochs: 0``. Evaluation: accuracy (%)
 on ``val`` and ``test``; the best ``val`` accuracy selects the checkpoint.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,9 @@ def read_ve(path: str, image_root: str, max_words: int) -> List[tuple]:
     for i, e in enumerate(read_json_list(path, ("image", "sentence", "label"))):
         if e["label"] not in labels:
             raise ValueError(f"{path}[{i}]: label={e['label']!r}, expected one of {sorted(labels)}")
-        items.append(([os.path.join(image_root, f"{e['image']}.jpg")], pre_caption(e["sentence"], max_words),
-                      labels[e["label"]]))  # fmt: skip
+        items.append(
+            ([os.path.join(image_root, f"{e['image']}.jpg")], pre_caption(e["sentence"], max_words), labels[e["label"]])
+        )
     return items
 
 

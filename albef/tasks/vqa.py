@@ -22,6 +22,7 @@ the split's file, as in ``vqa_val.json``, or ``data.test_answers``) it also repo
 (``albef.eval.vqa``). The official config evaluates only after the last epoch; so does ``vqa_v2.yaml``
 (``train.eval_every_epochs`` = ``train.epochs``).
 """
+
 from __future__ import annotations
 
 import json
@@ -95,8 +96,9 @@ class VQATrainSet:
                     answers, weights = [e["answer"]], [VG_WEIGHT]
                 else:
                     if not (isinstance(e["answer"], list) and e["answer"]):
-                        raise ValueError(f"{path}[{i}]: a VQA entry's 'answer' must be a non-empty list, "
-                                         f"got {e['answer']!r}")
+                        raise ValueError(
+                            f"{path}[{i}]: a VQA entry's 'answer' must be a non-empty list, got {e['answer']!r}"
+                        )
                     counts = Counter(e["answer"])  # insertion order: first occurrence, as the official dict
                     answers, weights = list(counts), [c / len(e["answer"]) for c in counts.values()]
                 question = pre_question(e["question"], d.max_words)
@@ -108,8 +110,12 @@ class VQATrainSet:
 
     def load(self, index: int, rng) -> Dict:
         path, question, answers, weights = self.items[index]
-        return {"image": read_image(path, self.transform, rng), "question": question, "answers": answers,
-                "weights": weights}  # fmt: skip
+        return {
+            "image": read_image(path, self.transform, rng),
+            "question": question,
+            "answers": answers,
+            "weights": weights,
+        }
 
 
 class VQAEvalSet(Dataset):
@@ -173,17 +179,29 @@ class VQATask(Task):
         def collate(samples: List[Dict]) -> Dict:
             q = tokenizer([s["question"] for s in samples], max_length=d.max_question_len)
             a = tokenizer([a for s in samples for a in s["answers"]], max_length=None)
-            return {"image": stack_images([s["image"] for s in samples]),
-                    "question_ids": q["input_ids"], "question_mask": q["attention_mask"],
-                    "answer_ids": a["input_ids"], "answer_mask": a["attention_mask"],
-                    "weights": torch.tensor([w for s in samples for w in s["weights"]]),
-                    "n": torch.tensor([len(s["answers"]) for s in samples])}  # fmt: skip
+            return {
+                "image": stack_images([s["image"] for s in samples]),
+                "question_ids": q["input_ids"],
+                "question_mask": q["attention_mask"],
+                "answer_ids": a["input_ids"],
+                "answer_mask": a["attention_mask"],
+                "weights": torch.tensor([w for s in samples for w in s["weights"]]),
+                "n": torch.tensor([len(s["answers"]) for s in samples]),
+            }
 
         return MapLoader(VQATrainSet(d), collate, micro_batch_size, rank, world_size, seed, d.num_workers)
 
     def training_step(self, model, batch, progress):
-        out = model(batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_ids"],
-                    batch["answer_mask"], batch["weights"], batch["n"], alpha=progress.alpha)  # fmt: skip
+        out = model(
+            batch["image"],
+            batch["question_ids"],
+            batch["question_mask"],
+            batch["answer_ids"],
+            batch["answer_mask"],
+            batch["weights"],
+            batch["n"],
+            alpha=progress.alpha,
+        )
         return out["loss_vqa"], {}
 
     def check_batch_geometry(self, model_cfg, global_micro_batch) -> None:
@@ -203,8 +221,12 @@ class VQATask(Task):
     def evaluate(self, model, split, device, dtype) -> Dict[str, float]:
         ds, (answers, answer_tokens) = self._eval_data(split)
         answer_ids, answer_mask = answer_tokens["input_ids"].to(device), answer_tokens["attention_mask"].to(device)
-        loader = DataLoader(torch.utils.data.Subset(ds, dist.rank_share(len(ds))), batch_size=self.cfg.eval.batch_size,
-                            num_workers=self.cfg.data.num_workers, collate_fn=_eval_collate)  # fmt: skip
+        loader = DataLoader(
+            torch.utils.data.Subset(ds, dist.rank_share(len(ds))),
+            batch_size=self.cfg.eval.batch_size,
+            num_workers=self.cfg.data.num_workers,
+            collate_fn=_eval_collate,
+        )
         mine = []
         for images, questions, qids, indices in until_stop(loader):
             q = self._tokenizer(list(questions), max_length=None)
@@ -223,15 +245,24 @@ class VQATask(Task):
         if self.cfg.data.train_files:  # the question-only prior, overall and per question type
             questions = {qid: q for _, q, qid in ds.items}
             qs = [questions[r["question_id"]] for r in results]
-            metrics.update(compare_with_prior([ds.ground_truth[str(r["question_id"])] for r in results], qs,
-                                              [question_type(q) for q in qs], [r["answer"] for r in results],
-                                              self._prior(), vqa_score))  # fmt: skip
+            metrics.update(
+                compare_with_prior(
+                    [ds.ground_truth[str(r["question_id"])] for r in results],
+                    qs,
+                    [question_type(q) for q in qs],
+                    [r["answer"] for r in results],
+                    self._prior(),
+                    vqa_score,
+                )
+            )
         return metrics
 
     def _prior(self) -> TextPrior:
         """The question-only prior of the train files: most common answer per question string, else per type."""
         if self._text_prior is None:
             items = VQATrainSet(self.cfg.data).items
-            self._text_prior = TextPrior((q, question_type(q), {a[: -len(EOS)]: w for a, w in zip(answers, weights)})
-                                         for _, q, answers, weights in items)  # fmt: skip
+            self._text_prior = TextPrior(
+                (q, question_type(q), {a[: -len(EOS)]: w for a, w in zip(answers, weights)})
+                for _, q, answers, weights in items
+            )
         return self._text_prior

@@ -14,6 +14,7 @@ Metrics per split: ``top1`` and ``top5`` (%), ``mean_per_class`` (the mean of th
 computes the whole split (the features of one split are a single forward over its images), and rank 0 writes
 ``zeroshot_<split>.json`` (metrics and each image's top-5 classes with their scores) into ``train.output_dir``.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,10 @@ class ZeroShotDataConfig:
     def __post_init__(self) -> None:
         for t in self.templates:
             if t.count("{}") != 1:
-                raise ValueError(f"data.templates={self.templates}: {t!r} must contain exactly one '{{}}' (where the "
-                                 "class name goes)")  # fmt: skip
+                raise ValueError(
+                    f"data.templates={self.templates}: {t!r} must contain exactly one '{{}}' (where the "
+                    "class name goes)"
+                )
         if not self.templates:
             raise ValueError("data.templates=[]: give at least one prompt template such as 'a photo of a {}.'")
         if len(set(self.classes)) != len(self.classes):
@@ -101,7 +104,9 @@ class ZeroShotTask(Task):
         super().__init__(cfg)
         d = cfg.data
         files = [getattr(d, f"{s}_file") for s in self.eval_splits]
-        self.classes = list(d.classes) or sorted({e["label"] for f in files for e in read_json_list(f, ("image", "label"))})
+        self.classes = list(d.classes) or sorted(
+            {e["label"] for f in files for e in read_json_list(f, ("image", "label"))}
+        )
         self._tokenizer = Tokenizer()
 
     def build_train_loader(self, tokenizer, rank, world_size, micro_batch_size, seed):
@@ -113,23 +118,28 @@ class ZeroShotTask(Task):
         d = self.cfg.data
         prompts = [pre_caption(t.format(c), d.max_words) for c in self.classes for t in d.templates]
         text = self._tokenizer(prompts, max_length=d.max_text_len)
-        _, feats = encode_texts(model, text["input_ids"].to(device), text["attention_mask"].to(device),
-                                self.cfg.eval.text_batch_size)  # fmt: skip
+        _, feats = encode_texts(
+            model, text["input_ids"].to(device), text["attention_mask"].to(device), self.cfg.eval.text_batch_size
+        )
         return F.normalize(feats.float().view(len(self.classes), len(d.templates), -1).mean(1), dim=-1)
 
     @torch.no_grad()
     def evaluate(self, model, split, device, dtype) -> Dict[str, float]:
         d = self.cfg.data
         ds = ZeroShotSet(getattr(d, f"{split}_file"), d.image_root, d.image_res, self.classes)
-        loader = DataLoader(ds, batch_size=self.cfg.eval.image_batch_size, num_workers=d.num_workers,
-                            collate_fn=stack_images)  # fmt: skip
+        loader = DataLoader(
+            ds, batch_size=self.cfg.eval.image_batch_size, num_workers=d.num_workers, collate_fn=stack_images
+        )
         _, image_feat = encode_images(model, (to_device(b, device, dtype) for b in until_stop(loader)))
         scores = (image_feat.float() @ self.classifier(model, device).t()).cpu()
         top = scores.topk(min(5, len(self.classes)), dim=1)
         hit1 = top.indices[:, 0] == ds.labels
-        metrics = {"top1": 100.0 * hit1.float().mean().item(),
-                   "top5": 100.0 * (top.indices == ds.labels[:, None]).any(1).float().mean().item(),
-                   "num_images": float(len(ds)), "chance": 100.0 / len(self.classes)}  # fmt: skip
+        metrics = {
+            "top1": 100.0 * hit1.float().mean().item(),
+            "top5": 100.0 * (top.indices == ds.labels[:, None]).any(1).float().mean().item(),
+            "num_images": float(len(ds)),
+            "chance": 100.0 / len(self.classes),
+        }
         per_class = {}
         for c, name in enumerate(self.classes):
             mine = ds.labels == c
@@ -143,9 +153,14 @@ class ZeroShotTask(Task):
     def _write_results(self, split: str, ds: ZeroShotSet, top, metrics: Dict[str, float]) -> None:
         if not dist.is_main():
             return
-        rows = [{"image": image, "label": self.classes[int(label)],
-                 "top": [{"class": self.classes[j], "score": s} for j, s in zip(idx.tolist(), sc.tolist())]}
-                for image, label, idx, sc in zip(ds.images, ds.labels, top.indices, top.values)]  # fmt: skip
+        rows = [
+            {
+                "image": image,
+                "label": self.classes[int(label)],
+                "top": [{"class": self.classes[j], "score": s} for j, s in zip(idx.tolist(), sc.tolist())],
+            }
+            for image, label, idx, sc in zip(ds.images, ds.labels, top.indices, top.values)
+        ]
         out = Path(self.cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"zeroshot_{split}.json").write_text(json.dumps({"metrics": metrics, "images": rows}, indent=1))
