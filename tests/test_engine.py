@@ -60,7 +60,7 @@ def test_pretraining_loss_weights_mlm_by_train_mlm_weight():
     """``train.mlm_weight``: the summed loss counts MLM at that weight, ITC and ITM at 1, and the logged MLM loss is
     the unweighted one. The default 1 is the official sum."""
     from albef.config import load_config
-    from albef.tasks.base import Progress
+    from albef.engine.task import Progress
     from albef.tasks.pretrain import PretrainConfig, PretrainTask
 
     model = build_model("tiny", "pretrain")

@@ -48,7 +48,7 @@ from albef.engine.metrics import MetricsLogger
 from albef.engine.optim import build_optimizer
 from albef.engine.schedule import albef_lr, alpha_at, cosine_lr
 from albef.engine.signals import StopRequested
-from albef.tasks.base import Progress, Task
+from albef.engine.task import Progress, Task
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again later": the job saved a checkpoint and wants to be requeued

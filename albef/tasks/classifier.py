@@ -29,8 +29,8 @@ from albef.data.transforms import (
 )
 from albef.engine import dist
 from albef.engine.signals import until_stop
+from albef.engine.task import RunConfig, Task
 from albef.eval.priors import TextPrior, compare_with_prior
-from albef.tasks.base import RunConfig, Task
 from albef.tokenizer import Tokenizer
 
 

@@ -68,6 +68,7 @@ from albef.data.transforms import (
 )
 from albef.engine import dist
 from albef.engine.signals import until_stop
+from albef.engine.task import RunConfig
 from albef.eval.grounding import (
     GRADCAM_MODES,
     box_iou,
@@ -78,7 +79,6 @@ from albef.eval.grounding import (
     random_choice_accuracy,
     upsample_map,
 )
-from albef.tasks.base import RunConfig
 from albef.tasks.retrieval import RetrievalDataConfig, RetrievalTask, RetrievalTrainSet
 from albef.tokenizer import pre_caption
 

@@ -31,7 +31,7 @@ from typing import List
 
 from albef.data import DataConfig, build_pretrain_loader
 from albef.data.json_dataset import read_json_list
-from albef.tasks.base import RunConfig, Task
+from albef.engine.task import RunConfig, Task
 from albef.tasks.classifier import ClassifierTask
 from albef.tokenizer import pre_caption
 

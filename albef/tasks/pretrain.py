@@ -20,7 +20,7 @@ from typing import List
 
 from albef.data import DataConfig, build_pretrain_loader
 from albef.engine.flops import pretrain_step_flops
-from albef.tasks.base import RunConfig, Task
+from albef.engine.task import RunConfig, Task
 
 
 @dataclass

@@ -33,6 +33,7 @@ from albef.data.samples import BadSample, make_sample
 from albef.data.transforms import AugmentConfig, stack_images, test_transform, to_device
 from albef.engine import dist
 from albef.engine.signals import until_stop
+from albef.engine.task import RunConfig, Task
 from albef.eval.retrieval import (
     encode_images,
     encode_texts,
@@ -41,7 +42,6 @@ from albef.eval.retrieval import (
     itm_rerank,
     recall_metrics,
 )
-from albef.tasks.base import RunConfig, Task
 from albef.tokenizer import Tokenizer, pre_caption
 
 

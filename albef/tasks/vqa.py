@@ -40,9 +40,9 @@ from albef.data.json_dataset import read_json_list
 from albef.data.transforms import AugmentConfig, stack_images, test_transform, to_device
 from albef.engine import dist
 from albef.engine.signals import until_stop
+from albef.engine.task import RunConfig, Task
 from albef.eval.priors import TextPrior, compare_with_prior, question_type
 from albef.eval.vqa import load_vqa_answers, vqa_accuracy, vqa_score
-from albef.tasks.base import RunConfig, Task
 from albef.tasks.classifier import read_image
 from albef.tokenizer import Tokenizer, pre_question
 

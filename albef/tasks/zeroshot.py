@@ -30,8 +30,8 @@ from albef.data.json_dataset import read_json_list
 from albef.data.transforms import stack_images, to_device
 from albef.engine import dist
 from albef.engine.signals import until_stop
+from albef.engine.task import RunConfig, Task
 from albef.eval.retrieval import encode_images, encode_texts
-from albef.tasks.base import RunConfig, Task
 from albef.tasks.retrieval import EvalImages
 from albef.tokenizer import Tokenizer, pre_caption
 

@@ -1,7 +1,8 @@
-"""The Task interface: what differs between pretraining and each fine-tuning task, and nothing else.
+"""What the engine runs: the Task interface and the run-config sections every task shares.
 
-A task builds its model and its training data, turns one batch into a loss, and (optionally) evaluates. The
-engine (``albef.engine.trainer``) owns everything around that: DeepSpeed, schedules, logging, checkpoints.
+A task (``albef.tasks``) builds its model and its training data, turns one batch into a loss, and (optionally)
+evaluates. The engine (``albef.engine.trainer``) owns everything around that: DeepSpeed, schedules, logging,
+checkpoints. This module lives in the engine so that the tasks import the engine and never the other way round.
 """
 
 from __future__ import annotations
