@@ -175,15 +175,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_max(value: float) -> float:
-    """The maximum of a scalar over ranks (used so that every rank takes the same decision)."""
+def any_over_ranks(*flags: bool) -> Tuple[bool, ...]:
+    """Each flag OR-ed over the ranks, in one all-reduce, so that every rank takes the same decision."""
     if not initialized():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
     if torch.distributed.get_backend() == "nccl":
         t = t.cuda()
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return float(t.item())
+    return tuple(bool(v) for v in t.tolist())
 
 
 def shutdown() -> None:

@@ -50,5 +50,5 @@ def until_stop(items: Iterable[T]) -> Iterator[T]:
         if _received is not None:
             break
         yield item
-    if dist.all_reduce_max(float(_received is not None)):
+    if dist.any_over_ranks(_received is not None)[0]:
         raise StopRequested()

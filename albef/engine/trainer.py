@@ -34,9 +34,9 @@ import logging
 import math
 import resource
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 import yaml
@@ -99,6 +99,39 @@ def ds_config_for(path: str, micro: int, global_batch: int, world: int) -> Dict:
     return cfg
 
 
+@dataclass
+class RunState:
+    """What the loop advances: saved in every checkpoint (``train_state``) and restored on resume."""
+
+    step: int = 0  # optimizer steps done
+    micro_step: int = 0  # micro-batches drawn (seeds the next one's RNG)
+    epoch: int = 0
+    samples: int = 0
+    nonfinite_total: int = 0  # skipped non-finite losses and gradients
+    wandb_id: Optional[str] = None
+    best: Optional[float] = None  # the best primary metric of the first evaluation split so far
+    evaluated_step: Optional[int] = None  # the step of the last evaluation
+    last_saved: Optional[int] = None  # the step of the last checkpoint
+
+    @classmethod
+    def restore(cls, saved: Dict) -> "RunState":
+        """From a checkpoint's ``train_state`` (older checkpoints lack the optional fields)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+@dataclass
+class Window:
+    """Sums over the micro-steps since the last metrics row."""
+
+    loss: float = 0.0
+    n: int = 0
+    data: float = 0.0  # seconds waiting for the loader
+    compute: float = 0.0  # seconds in forward, backward and the optimizer step
+    flops: float = 0.0
+    logs: Dict[str, float] = field(default_factory=dict)
+
+
 class Trainer:
     def __init__(self, cfg, task: Task):
         self.cfg = cfg
@@ -136,280 +169,304 @@ class Trainer:
         if init.bert:
             init_text_from_hf(model, init.bert)
 
-    def _set_lr(self, optimizer, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    def _set_lr(self, step: int) -> float:
         t = self.train
         if t.schedule == "albef":
             lr = albef_lr(
-                step, steps_per_epoch, t.epochs, t.lr, t.warmup_lr, t.min_lr, t.warmup_steps, t.warmup_granularity
+                step, self.steps_per_epoch, t.epochs, t.lr, t.warmup_lr, t.min_lr, t.warmup_steps, t.warmup_granularity
             )
         else:
-            lr = cosine_lr(step, total_steps, t.lr, t.warmup_lr, t.min_lr, t.warmup_steps)
-        for group in optimizer.param_groups:
+            lr = cosine_lr(step, self.total_steps, t.lr, t.warmup_lr, t.min_lr, t.warmup_steps)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
 
     # ------------------------------------------------------------------------------------------------------
     def fit(self) -> Dict:
+        """Train (or, with ``train.evaluate_only``, only evaluate) and return the run summary."""
+        self._start()
+        if self.train.evaluate_only:
+            return self._evaluate_only()
+        self._build_engine_and_data()
+        epoch_ended = self._restore()
+        state, t_start, exit_code = self.state, time.time(), 0
+        try:
+            if epoch_ended and self._evaluates_after_epoch(state.epoch) and state.evaluated_step != state.step:
+                self._evaluate()
+            while state.step < self.total_steps:
+                t_data = time.perf_counter()
+                for batch in self.loader:
+                    self.window.data += time.perf_counter() - t_data
+                    if self._micro_step(batch):  # the last step is done
+                        break
+                    t_data = time.perf_counter()
+                else:
+                    state.epoch += 1
+                    self.loader.set_epoch(state.epoch)
+                    if self._evaluates_after_epoch(state.epoch):
+                        self._evaluate()
+            self._finish()
+        except StopRequested:
+            # every rank is here together: at a step boundary (the stop flag is all-reduced), or leaving an
+            # evaluation (signals.until_stop); an export is rank 0's alone and comes after the final checkpoint
+            if state.last_saved != state.step:
+                self._checkpoint()
+            exit_code = EXIT_REQUEUE
+            log.warning(
+                "checkpoint saved at step %d after signal %s; exiting with %d for requeue",
+                state.step,
+                signals.received(),
+                EXIT_REQUEUE,
+            )
+        return self._summary(exit_code, time.time() - t_start)
+
+    def _start(self) -> None:
+        """Process group, run folder and config file, DeepSpeed settings, the model with its initial weights."""
+        t = self.train
+        self.env = env = dist.detect()
+        self.device = dist.init(env, t.collective_timeout_s)
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        self.run_dir = Path(t.output_dir)
+        self.ckpt_root, self.resume_tag = self._resume_tag(self.run_dir / "checkpoints")
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            name = "config.yaml" if self.resume_tag is None else f"config.resume-{self.resume_tag}.yaml"
+            (self.run_dir / name).write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=False))
+        self.ds_cfg = ds_config_for(t.ds_config, t.micro_batch_size, t.global_batch_size, env.world_size)
+        self.gas = self.ds_cfg["gradient_accumulation_steps"]
+        self.task.check_batch_geometry(self.cfg.model, t.micro_batch_size * env.world_size)
+        precision = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        self.half = next((dt for key, dt in precision.items() if self.ds_cfg.get(key, {}).get("enabled")), None)
+        self.dtype = self.half or torch.float32
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.model = self.task.build_model()
+        if self.resume_tag is None:
+            self._init_weights(self.model)
+
+    def _build_engine_and_data(self) -> None:
+        """The DeepSpeed engine around the model and optimizer, the train loader and the step counts."""
         import deepspeed
 
         from albef.tokenizer import Tokenizer
 
-        t = self.train
-        env = dist.detect()
-        device = dist.init(env, t.collective_timeout_s)
-        if t.num_threads:
-            torch.set_num_threads(t.num_threads)
-        run_dir = Path(t.output_dir)
-        ckpt_root, resume_tag = self._resume_tag(run_dir / "checkpoints")
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            name = "config.yaml" if resume_tag is None else f"config.resume-{resume_tag}.yaml"
-            (run_dir / name).write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=False))
-
-        ds_cfg = ds_config_for(t.ds_config, t.micro_batch_size, t.global_batch_size, env.world_size)
-        gas = ds_cfg["gradient_accumulation_steps"]
-        self.task.check_batch_geometry(self.cfg.model, t.micro_batch_size * env.world_size)
-        half = (
-            ds_cfg.get("bf16", {}).get("enabled")
-            and torch.bfloat16
-            or ds_cfg.get("fp16", {}).get("enabled")
-            and torch.float16
-            or None
-        )
-        dtype = half or torch.float32
-
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = self.task.build_model()
-        if resume_tag is None:
-            self._init_weights(model)
-        if t.evaluate_only:
-            return self._evaluate_only(model, env, device, dtype, run_dir)
-        momentum_fp32 = model.momentum_state_fp32() if half else None
+        t, env, model, ds_cfg = self.train, self.env, self.model, self.ds_cfg
+        momentum_fp32 = model.momentum_state_fp32() if self.half else None
         stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
         optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, check_finite=stage == 0)
-        saved_world = checkpointing.saved_world_size(ckpt_root, resume_tag) if resume_tag else env.world_size
-        if saved_world != env.world_size and checkpointing.is_partitioned(ckpt_root / resume_tag):
+        tag = self.resume_tag
+        self.saved_world = checkpointing.saved_world_size(self.ckpt_root, tag) if tag else env.world_size
+        if self.saved_world != env.world_size and checkpointing.is_partitioned(self.ckpt_root / tag):
             # another number of ranks: ZeRO's per-rank optimizer partitions are re-cut by DeepSpeed's universal
             # checkpoint, which the engine must be told about when it is built
-            checkpointing.prepare_universal(ckpt_root, resume_tag, env.rank)
+            checkpointing.prepare_universal(self.ckpt_root, tag, env.rank)
             ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-        if half:
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+        if self.half:
             model.keep_momentum_fp32(momentum_fp32)
-        engine.train()
-
-        tokenizer = Tokenizer()
-        loader = self.task.build_train_loader(tokenizer, env.rank, env.world_size, t.micro_batch_size, t.seed)
-        steps_per_epoch = len(loader) // gas
-        if steps_per_epoch == 0:
+        self.engine.train()
+        self.loader = self.task.build_train_loader(Tokenizer(), env.rank, env.world_size, t.micro_batch_size, t.seed)
+        self.steps_per_epoch = len(self.loader) // self.gas
+        if self.steps_per_epoch == 0:
             raise ValueError(
-                f"one epoch holds {len(loader)} micro-batches per rank, fewer than one optimizer step "
-                f"({gas} micro-batches): add data or lower train.global_batch_size"
+                f"one epoch holds {len(self.loader)} micro-batches per rank, fewer than one optimizer "
+                f"step ({self.gas} micro-batches): add data or lower train.global_batch_size"
             )
-        total_steps = t.max_steps or t.epochs * steps_per_epoch
-
-        state = {"step": 0, "micro_step": 0, "epoch": 0, "samples": 0, "nonfinite_total": 0, "wandb_id": None}
-        if resume_tag is not None:
-            client, rank_state = checkpointing.load(engine, ckpt_root, resume_tag, env.rank, model)
-            if half:  # the checkpoint holds the momentum weights in float32; DeepSpeed's load may have cast them
-                model.keep_momentum_fp32(client["momentum_fp32"])
-            state.update(client["train_state"])
-            if rank_state is not None:
-                loader.load_state_dict(rank_state["loader"])
-            else:
-                self._resume_data_on_new_world(loader, ckpt_root / resume_tag, saved_world, env.rank)
-            log.info(
-                "resumed from %s at step %d (written by %d ranks, now %d)",
-                ckpt_root / resume_tag,
-                state["step"],
-                saved_world,
-                env.world_size,
-            )
-            best = ckpt_root / checkpointing.BEST  # the best score's one owner (a checkpoint may predate it)
-            if best.is_file():
-                metrics = json.loads(best.read_text())["metrics"]
-                key = f"{self.task.eval_splits[0]}/{self.task.primary_metric}" if self.task.eval_splits else None
-                if key in metrics:
-                    state["best"] = metrics[key]
-        else:
-            loader.set_epoch(0)
-        # A checkpoint taken on an epoch's last batch restores the loader at the next epoch: that epoch is over
-        # (its end-of-epoch evaluation may still be due).
-        epoch_ended = loader.epoch > state["epoch"]
-        state["epoch"] = loader.epoch
-
-        logger = MetricsLogger(
-            run_dir, self.cfg.wandb, asdict(self.cfg), env.is_main, total_steps, state["step"], state["wandb_id"]
-        )
-        state["wandb_id"] = logger.wandb_id
-        peak = t.peak_tflops * 1e12 or measured_matmul_peak(dtype, device)
-        signals.install()  # (again: entrypoints install it first thing; Trainer may also be used directly)
-
-        def checkpoint() -> None:
-            client = {"train_state": dict(state)}
-            if half:
-                client["momentum_fp32"] = model.momentum_state_fp32()
-            checkpointing.save(
-                engine, ckpt_root, state["step"], client, {"loader": loader.state_dict()}, env.rank, t.keep_last
-            )
-
-        def evaluate() -> None:
-            results = self._run_eval(model, device, dtype)
-            state["evaluated_step"] = state["step"]
-            if not results:
-                return
-            logger.log(state["step"], results, media=self.task.pop_media())
-            key = f"{self.task.eval_splits[0]}/{self.task.primary_metric}"
-            if key in results and results[key] > state.get("best", float("-inf")):
-                state["best"] = results[key]
-                checkpoint()
-                if env.is_main:
-                    checkpointing.mark_best(ckpt_root, checkpointing.tag_for(state["step"]), results)
-                state["last_saved"] = state["step"]
-
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         # A skipped micro-step or optimizer step changes no state: what the forward pass mutates (momentum encoders,
         # queues, queue pointer: the frozen parameters and the buffers) is copied before each micro-step, and before
         # each optimizer step's first micro-step, and put back when the micro-step or the step is skipped.
-        def forward_state():
-            return [p.data for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+        self.before_micro = [torch.empty_like(x) for x in self._forward_state()]
+        self.before_step = [torch.empty_like(x) for x in self._forward_state()] if self.gas > 1 else self.before_micro
+        self.window_micro = 0  # good micro-steps so far in this optimizer step
+        self.nonfinite_run = 0  # non-finite losses / gradients in a row
+        self.window = Window()
 
-        before_micro = [torch.empty_like(x) for x in forward_state()]
-        before_step = [torch.empty_like(x) for x in forward_state()] if gas > 1 else before_micro
-        window_micro = 0  # good micro-steps so far in this optimizer step
-
-        def nonfinite(what: str) -> None:
-            nonlocal nonfinite_run
-            nonfinite_run += 1
-            state["nonfinite_total"] += 1
-            log.warning(
-                "non-finite %s at step %d (%d in a row): skipped, no state changed", what, state["step"], nonfinite_run
+    def _restore(self) -> bool:
+        """The run state, weights and data position of the checkpoint to resume (if any), then the metrics logger.
+        Returns whether the checkpoint was taken on an epoch's last batch: that epoch is over, and its end-of-epoch
+        evaluation may still be due."""
+        env, tag = self.env, self.resume_tag
+        self.state = state = RunState()
+        if tag is not None:
+            client, rank_state = checkpointing.load(self.engine, self.ckpt_root, tag, env.rank, self.model)
+            if self.half:  # the checkpoint holds the momentum weights in float32; DeepSpeed's load may have cast them
+                self.model.keep_momentum_fp32(client["momentum_fp32"])
+            self.state = state = RunState.restore(client["train_state"])
+            if rank_state is not None:
+                self.loader.load_state_dict(rank_state["loader"])
+            else:
+                self._resume_data_on_new_world(self.loader, self.ckpt_root / tag, self.saved_world, env.rank)
+            log.info(
+                "resumed from %s at step %d (written by %d ranks, now %d)",
+                self.ckpt_root / tag,
+                state.step,
+                self.saved_world,
+                env.world_size,
             )
-            if nonfinite_run >= t.max_nonfinite_steps:
-                raise FloatingPointError(f"{nonfinite_run} non-finite losses in a row (train.max_nonfinite_steps)")
+            best = self.ckpt_root / checkpointing.BEST  # the best score's one owner (a checkpoint may predate it)
+            if best.is_file() and self.task.eval_splits:
+                state.best = json.loads(best.read_text())["metrics"].get(self._primary_key(), state.best)
+        else:
+            self.loader.set_epoch(0)
+        epoch_ended = self.loader.epoch > state.epoch
+        state.epoch = self.loader.epoch
+        self.logger = MetricsLogger(
+            self.run_dir, self.cfg.wandb, asdict(self.cfg), env.is_main, self.total_steps, state.step, state.wandb_id
+        )
+        state.wandb_id = self.logger.wandb_id
+        self.peak = self.train.peak_tflops * 1e12 or measured_matmul_peak(self.dtype, self.device)
+        signals.install()  # (again: entrypoints install it first thing; Trainer may also be used directly)
+        return epoch_ended
 
-        window = {"loss": 0.0, "n": 0, "data": 0.0, "compute": 0.0, "flops": 0.0, "logs": {}}
-        t_start, nonfinite_run = time.time(), 0
-        exit_code = 0
-        try:
-            if (
-                epoch_ended
-                and self.task.eval_splits
-                and state["epoch"] % t.eval_every_epochs == 0
-                and state.get("evaluated_step") != state["step"]
-            ):
-                evaluate()
-            while state["step"] < total_steps:
-                t_data = time.perf_counter()
-                for batch in loader:
-                    t_compute = time.perf_counter()
-                    window["data"] += t_compute - t_data
-                    torch.manual_seed(step_seed(t.seed, env.rank, state["micro_step"]))
-                    state["micro_step"] += 1
-                    batch = {k: to_device(v, device, dtype) for k, v in batch.items()}
-                    lr = self._set_lr(optimizer, state["step"], steps_per_epoch, total_steps)
-                    progress = Progress(
-                        state["step"],
-                        state["epoch"],
-                        alpha_at(state["step"], steps_per_epoch, t.alpha, t.alpha_warmup_epochs),
-                        state["step"] >= t.itm_random_negative_steps,
-                    )
-                    if window_micro == 0 and gas > 1:
-                        torch._foreach_copy_(before_step, forward_state())
-                    torch._foreach_copy_(before_micro, forward_state())
-                    loss, logs = self.task.training_step(engine, batch, progress)
-                    flags = dist.all_reduce_max(
-                        float(not math.isfinite(loss.item())) + 2.0 * (signals.received() is not None)
-                    )
-                    if flags % 2 >= 1:
-                        torch._foreach_copy_(forward_state(), before_micro)
-                        nonfinite("loss")
-                    else:
-                        engine.backward(loss)
-                        skipped = engine.skipped_steps
-                        engine.step()
-                        window_micro += 1
-                        if engine.global_steps > state["step"]:  # an optimizer step boundary
-                            window_micro = 0
-                            if engine.skipped_steps > skipped:  # non-finite gradients (fp16: loss-scale overflow)
-                                torch._foreach_copy_(forward_state(), before_step)
-                                if not engine.fp16_enabled():
-                                    nonfinite("gradients")
-                            else:
-                                nonfinite_run = 0
-                        window["loss"] += loss.item()
-                        for k, v in logs.items():
-                            window["logs"][k] = window["logs"].get(k, 0.0) + float(v)
-                        window["n"] += 1
-                        window["flops"] += self.task.step_flops(batch)
-                    window["compute"] += time.perf_counter() - t_compute
-                    boundary = engine.global_steps > state["step"]
-                    if boundary:
-                        state["step"] = engine.global_steps
-                        state["samples"] += t.global_batch_size
-                        logger.advance(1, {"loss": loss.item(), "lr": lr})
-                        if state["step"] % t.log_every == 0 or state["step"] == total_steps:
-                            self._log(logger, engine, model, state, window, lr, progress.alpha, peak, env.world_size)
-                            window = {"loss": 0.0, "n": 0, "data": 0.0, "compute": 0.0, "flops": 0.0, "logs": {}}
-                        if flags >= 2:
-                            raise StopRequested()
-                        if t.save_every and state["step"] % t.save_every == 0:
-                            checkpoint()
-                            state["last_saved"] = state["step"]
-                        if (
-                            t.eval_every_steps
-                            and self.task.eval_splits
-                            and state["step"] % t.eval_every_steps == 0
-                            and state["step"] < total_steps
-                        ):
-                            evaluate()
-                        if state["step"] >= total_steps:
-                            break
-                    t_data = time.perf_counter()
-                else:
-                    state["epoch"] += 1
-                    loader.set_epoch(state["epoch"])
-                    if self.task.eval_splits and state["epoch"] % t.eval_every_epochs == 0:
-                        evaluate()
-            if self.task.eval_splits and state.get("evaluated_step") != state["step"]:
-                evaluate()
-            if state.get("last_saved") != state["step"]:
-                checkpoint()
-            if t.export_final and env.is_main:
-                best = checkpointing.best_tag(ckpt_root)
-                for name, tag in (("final.pth", None), ("best.pth", best)) if best else (("final.pth", None),):
-                    if signals.received() is not None:  # the checkpoint is saved: a rerun exports
-                        raise StopRequested()
-                    checkpointing.export_official_file(run_dir, run_dir / name, tag)
-        except StopRequested:
-            # every rank is here together: at a step boundary (flags all-reduced), or leaving an evaluation
-            # (signals.until_stop); an export is rank 0's alone and comes after the final checkpoint
-            if state.get("last_saved") != state["step"]:
-                checkpoint()
-                state["last_saved"] = state["step"]
-            exit_code = EXIT_REQUEUE
-            log.warning(
-                "checkpoint saved at step %d after signal %s; exiting with %d for requeue",
-                state["step"],
-                signals.received(),
-                EXIT_REQUEUE,
-            )
-        elapsed = time.time() - t_start
+    def _micro_step(self, batch: Dict) -> bool:
+        """One micro-batch: the forward pass, then backward and the engine's step unless the loss is non-finite on
+        some rank; at an optimizer-step boundary, ``_after_step``. Returns True once the last step is done."""
+        t, state, engine = self.train, self.state, self.engine
+        t_compute = time.perf_counter()
+        torch.manual_seed(step_seed(t.seed, self.env.rank, state.micro_step))
+        state.micro_step += 1
+        batch = {k: to_device(v, self.device, self.dtype) for k, v in batch.items()}
+        lr = self._set_lr(state.step)
+        alpha = alpha_at(state.step, self.steps_per_epoch, t.alpha, t.alpha_warmup_epochs)
+        progress = Progress(state.step, state.epoch, alpha, state.step >= t.itm_random_negative_steps)
+        if self.window_micro == 0 and self.gas > 1:
+            torch._foreach_copy_(self.before_step, self._forward_state())
+        torch._foreach_copy_(self.before_micro, self._forward_state())
+        loss, logs = self.task.training_step(engine, batch, progress)
+        nonfinite, stop = dist.any_over_ranks(not math.isfinite(loss.item()), signals.received() is not None)
+        if nonfinite:
+            torch._foreach_copy_(self._forward_state(), self.before_micro)
+            self._nonfinite("loss")
+        else:
+            self._backward_and_step(loss)
+            w = self.window
+            w.loss += loss.item()
+            for k, v in logs.items():
+                w.logs[k] = w.logs.get(k, 0.0) + float(v)
+            w.n += 1
+            w.flops += self.task.step_flops(batch)
+        self.window.compute += time.perf_counter() - t_compute
+        if engine.global_steps == state.step:  # within an optimizer step (gradient accumulation), or skipped
+            return False
+        return self._after_step(loss.item(), lr, alpha, stop)
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        engine = self.engine
+        engine.backward(loss)
+        skipped = engine.skipped_steps
+        engine.step()
+        self.window_micro += 1
+        if engine.global_steps > self.state.step:  # an optimizer step boundary
+            self.window_micro = 0
+            if engine.skipped_steps > skipped:  # non-finite gradients (fp16: loss-scale overflow)
+                torch._foreach_copy_(self._forward_state(), self.before_step)
+                if not engine.fp16_enabled():
+                    self._nonfinite("gradients")
+            else:
+                self.nonfinite_run = 0
+
+    def _after_step(self, loss: float, lr: float, alpha: float, stop: bool) -> bool:
+        """After an optimizer step: count it, log, stop on a signal, checkpoint and evaluate when due."""
+        t, state = self.train, self.state
+        state.step = self.engine.global_steps
+        state.samples += t.global_batch_size
+        self.logger.advance(1, {"loss": loss, "lr": lr})
+        if state.step % t.log_every == 0 or state.step == self.total_steps:
+            self._log(lr, alpha)
+            self.window = Window()
+        if stop:
+            raise StopRequested()
+        if t.save_every and state.step % t.save_every == 0:
+            self._checkpoint()
+        due = t.eval_every_steps and state.step % t.eval_every_steps == 0 and state.step < self.total_steps
+        if due and self.task.eval_splits:
+            self._evaluate()
+        return state.step >= self.total_steps
+
+    def _finish(self) -> None:
+        """The planned steps are done: the last evaluation and checkpoint, then rank 0 exports the weights."""
+        state = self.state
+        if self.task.eval_splits and state.evaluated_step != state.step:
+            self._evaluate()
+        if state.last_saved != state.step:
+            self._checkpoint()
+        if self.train.export_final and self.env.is_main:
+            best = checkpointing.best_tag(self.ckpt_root)
+            for name, tag in (("final.pth", None), ("best.pth", best)) if best else (("final.pth", None),):
+                if signals.received() is not None:  # the checkpoint is saved: a rerun exports
+                    raise StopRequested()
+                checkpointing.export_official_file(self.run_dir, self.run_dir / name, tag)
+
+    def _summary(self, exit_code: int, elapsed: float) -> Dict:
+        state = self.state
         summary = {
             "exit_code": exit_code,
-            "steps": state["step"],
-            "total_steps": total_steps,
-            "samples": state["samples"],
-            "epochs_completed": round(state["step"] / steps_per_epoch, 3),
+            "steps": state.step,
+            "total_steps": self.total_steps,
+            "samples": state.samples,
+            "epochs_completed": round(state.step / self.steps_per_epoch, 3),
             "train_seconds": round(elapsed, 2),
-            "nonfinite_skipped": state["nonfinite_total"],
-            "data_skipped": loader.stats(),
-            "wandb_id": state["wandb_id"],
+            "nonfinite_skipped": state.nonfinite_total,
+            "data_skipped": self.loader.stats(),
+            "wandb_id": state.wandb_id,
         }
-        logger.summary(summary)
-        logger.close()
-        if env.is_main:
+        self.logger.summary(summary)
+        self.logger.close()
+        if self.env.is_main:
             print("run summary: " + json.dumps(summary), flush=True)
         return summary
+
+    def _checkpoint(self) -> None:
+        client = {"train_state": asdict(self.state)}
+        if self.half:
+            client["momentum_fp32"] = self.model.momentum_state_fp32()
+        checkpointing.save(
+            self.engine,
+            self.ckpt_root,
+            self.state.step,
+            client,
+            {"loader": self.loader.state_dict()},
+            self.env.rank,
+            self.train.keep_last,
+        )
+        self.state.last_saved = self.state.step
+
+    def _primary_key(self) -> str:
+        return f"{self.task.eval_splits[0]}/{self.task.primary_metric}"
+
+    def _evaluates_after_epoch(self, epoch: int) -> bool:
+        return bool(self.task.eval_splits) and epoch % self.train.eval_every_epochs == 0
+
+    def _evaluate(self) -> None:
+        """Evaluate every split, log the results, and checkpoint and mark a new best primary metric."""
+        state = self.state
+        results = self._run_eval(self.model, self.device, self.dtype)
+        state.evaluated_step = state.step
+        if not results:
+            return
+        self.logger.log(state.step, results, media=self.task.pop_media())
+        key = self._primary_key()
+        if key in results and (state.best is None or results[key] > state.best):
+            state.best = results[key]
+            self._checkpoint()
+            if self.env.is_main:
+                checkpointing.mark_best(self.ckpt_root, checkpointing.tag_for(state.step), results)
+
+    def _forward_state(self) -> List[torch.Tensor]:
+        return [p.data for p in self.model.parameters() if not p.requires_grad] + list(self.model.buffers())
+
+    def _nonfinite(self, what: str) -> None:
+        self.nonfinite_run += 1
+        self.state.nonfinite_total += 1
+        log.warning(
+            "non-finite %s at step %d (%d in a row): skipped, no state changed",
+            what,
+            self.state.step,
+            self.nonfinite_run,
+        )
+        if self.nonfinite_run >= self.train.max_nonfinite_steps:
+            raise FloatingPointError(f"{self.nonfinite_run} non-finite losses in a row (train.max_nonfinite_steps)")
 
     @staticmethod
     def _resume_data_on_new_world(loader, tag_dir: Path, saved_world: int, rank: int) -> None:
@@ -439,12 +496,13 @@ class Trainer:
         model.train(was_training)
         return results
 
-    def _evaluate_only(self, model, env, device, dtype, run_dir) -> Dict:
+    def _evaluate_only(self) -> Dict:
+        env, run_dir = self.env, self.run_dir
         if not self.cfg.init.checkpoint:
             log.warning("train.evaluate_only without init.checkpoint: evaluating randomly initialised weights")
-        model.to(device=device, dtype=dtype)
+        self.model.to(device=self.device, dtype=self.dtype)
         try:
-            results = self._run_eval(model, device, dtype)
+            results = self._run_eval(self.model, self.device, self.dtype)
         except StopRequested:  # nothing to keep: the rerun evaluates again
             log.warning(
                 "evaluation stopped by signal %s; exiting with %d for requeue", signals.received(), EXIT_REQUEUE
@@ -460,20 +518,22 @@ class Trainer:
             print("run summary: " + json.dumps(summary), flush=True)
         return summary
 
-    def _log(self, logger, engine, model, state, window, lr, alpha, peak, world) -> None:
-        n = max(1, window["n"])
-        step_time = (window["data"] + window["compute"]) / max(1, n) * engine.gradient_accumulation_steps()
-        metrics = {f"train/{k}": v / n for k, v in window["logs"].items()}
+    def _log(self, lr: float, alpha: float) -> None:
+        """One metrics row: the window's means, the run's counters, speed and memory."""
+        engine, model, state, window, peak = self.engine, self.model, self.state, self.window, self.peak
+        n = max(1, window.n)
+        step_time = (window.data + window.compute) / max(1, n) * engine.gradient_accumulation_steps()
+        metrics = {f"train/{k}": v / n for k, v in window.logs.items()}
         metrics.update(
             {
-                "train/loss": window["loss"] / n,
+                "train/loss": window.loss / n,
                 "train/lr": lr,
                 "train/alpha": alpha,
-                "train/epoch": state["epoch"],
-                "train/samples": state["samples"],
+                "train/epoch": state.epoch,
+                "train/samples": state.samples,
                 "perf/samples_per_s": self.train.global_batch_size / step_time if step_time else 0.0,
-                "time/data_s": window["data"] / n,
-                "time/compute_s": window["compute"] / n,
+                "time/data_s": window.data / n,
+                "time/compute_s": window.compute / n,
                 "perf/max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
         )
@@ -487,7 +547,7 @@ class Trainer:
             metrics["train/loss_scale"] = float(scale)
         if torch.cuda.is_available():
             metrics["perf/max_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        if window["flops"] and peak:
-            compute = window["data"] + window["compute"]
-            metrics["perf/mfu"] = window["flops"] / compute / peak if compute else 0.0
-        logger.log(state["step"], metrics)
+        if window.flops and peak:
+            compute = window.data + window.compute
+            metrics["perf/mfu"] = window.flops / compute / peak if compute else 0.0
+        self.logger.log(state.step, metrics)
