@@ -164,7 +164,7 @@ def _kept_path(work: Path, index: int) -> Path:
 
 
 def _is_built(folder: Path, index: int) -> bool:
-    return (folder / shards.shard_name(index)).is_file() and (folder / shards.stats_name(index)).is_file()
+    return (folder / shards.shard_file(index)).is_file() and (folder / shards.stats_file(index)).is_file()
 
 
 class Committer:
@@ -202,13 +202,13 @@ class Committer:
         return np.array(
             [
                 content_hash(bytes.fromhex(json.loads(m["json"])["sha256"]))  # _work/ was deleted
-                for _, m in shards.iter_tar_samples(self.out / shards.shard_name(i))
+                for _, m in shards.iter_tar_samples(self.out / shards.shard_file(i))
             ],
             np.uint64,
         )
 
     def _commit(self, i: int) -> None:
-        stats_path, tar_path = self.work / shards.stats_name(i), self.work / shards.shard_name(i)
+        stats_path, tar_path = self.work / shards.stats_file(i), self.work / shards.shard_file(i)
         stats = json.loads(stats_path.read_text())
         written = stats.pop("samples")  # [key, row, content hash], in the order the tar holds them
         samples = sorted(written, key=lambda s: s[1])
@@ -642,14 +642,14 @@ RETRY = "retry"  # _work/retry/: the retried rows' shards and the plan of the re
 
 def _published_samples(out: Path, work: Path, i: int) -> List[Tuple[int, int]]:
     """(row, content hash) of every sample of published shard ``i``, in row order."""
-    with tarfile.open(out / shards.shard_name(i)) as tar:
+    with tarfile.open(out / shards.shard_file(i)) as tar:
         rows = sorted({int(name.partition(".")[0]) for name in tar.getnames()})
     path = _kept_path(work, i)
     if path.is_file():
         hashes = np.load(path)
         if len(hashes) == len(rows):
             return list(zip(rows, (int(h) for h in hashes)))
-    metas = (json.loads(m["json"]) for _, m in shards.iter_tar_samples(out / shards.shard_name(i)))
+    metas = (json.loads(m["json"]) for _, m in shards.iter_tar_samples(out / shards.shard_file(i)))
     return sorted((m["row"], content_hash(bytes.fromhex(m["sha256"]))) for m in metas)
 
 
@@ -659,7 +659,7 @@ def _retry_plan(
     """The final stats, sample keys and content hashes of every shard the retry changes, with keep-first content
     dedup redone over the whole dataset: a retried row that now succeeds wins over a later row with the same bytes
     (which becomes ``duplicate_content``, in whatever shard it is), exactly as if it had succeeded the first time."""
-    retried = {i: json.loads((retry / shards.stats_name(i)).read_text()) for i in todo}
+    retried = {i: json.loads((retry / shards.stats_file(i)).read_text()) for i in todo}
     entries = [(row, h, i, False) for i in range(num_shards) for row, h in _published_samples(out, work, i)]
     entries += [(row, int(h), i, True) for i, st in retried.items() for _, row, h in st["samples"]]
     entries.sort()
@@ -673,7 +673,7 @@ def _retry_plan(
         final[i].append((row, h))
     plan = {}
     for i in sorted(set(todo) | set(dropped_old)):
-        stats = json.loads((out / shards.stats_name(i)).read_text())
+        stats = json.loads((out / shards.stats_file(i)).read_text())
         for name in ("shard", "num_samples"):
             stats.pop(name, None)
         status, errors = Counter(stats.get("status", {})), Counter(stats.get("errors", {}))
@@ -704,13 +704,13 @@ def _apply_retry_plan(out: Path, work: Path, retry: Path, plan: Dict[str, Any]) 
     and a rerun give the same dataset (the plan, and the retried tars, stay until every shard is rewritten)."""
     for name in sorted(plan, key=int):
         i, entry = int(name), plan[name]
-        sources = [out / shards.shard_name(i), retry / shards.shard_name(i)]
+        sources = [out / shards.shard_file(i), retry / shards.shard_file(i)]
         with tarfile.open(sources[0]) as tar:
             published = sorted({n.partition(".")[0] for n in tar.getnames()})
         if published == entry["keys"]:  # the same samples: only the counts change, the tar stays as it is
             shards.atomic_write_json(
-                out / shards.stats_name(i),
-                {**entry["stats"], "shard": shards.shard_name(i), "num_samples": len(published)},
+                out / shards.stats_file(i),
+                {**entry["stats"], "shard": shards.shard_file(i), "num_samples": len(published)},
             )
             continue
         _write_shard(out, i, sources, entry["keys"], entry["stats"])
@@ -745,7 +745,7 @@ def retry_failed(job: Job) -> Dict[str, Any]:
         if not plan_path.is_file():
             todo: Dict[int, Dict[int, list]] = {}
             for i in range(num_shards):
-                for row, status_name, error in json.loads((out / shards.stats_name(i)).read_text()).get(
+                for row, status_name, error in json.loads((out / shards.stats_file(i)).read_text()).get(
                     "transient", []
                 ):
                     todo.setdefault(i, {})[row] = [status_name, error]

@@ -1,13 +1,5 @@
-"""The shard format shared by every data_prep step and read by ``albef.data``.
-
-A dataset directory holds:
-
-* ``NNNNNN.tar`` (6-digit shard index): webdataset tar shards. Each sample is three members with the same key:
-  ``<key>.jpg`` (JPEG bytes), ``<key>.txt`` (UTF-8 caption; several captions of one image are stored one per
-  line), ``<key>.json`` (metadata: source url/path, caption(s), original and stored sizes, sha256, ...).
-* ``NNNNNN_stats.json``: per-shard counts (samples written, and failures by status / error message).
-* ``manifest.json``: ``{"format": 1, "num_samples": total, "shards": [{"name": "000000.tar", "num_samples": n},
-  ...]}``: the loader derives exact epoch lengths from it without opening a tar.
+"""The shard writer of every data_prep step: shards written atomically, their stats, the manifest. The format
+itself (file names, keys, manifest layout) is defined once, in ``albef.data.shards``, which the loaders read with.
 
 Shards are written to ``NNNNNN.tar.tmp`` and renamed only when complete (after the stats file), so a killed run
 never leaves a truncated tar under a final name and a rerun can trust every ``.tar`` it finds.
@@ -17,32 +9,13 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import tarfile
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
+from albef.data.shards import MANIFEST, build_manifest, sanitize_key, shard_file, split_member, stats_file
 from albef.fsutil import atomic_write, durable_replace
-
-MANIFEST = "manifest.json"
-_SAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
-
-
-def shard_name(index: int) -> str:
-    return f"{index:06d}.tar"
-
-
-def stats_name(index: int) -> str:
-    return f"{index:06d}_stats.json"
-
-
-def sanitize_key(key: str) -> str:
-    """Member keys may not contain '/', '.', or anything a tar/webdataset reader could misread."""
-    key = _SAFE_KEY.sub("_", key)
-    if not key or key.startswith("-"):
-        key = "k" + key
-    return key
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
@@ -64,8 +37,8 @@ class ShardWriter:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.index = index
-        self.path = self.out_dir / shard_name(index)
-        self.tmp = self.out_dir / (shard_name(index) + ".tmp")
+        self.path = self.out_dir / shard_file(index)
+        self.tmp = self.out_dir / (shard_file(index) + ".tmp")
         self._tar = tarfile.open(self.tmp, "w")
         self._keys = set()
         self.num_samples = 0
@@ -110,9 +83,9 @@ def publish(
     """Publish a complete tar (on the same filesystem) as shard ``index``: the stats file first, then a rename."""
     out_dir = Path(out_dir)
     stats = dict(stats or {})
-    stats.update(shard=shard_name(index), num_samples=num_samples)
-    atomic_write_json(out_dir / stats_name(index), stats)
-    path = out_dir / shard_name(index)
+    stats.update(shard=shard_file(index), num_samples=num_samples)
+    atomic_write_json(out_dir / stats_file(index), stats)
+    path = out_dir / shard_file(index)
     durable_replace(tar_path, path)  # the shard appears under its final name only when complete, and stays so
     return path
 
@@ -124,7 +97,7 @@ def iter_tar_samples(path: Union[str, Path]) -> Iterator[Tuple[str, Dict[str, by
         for info in tar:
             if not info.isfile():
                 continue
-            name, _, ext = info.name.partition(".")
+            name, ext = split_member(info.name)
             if name != key and members:
                 yield key, members
                 members = {}
@@ -143,7 +116,7 @@ def finished_shards(out_dir: Union[str, Path]) -> Dict[int, int]:
     out = {}
     for stats in sorted(Path(out_dir).glob("[0-9]" * 6 + "_stats.json")):
         index = int(stats.name[:6])
-        if (Path(out_dir) / shard_name(index)).is_file():
+        if (Path(out_dir) / shard_file(index)).is_file():
             out[index] = int(json.loads(stats.read_text())["num_samples"])
     return out
 
@@ -151,13 +124,7 @@ def finished_shards(out_dir: Union[str, Path]) -> Dict[int, int]:
 def write_manifest(out_dir: Union[str, Path], extra: Optional[Dict] = None) -> Dict:
     """(Re)build ``manifest.json`` from the committed shards; returns it."""
     shards = finished_shards(out_dir)
-    manifest = {
-        "format": 1,
-        "num_samples": sum(shards.values()),
-        "shards": [{"name": shard_name(i), "num_samples": n} for i, n in sorted(shards.items())],
-    }
-    if extra:
-        manifest.update(extra)
+    manifest = build_manifest({shard_file(i): n for i, n in sorted(shards.items())}, extra)
     atomic_write_json(Path(out_dir) / MANIFEST, manifest)
     return manifest
 

@@ -815,9 +815,9 @@ def test_retry_failed_refetches_transient_rows_and_keeps_the_dataset_exact(tmp_p
         assert run("ds", server) == 0
         first = shards.merge_stats(tmp_path / "ds")
         assert (first["status.success"], first["status.failed_to_download"]) == (10, 4)
-        transient = [json.loads((tmp_path / "ds" / shards.stats_name(i)).read_text())["transient"] for i in range(4)]
+        transient = [json.loads((tmp_path / "ds" / shards.stats_file(i)).read_text())["transient"] for i in range(4)]
         assert [[row for row, *_ in t] for t in transient] == [[1], [5], [10], []]  # the 404 is final
-        untouched = {i: (tmp_path / "ds" / shards.shard_name(i)).stat().st_mtime_ns for i in (2, 3)}
+        untouched = {i: (tmp_path / "ds" / shards.shard_file(i)).stat().st_mtime_ns for i in (2, 3)}
         hits = dict(server.hits)
 
         server.routes.update({"/b": routes["/b"], "/f": routes["/f"]})  # the server heals, except /k
@@ -857,8 +857,8 @@ def test_retry_failed_refetches_transient_rows_and_keeps_the_dataset_exact(tmp_p
     assert [s["num_samples"] for s in manifest["shards"]] == [3, 3, 3, 2] and manifest["num_samples"] == 11
     assert manifest["status"] == shards.read_manifest(tmp_path / "fresh")["status"]
     # shard 2 kept its samples (its /k failed again): only its stats changed; shard 3 had nothing to retry
-    assert {i: (tmp_path / "ds" / shards.shard_name(i)).stat().st_mtime_ns for i in (2, 3)} == untouched
-    assert json.loads((tmp_path / "ds" / shards.stats_name(2)).read_text())["transient"] == [
+    assert {i: (tmp_path / "ds" / shards.shard_file(i)).stat().st_mtime_ns for i in (2, 3)} == untouched
+    assert json.loads((tmp_path / "ds" / shards.stats_file(2)).read_text())["transient"] == [
         [10, "failed_to_download", "http 500"]
     ]
     assert not (tmp_path / "ds" / "_work" / "retry").exists()

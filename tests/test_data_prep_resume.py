@@ -118,7 +118,7 @@ def dataset(out: Path):
     result = {"manifest": shards.read_manifest(out)}
     for tar in sorted(out.glob("[0-9]" * 6 + ".tar")):
         result[tar.name] = dict(shards.iter_tar_samples(tar))
-        stats = json.loads((out / shards.stats_name(int(tar.name[:6]))).read_text())
+        stats = json.loads((out / shards.stats_file(int(tar.name[:6]))).read_text())
         timings = ("start_time", "end_time", "duration")
         result[tar.name + ".stats"] = {k: v for k, v in stats.items() if k not in timings}
     return result
@@ -144,7 +144,7 @@ def test_sigkill_midrun_then_rerun_gives_the_uninterrupted_shards(served, refere
     try:
         proc = cli(served["list"], out, "--processes", "2", "--threads", "2")
         deadline = time.monotonic() + 60
-        while not (out / shards.shard_name(1)).exists():
+        while not (out / shards.shard_file(1)).exists():
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "shards 0 and 1 were never published"
             time.sleep(0.02)
@@ -160,7 +160,7 @@ def test_sigkill_midrun_then_rerun_gives_the_uninterrupted_shards(served, refere
 
     assert sorted(shards.finished_shards(out)) == [0, 1]  # published shards are a prefix, each one complete
     for index, count in shards.finished_shards(out).items():
-        assert len(list(shards.iter_tar_samples(out / shards.shard_name(index)))) == count
+        assert len(list(shards.iter_tar_samples(out / shards.shard_file(index)))) == count
     assert not (out / shards.MANIFEST).exists()
     hits_before = dict(server.hits)
 

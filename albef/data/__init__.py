@@ -13,55 +13,47 @@
 * ``samples.py``: raw sample -> training sample, and the batch collation (tokenisation included).
 """
 
-from albef.data.config import DataConfig
-from albef.data.json_dataset import JsonCaptionDataset, load_json_entries
-from albef.data.loader import PretrainLoader, build_pretrain_loader, shuffle_events, worker_batch_counts
-from albef.data.samples import REASONS, BadSample, collate, make_sample, sample_from_shard
-from albef.data.shards import Shard, expand_dataset, iter_shard, load_manifest
-from albef.data.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    FINETUNE_SCALE,
-    PRETRAIN_SCALE,
-    RANDAUG_OPS,
-    ImageTransform,
-    RandAugment,
-    finetune_transform,
-    normalize_images,
-    pretrain_transform,
-    random_resized_crop_params,
-    stack_images,
-    test_transform,
-)
+import importlib
 
-__all__ = [
-    "DataConfig",
-    "PretrainLoader",
-    "build_pretrain_loader",
-    "shuffle_events",
-    "worker_batch_counts",
-    "JsonCaptionDataset",
-    "load_json_entries",
-    "REASONS",
-    "BadSample",
-    "collate",
-    "make_sample",
-    "sample_from_shard",
-    "Shard",
-    "expand_dataset",
-    "iter_shard",
-    "load_manifest",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "FINETUNE_SCALE",
-    "PRETRAIN_SCALE",
-    "RANDAUG_OPS",
-    "ImageTransform",
-    "RandAugment",
-    "finetune_transform",
-    "normalize_images",
-    "pretrain_transform",
-    "random_resized_crop_params",
-    "stack_images",
-    "test_transform",
-]
+# The names below load their module on first use (PEP 562), so that ``albef.data.shards``, the torch-free shard
+# format, imports without torch (data_prep writes shards with it); the rest of the package needs torch.
+_EXPORTS = {
+    "DataConfig": "config",
+    "JsonCaptionDataset": "json_dataset",
+    "load_json_entries": "json_dataset",
+    "PretrainLoader": "loader",
+    "build_pretrain_loader": "loader",
+    "shuffle_events": "loader",
+    "worker_batch_counts": "loader",
+    "REASONS": "samples",
+    "BadSample": "samples",
+    "collate": "samples",
+    "make_sample": "samples",
+    "sample_from_shard": "samples",
+    "Shard": "shards",
+    "expand_dataset": "shards",
+    "iter_shard": "shards",
+    "load_manifest": "shards",
+    "CLIP_MEAN": "transforms",
+    "CLIP_STD": "transforms",
+    "FINETUNE_SCALE": "transforms",
+    "PRETRAIN_SCALE": "transforms",
+    "RANDAUG_OPS": "transforms",
+    "ImageTransform": "transforms",
+    "RandAugment": "transforms",
+    "finetune_transform": "transforms",
+    "normalize_images": "transforms",
+    "pretrain_transform": "transforms",
+    "random_resized_crop_params": "transforms",
+    "stack_images": "transforms",
+    "test_transform": "transforms",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'albef.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"albef.data.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

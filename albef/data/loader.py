@@ -79,7 +79,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from albef.data.config import DataConfig
 from albef.data.json_dataset import JsonCaptionDataset
 from albef.data.samples import REASONS, BadSample, collate, derive_seed, sample_from_shard
-from albef.data.shards import Missing, Shard, expand_dataset, iter_shard, shard_name
+from albef.data.shards import Missing, Shard, expand_dataset, iter_shard, listed_name
 from albef.data.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -557,7 +557,7 @@ class PretrainLoader:
             self._shards = [s for shards in per_dataset for s in shards]
             self.num_samples = sum(s.num_samples for s in self._shards)
             # names and sizes, not paths: a resumed job may read the same shards from another mount or URL
-            fingerprint_items = [f"{s.dataset}\t{shard_name(s.url)}\t{s.num_samples}" for s in self._shards]
+            fingerprint_items = [f"{s.dataset}\t{listed_name(s.url)}\t{s.num_samples}" for s in self._shards]
             if cfg.resampled:
                 sizes = [sum(s.num_samples for s in shards) for shards in per_dataset]
                 weights = cfg.weights or sizes

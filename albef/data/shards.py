@@ -1,4 +1,15 @@
-"""Shard sources: expanding dataset specs into shards with exact sizes, and reading samples from a shard.
+"""The shard format (one definition: data_prep writes it, the loaders read it), dataset specs -> shards with exact
+sizes, and reading samples from a shard. Torch-free: data_prep imports it without torch.
+
+The format. A dataset directory holds:
+
+* ``NNNNNN.tar`` (6-digit shard index, ``shard_file``): webdataset tar shards. Each sample is three members with the
+  same key: ``<key>.jpg`` (JPEG bytes), ``<key>.txt`` (UTF-8 caption; several captions of one image are stored one
+  per line), ``<key>.json`` (metadata: source url/path, caption(s), original and stored sizes, sha256, ...). Keys
+  are ``sanitize_key``'d; a member's key and extension follow ``split_member`` (webdataset's rule).
+* ``NNNNNN_stats.json`` (``stats_file``): per-shard counts (samples written, and failures by status / message).
+* ``manifest.json`` (``MANIFEST``): ``{"format": 1, "num_samples": total, "shards": [{"name": "000000.tar",
+  "num_samples": n}, ...]}`` (``build_manifest`` / ``parse_manifest``): exact epoch lengths without opening a tar.
 
 A dataset spec (one ``data.shards`` entry) is one of
 
@@ -39,6 +50,8 @@ from braceexpand import braceexpand
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+FORMAT = 1
+_SAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 _TAR_NAME = re.compile(r"[^/\s'\"]+\.tar\b")
 _HTTP_RETRIES = 3
 
@@ -69,11 +82,39 @@ class Missing:
     detail: str
 
 
+def shard_file(index: int) -> str:
+    """Shard ``index``'s file name in a dataset directory."""
+    return f"{index:06d}.tar"
+
+
+def stats_file(index: int) -> str:
+    return f"{index:06d}_stats.json"
+
+
+def sanitize_key(key: str) -> str:
+    """A sample key as the writer stores it: no '/', '.', or anything a tar/webdataset reader could misread."""
+    key = _SAFE_KEY.sub("_", key)
+    if not key or key.startswith("-"):
+        key = "k" + key
+    return key
+
+
+def build_manifest(sizes: Dict[str, int], extra: Optional[Dict] = None) -> Dict:
+    """The manifest of shards ``{file name: num_samples}`` (in shard order), with ``extra`` top-level fields."""
+    manifest = {
+        "format": FORMAT,
+        "num_samples": sum(sizes.values()),
+        "shards": [{"name": name, "num_samples": n} for name, n in sizes.items()],
+    }
+    manifest.update(extra or {})
+    return manifest
+
+
 def _is_url(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
 
-def shard_name(url: str) -> str:
+def listed_name(url: str) -> str:
     """The file name a manifest lists this shard under."""
     if url.startswith("pipe:"):
         names = _TAR_NAME.findall(url)
@@ -93,13 +134,17 @@ def _read_bytes(location: str) -> bytes:
         return f.read()
 
 
-def _parse_manifest(raw: bytes, location: str) -> Dict[str, int]:
+def parse_manifest(raw: bytes, location: str) -> Dict[str, int]:
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except ValueError as e:
         raise ValueError(f"manifest {location} is not valid UTF-8 JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != 1 or not isinstance(manifest.get("shards"), list):
-        raise ValueError(f"manifest {location}: expected {{'format': 1, 'shards': [...]}} (data_prep.shards format)")
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("shards"), list)
+    ):
+        raise ValueError(f"manifest {location}: expected {{'format': 1, 'shards': [...]}} (see albef.data.shards)")
     sizes = {}
     for i, entry in enumerate(manifest["shards"]):
         if (
@@ -119,7 +164,7 @@ def load_manifest(location: str) -> Dict[str, int]:
         raw = _read_bytes(location)
     except (OSError, urllib.error.URLError) as e:
         raise ValueError(f"cannot read manifest {location}: {e}") from None
-    return _parse_manifest(raw, location)
+    return parse_manifest(raw, location)
 
 
 def _manifest_beside(url: str) -> Optional[str]:
@@ -143,7 +188,7 @@ def _try_manifest(location: str) -> Optional[Dict[str, int]]:
         raise ValueError(f"cannot read manifest {location}: {e}") from None
     except (OSError, urllib.error.URLError) as e:
         raise ValueError(f"cannot read manifest {location}: {e}") from None
-    return _parse_manifest(raw, location)
+    return parse_manifest(raw, location)
 
 
 def expand_dataset(spec: str, index: int, manifest: str = "") -> List[Shard]:
@@ -171,7 +216,7 @@ def expand_dataset(spec: str, index: int, manifest: str = "") -> List[Shard]:
         if location is not None and location not in found:
             found[location] = load_manifest(location) if manifest else _try_manifest(location)
         sizes = found.get(location) if location is not None else None
-        name = shard_name(url)
+        name = listed_name(url)
         if sizes is None:
             counts.append(None)
         elif name in sizes:
@@ -241,7 +286,9 @@ class _Stream:
         return None
 
 
-def _split_name(name: str) -> Tuple[str, str]:
+def split_member(name: str) -> Tuple[str, str]:
+    """A tar member's (sample key, extension), webdataset's rule: the key is the member path up to the first dot of
+    its file name, the extension the rest, lower-cased ("" without a dot)."""
     base = name.rsplit("/", 1)
     stem = base[-1]
     dot = stem.find(".")
@@ -260,7 +307,7 @@ def _iter_tar(stream: _Stream, url: str, skip: int) -> Iterator[Union[RawSample,
         for info in tar:
             if not info.isfile():
                 continue
-            k, ext = _split_name(info.name)
+            k, ext = split_member(info.name)
             if key is not None and k != key:
                 yield RawSample(key, url, members) if position >= skip else None
                 position += 1
@@ -276,7 +323,7 @@ def _iter_tar(stream: _Stream, url: str, skip: int) -> Iterator[Union[RawSample,
 def iter_shard(shard: Shard, skip: int = 0) -> Iterator[Union[RawSample, Missing]]:
     """Exactly ``shard.num_samples - skip`` items: the shard's samples from position ``skip`` on, ``Missing``
     placeholders for positions the shard could not deliver."""
-    name = shard_name(shard.url)
+    name = listed_name(shard.url)
     position = skip
     error = None
     stream = None
@@ -319,7 +366,7 @@ def count_samples(url: str) -> int:
         with tarfile.open(url, mode="r:") as tar:
             for info in tar:
                 if info.isfile():
-                    k, _ = _split_name(info.name)
+                    k, _ = split_member(info.name)
                     if k != last:
                         keys, last = keys + 1, k
         return keys
