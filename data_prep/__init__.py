@@ -6,5 +6,6 @@ Run the steps as modules from the repository root, e.g. ``python -m data_prep.do
 * ``data_prep.download``: URL + caption lists (txt/csv/tsv/json/jsonl/parquet, .gz) -> shards;
 * ``data_prep.annotations``: ALBEF / COCO / VG annotation JSON + an image folder -> shards.
 
-The shard format is defined in ``albef.data.shards`` and written by ``data_prep.shards``; data_prep/README.md documents the options, outputs and guarantees.
+The shard format is defined in ``albef.data.shards`` and written by ``data_prep.shards``; data_prep/README.md
+documents the options, outputs and guarantees.
 """
