@@ -7,6 +7,7 @@
 
 * ``colormap(values)``: a jet-like colour ramp (dark blue -> blue -> cyan -> yellow -> red -> dark red) by
   piecewise-linear interpolation, for values in [0, 1].
+* ``save_grounding_overlay``: one grounding expression's overlay PNG, its map upsampled as it was scored.
 * ``render_overlay``: the heat map (any ``(h, w)`` map; resized bicubically to the image when it is a grid) is
   clipped at 0 and scaled by its maximum, coloured, and alpha-blended with a per-pixel weight ``alpha * value``,
   so cold regions keep the photo's own pixels. The predicted box is drawn in magenta on its pixels, the true box
@@ -108,3 +109,14 @@ def save_overlay(path: Union[str, Path], image, heatmap, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     render_overlay(image, heatmap, **kwargs).save(path, format="PNG")
     return path
+
+
+def save_grounding_overlay(path, image_path: str, cam, pred_box, gt_box, label: str) -> Path:
+    """The overlay PNG of one grounding expression: the original image with the Grad-CAM map ``cam`` (a tensor)
+    upsampled to its size (as scored)."""
+    from albef.eval.grounding import upsample_map
+
+    with Image.open(image_path) as im:
+        image = im.convert("RGB")
+    heat = upsample_map(cam, (image.height, image.width))
+    return save_overlay(path, image, heat, pred_box=pred_box, true_box=gt_box, label=label)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from albef.config import ConfigError, load_config
+from albef.data.grounding import load_proposals, load_refs, refs_from_refer
 from albef.demo.world import generate_world
 from albef.eval.grounding import (
     box_iou,
@@ -36,16 +37,9 @@ from albef.eval.grounding import (
 )
 from albef.models import build_model
 from albef.models.convert import load_pretrained, save_official
-from albef.tasks.grounding import (
-    GroundingConfig,
-    GroundingTask,
-    load_proposals,
-    load_refs,
-    refs_from_refer,
-    save_grounding_overlay,
-)
+from albef.tasks.grounding import GroundingConfig, GroundingTask
 from albef.tokenizer import Tokenizer
-from albef.viz import PRED_COLOUR, TRUE_COLOUR, colormap, render_overlay
+from albef.viz import PRED_COLOUR, TRUE_COLOUR, colormap, render_overlay, save_grounding_overlay
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "finetune/configs/grounding_refcoco+.yaml"
@@ -362,6 +356,15 @@ def test_annotation_loading_and_errors(tmp_path):
         }
     }
     assert load_refs(str(refer)) == refs_from_refer(str(refer))
+    # the command that writes them once as the refs JSON, which then loads the same
+    out = subprocess.run(
+        [sys.executable, "-m", "albef.data.grounding", "--refer-dir", str(refer), "--out", str(tmp_path / "out.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "1 refs ->" in out.stdout, out.stderr
+    assert load_refs(str(tmp_path / "out.json")) == refs_from_refer(str(refer))
     with open(refer / "refs(unc).p", "wb") as f:  # a pickle that would build an object is refused
         pickle.dump([Path("x")], f)
     with pytest.raises(pickle.UnpicklingError, match="refusing"):

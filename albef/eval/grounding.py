@@ -301,3 +301,24 @@ def _gradcam_itc(model, image, input_ids, attention_mask, block_num) -> torch.Te
         probs = rec.maps[0]
         (grads,) = torch.autograd.grad(sim.sum(), probs)
     return gradcam_from_vit_attention(probs.detach(), grads)
+
+
+def grounding_metrics(rows: List[Dict], split: str) -> Dict[str, float]:
+    """Accuracies in percent from per-expression rows (``correct``, ``centre_correct``, ``random_correct``,
+    ``split``): ``acc``, ``acc_<split>`` when the rows mix ground-truth splits (or name another one), the two
+    baselines and ``num_refs``."""
+    if not rows:
+        raise ValueError(f"grounding evaluation of {split!r}: no referring expressions")
+    n = len(rows)
+    metrics = {
+        "acc": 100.0 * sum(r["correct"] for r in rows) / n,
+        "baseline_centre": 100.0 * sum(r["centre_correct"] for r in rows) / n,
+        "baseline_random": 100.0 * sum(r["random_correct"] for r in rows) / n,
+        "num_refs": float(n),
+    }
+    splits = sorted({r["split"] for r in rows})
+    if splits != [split]:
+        for s in splits:
+            part = [r for r in rows if r["split"] == s]
+            metrics[f"acc_{s}"] = 100.0 * sum(r["correct"] for r in part) / len(part)
+    return metrics
