@@ -77,10 +77,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# Regenerate the lock from requirements.txt + requirements-dev.txt (+ constraints.txt), keeping every pin that the
-# loose files still allow; `make upgrade` takes the newest releases instead and runs the tests on them.
+# Regenerate the lock from requirements.txt + requirements-data-prep.txt + requirements-dev.txt (+ constraints.txt),
+# keeping every pin that the loose files still allow; `make upgrade` takes the newest releases instead and runs the tests on them.
 # The lock is only rewritten when its text changes (a rewrite rebuilds .venv).
-UV_COMPILE = cp $(LOCK) $(LOCK).new && $(VENV)/bin/uv pip compile requirements.txt requirements-dev.txt \
+UV_COMPILE = cp $(LOCK) $(LOCK).new && $(VENV)/bin/uv pip compile requirements.txt requirements-data-prep.txt \
+  requirements-dev.txt \
   -c constraints.txt --python-version $(LOCK_PYTHON) --python-platform $(LOCK_PLATFORM) \
   --find-links $(TORCH_CPU_LINKS) --custom-compile-command "make lock" -q -o $(LOCK).new
 KEEP_LOCK = if cmp -s $(LOCK).new $(LOCK); then rm $(LOCK).new; echo "$(LOCK): unchanged"; \

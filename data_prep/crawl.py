@@ -324,7 +324,12 @@ def find_inputs(inputs: List[str]) -> List[Tuple[Path, Path]]:
 
 
 def _warc_pages(path: Path, bar: tqdm) -> Iterator[Tuple[Optional[str], str, List[str]]]:
-    from warcio.archiveiterator import ArchiveIterator
+    try:
+        from warcio.archiveiterator import ArchiveIterator
+    except ImportError:  # data_prep's own requirement, not the training machine's
+        raise ImportError(
+            f"{path}: reading WARC files needs warcio: pip install -r requirements-data-prep.txt"
+        ) from None
 
     with open(path, "rb") as f:
         position = 0

@@ -472,7 +472,10 @@ class RobotsTxt:
         return rules
 
     def _fetch(self, key: tuple):
-        from protego import Protego
+        try:
+            from protego import Protego
+        except ImportError:  # data_prep's own requirement, not the training machine's
+            raise ImportError("robots.txt rules need protego: pip install -r requirements-data-prep.txt") from None
 
         scheme, host, port = key
         default = 443 if scheme == "https" else 80

@@ -37,7 +37,7 @@ def test_lock_satisfies_the_loose_requirements():
     """Every loose requirement (and the torch constraint) is in the lock at a version it allows: an edit of
     requirements*.txt without `make lock` fails here."""
     lock = pins(REPO / "requirements.lock")
-    for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt"):
+    for name in ("requirements.txt", "requirements-data-prep.txt", "requirements-dev.txt", "constraints.txt"):
         for req in loose(REPO / name):
             key = canonicalize_name(req.name)
             assert key in lock, f"{name}: {req} is not in requirements.lock (run `make lock`)"
