@@ -32,9 +32,8 @@ from albef.models import build_model, model_config
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 sys.path.insert(0, str(Path(__file__).parent))
-from wandb_records import history, run_id  # noqa: E402
-
 from runs import base_overrides, launch, losses, run_env, summary, wait_for_step  # noqa: E402
+from wandb_records import history, run_id  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ unit level
 

@@ -525,6 +525,7 @@ def test_a_run_resumes_on_another_number_of_ranks(world_shards, tmp_path, ds_con
     import subprocess
 
     from albef.engine import checkpointing
+
     from runs import PY, REPO, run_env
 
     def dumping(run, dump, nproc, max_steps):
