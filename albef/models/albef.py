@@ -19,8 +19,6 @@ forward from the same state and seed reproduces the official losses (see tests/t
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -30,7 +28,8 @@ from torch import nn
 
 from albef.engine.dist import all_gather_tensor
 from albef.models.bert import BertConfig, BertForMaskedLM, BertModel, init_bert_weights, mlm_loss, soft_cross_entropy
-from albef.models.vit import VisionConfig, build_vit, set_vit_attn_impl
+from albef.models.momentum import MomentumModel
+from albef.models.vit import VisionConfig, build_vit
 
 PAD_ID, CLS_ID, MASK_ID = 0, 101, 103
 
@@ -152,12 +151,11 @@ def mask_tokens(input_ids: torch.Tensor, vocab_size: int, probability: float):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class ALBEFBase(nn.Module):
-    """Encoders, projections, ITM head, temperature, momentum twins and feature queues.
+class ALBEFBase(MomentumModel):
+    """Encoders, projections, ITM head, temperature, momentum twins and feature queues (the EMA is
+    ``MomentumModel``'s; the queues are this class's)."""
 
-    The only place that knows the momentum pairs (``copy_params``, ``momentum_update``) and the queues.
-    """
-
+    momentum_names = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
     text_encoder_cls: type = BertModel
     has_idx_queue: bool = False
 
@@ -175,12 +173,7 @@ class ALBEFBase(nn.Module):
         # albef.models.convert converts at load/export time.
         self.temp = nn.Parameter(torch.full((1,), cfg.temp))
 
-        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
-        self.vision_proj_m = copy.deepcopy(self.vision_proj)
-        self.text_encoder_m = copy.deepcopy(self.text_encoder)
-        self.text_proj_m = copy.deepcopy(self.text_proj)
-        for p in self.momentum_parameters():
-            p.requires_grad_(False)
+        self.make_momentum_twins()
 
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
@@ -188,24 +181,9 @@ class ALBEFBase(nn.Module):
         if self.has_idx_queue:
             self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
 
-        self.set_attn_impl(cfg.attn_impl)
-        self.set_text_packing(cfg.text_packing)
-        self.set_grad_checkpointing(cfg.grad_checkpointing)
+        self.apply_switches()
 
     # --- structure -------------------------------------------------------------------------------------------
-    @property
-    def model_pairs(self):
-        return [
-            (self.visual_encoder, self.visual_encoder_m),
-            (self.vision_proj, self.vision_proj_m),
-            (self.text_encoder, self.text_encoder_m),
-            (self.text_proj, self.text_proj_m),
-        ]
-
-    def momentum_parameters(self):
-        for _, m in self.model_pairs:
-            yield from m.parameters()
-
     @property
     def bert(self) -> BertModel:
         return self.text_encoder
@@ -214,45 +192,7 @@ class ALBEFBase(nn.Module):
     def bert_m(self) -> BertModel:
         return self.text_encoder_m
 
-    def set_attn_impl(self, impl: str) -> None:
-        for vit in (self.visual_encoder, self.visual_encoder_m):
-            set_vit_attn_impl(vit, impl)
-        for m in self.modules():
-            if hasattr(m, "attn_impl"):
-                m.attn_impl = impl
-
-    def set_text_packing(self, enable: bool = True) -> None:
-        for m in self.modules():
-            if isinstance(m, BertModel):
-                m.packing = enable
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute activations of every ViT block and BERT layer in backward (online encoders only: the
-        momentum encoders run without gradient)."""
-        self.visual_encoder.set_grad_checkpointing(enable)
-        self.text_encoder.set_grad_checkpointing(enable)
-
-    # --- momentum and queues ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        """Make every momentum parameter equal to its online counterpart."""
-        for online, mom in self.model_pairs:
-            for p, p_m in zip(online.parameters(), mom.parameters()):
-                p_m.data.copy_(p.data)
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """``m <- m * momentum + p * (1 - momentum)``: two products and a sum, the official float32 formula.
-
-        Tied tensors (the MLM decoder) are updated once, since ``parameters()`` yields each tensor once.
-        """
-        online = [p.data for o, _ in self.model_pairs for p in o.parameters()]
-        mom = [p.data for _, m in self.model_pairs for p in m.parameters()]
-        if online[0].dtype != mom[0].dtype:  # half-precision training keeps the momentum weights in float32
-            online = [p.to(mom[0].dtype) for p in online]
-        torch._foreach_mul_(mom, self.cfg.momentum)
-        torch._foreach_add_(mom, torch._foreach_mul(online, 1.0 - self.cfg.momentum))
-
+    # --- queues ---------------------------------------------------------------------------------
     @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat_m, text_feat_m, idx=None) -> None:
         """Write the (all-gathered) momentum features into the queues at ``queue_ptr`` and advance it.
@@ -275,25 +215,6 @@ class ALBEFBase(nn.Module):
         if self.has_idx_queue and idx is not None:
             self.idx_queue[:, ptr : ptr + bs] = all_gather_tensor(idx.view(-1)).view(1, -1)
         self.queue_ptr[0] = (ptr + bs) % self.cfg.queue_size
-
-    def keep_momentum_fp32(self, fp32_state: Dict[str, torch.Tensor]) -> None:
-        """Put float32 values back into the momentum parameters after an engine cast the model to fp16/bf16.
-
-        The EMA adds 0.5% of the online weight per step: in bf16 (8 mantissa bits) most of these updates would
-        round away, so the momentum encoders keep float32 weights and run under autocast (``_momentum_ctx``).
-        """
-        for name, p in self.named_parameters():
-            if name in fp32_state:
-                p.data = fp32_state[name].to(p.device, torch.float32)
-
-    def momentum_state_fp32(self) -> Dict[str, torch.Tensor]:
-        return {n: p.detach().float().clone() for n, p in self.named_parameters() if n.split(".")[0].endswith("_m")}
-
-    def _momentum_ctx(self):
-        online, mom = self.vision_proj.weight.dtype, self.vision_proj_m.weight.dtype
-        if online == mom:
-            return contextlib.nullcontext()
-        return torch.autocast(self.vision_proj.weight.device.type, dtype=online)
 
     # --- encoders (the public API: callers never pass `mode`) -----------------------------------------------
     def encode_image(self, image: torch.Tensor, momentum: bool = False) -> torch.Tensor:

@@ -24,8 +24,6 @@ kinds ``vqa``, ``nlvr``, ``nlvr_ta``, ``ve``.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 from typing import Dict, List, Sequence
 
@@ -33,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from albef.models.albef import ALBEFBase, ModelConfig, hard_negative_weights
+from albef.models.albef import ModelConfig, hard_negative_weights
 from albef.models.bert import BertConfig, BertForMaskedLM, BertModel, distilled_cross_entropy, init_bert_weights
-from albef.models.vit import build_vit, set_vit_attn_impl
+from albef.models.momentum import MomentumModel
+from albef.models.vit import build_vit
 
 
 def decoder_config(text: BertConfig) -> BertConfig:
@@ -66,12 +65,8 @@ def share_cross_attention_kv(bert: BertModel) -> None:
         a.key, a.value = b.key, b.value
 
 
-class TaskModel(nn.Module):
-    """Momentum machinery of the downstream models: ``momentum_names`` lists the online modules that have an
-    ``<name>_m`` twin. ``copy_params``, ``momentum_update`` and the float32 bookkeeping are ``ALBEFBase``'s own
-    functions (they only use ``model_pairs`` and ``cfg.momentum``), so the EMA is the same code for every model."""
-
-    momentum_names: tuple = ()
+class TaskModel(MomentumModel):
+    """A downstream model: its ViT, and the momentum twins of ``momentum_names`` (``MomentumModel``)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -80,44 +75,8 @@ class TaskModel(nn.Module):
 
     def _finish(self) -> None:
         """Create the momentum twins (equal to the online modules, frozen) and apply the model-wide switches."""
-        for name in self.momentum_names:
-            setattr(self, name + "_m", copy.deepcopy(getattr(self, name)))
-        for p in self.momentum_parameters():
-            p.requires_grad_(False)
-        self.set_attn_impl(self.cfg.attn_impl)
-        self.set_text_packing(self.cfg.text_packing)
-        self.set_grad_checkpointing(self.cfg.grad_checkpointing)
-
-    @property
-    def model_pairs(self):
-        return [(getattr(self, n), getattr(self, n + "_m")) for n in self.momentum_names]
-
-    momentum_parameters = ALBEFBase.momentum_parameters
-    copy_params = ALBEFBase.copy_params
-    momentum_update = ALBEFBase.momentum_update
-    keep_momentum_fp32 = ALBEFBase.keep_momentum_fp32
-    momentum_state_fp32 = ALBEFBase.momentum_state_fp32
-    set_text_packing = ALBEFBase.set_text_packing
-
-    def _momentum_ctx(self):
-        """Autocast the float32 momentum modules to the online dtype under half-precision training."""
-        if not self.momentum_names:
-            return contextlib.nullcontext()
-        online, mom = (next(m.parameters()) for m in self.model_pairs[0])
-        if online.dtype == mom.dtype:
-            return contextlib.nullcontext()
-        return torch.autocast(online.device.type, dtype=online.dtype)
-
-    def set_attn_impl(self, impl: str) -> None:
-        for m in self.modules():
-            if hasattr(m, "attn_impl"):
-                m.attn_impl = impl
-            if hasattr(m, "blocks") and hasattr(m, "patch_embed"):
-                set_vit_attn_impl(m, impl)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual_encoder.set_grad_checkpointing(enable)
-        self.text_encoder.set_grad_checkpointing(enable)
+        self.make_momentum_twins()
+        self.apply_switches()
 
     def encode_image(self, image: torch.Tensor, momentum: bool = False) -> torch.Tensor:
         return (self.visual_encoder_m if momentum else self.visual_encoder).forward_features(image)
