@@ -7,6 +7,9 @@ import collections
 import io
 import random
 
+import albef  # noqa: F401  (the torchvision compatibility fix, before torchvision is imported)
+
+# isort: split
 import cv2
 import numpy as np
 import pytest
@@ -15,7 +18,6 @@ from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms as tv
 from torchvision.transforms import functional as tvf
 
-import albef  # noqa: F401  (torchvision compatibility fix first)
 from albef.data import (
     CLIP_MEAN,
     CLIP_STD,
