@@ -16,6 +16,7 @@ from PIL import Image
 
 from albef.eval.retrieval import encode_texts, ground_truth, itm_rerank, recall_metrics
 from albef.models import build_model
+from albef.models.bert import SharedImages
 from albef.models.convert import load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,8 +63,9 @@ def test_batched_rerank_reproduces_the_official_score_matrix(parity_pretrain, pa
             assert torch.allclose(t2i, ref["itm_score_matrix_i2t"].T, atol=1e-5)
         assert torch.allclose(sims, ref["sims_matrix"], atol=1e-5)
         # A pair that an image query and a caption query both ask for is fused once, each batch is cut to its
-        # longest caption, and a batch projects each of its images' keys/values once: the official code fuses
-        # 2 x 4 x 4 pairs at full padded width, projecting an image's keys/values for every pair.
+        # longest caption, and the pairs come sorted by image, so an image's keys/values are projected once, and
+        # again only where its pairs span two batches: the official code fuses 2 x 4 x 4 pairs at full padded
+        # width, projecting an image's keys/values for every pair.
         calls, fuse = [], model.fuse
         model.fuse = lambda t, m, i, **kw: (
             calls.append((t.shape[0], t.shape[1], int(m.sum(1).max()), len(i.states))) or fuse(t, m, i, **kw)
@@ -72,8 +74,8 @@ def test_batched_rerank_reproduces_the_official_score_matrix(parity_pretrain, pa
         del model.fuse
         n_txt, width = ref["input_ids"].shape
         assert sum(c[0] for c in calls) == 4 * n_txt  # every (caption, image) pair once, not twice
-        assert all(w == longest for _, w, longest, _ in calls) and min(c[1] for c in calls) < width, calls
-        assert sum(c[3] for c in calls) < 4 * n_txt, calls  # image projections: fewer than pairs (13 of 16 here)
+        assert all(w == longest for _, w, longest, _ in calls), calls
+        assert sum(c[3] for c in calls) <= len(image_embeds) + len(calls) - 1, calls  # 4 images, 4 batches: <= 7
         # k_test below the number of candidates: only the top-k keep a score, the rest -100 (official)
         i2t, _ = itm_rerank(model, sims, image_embeds, text_embeds, ref["attention_mask"], k_test=2)
         assert ((i2t > -100).sum(1) == 2).all()
@@ -100,6 +102,31 @@ def _rerank_on_rank(rank: int, port: int, tensors: dict, out: str) -> None:
         )
     torch.save({"i2t": i2t, "t2i": t2i}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
+
+
+def test_shared_images_and_precomputed_text_attention_equal_per_pair_fusion():
+    """The two re-ranking shortcuts change no score: ``SharedImages`` (keys/values per image, one attention call per
+    run of texts reading the same image, in any order) and ``text_attended`` (the first fusion layer's
+    self-attention computed once per caption), with and without token packing."""
+    torch.manual_seed(0)
+    model = build_model("tiny", "retrieval", overrides=["vision.img_size=32"], seed=0).eval()
+    with torch.no_grad():
+        images = model.encode_image(torch.randn(3, 3, 32, 32))  # (3, N, W)
+        ids = torch.randint(1000, 5000, (7, 9))
+        mask = torch.ones_like(ids)
+        for row, n in enumerate((9, 3, 5, 9, 2, 7, 4)):
+            mask[row, n:] = 0
+        texts = model.encode_text(ids, mask)
+        index = torch.tensor([2, 0, 0, 1, 2, 2, 0])  # unsorted, repeated
+        for packing in (False, True):
+            model.bert.packing = packing
+            per_pair = model.itm_logits(texts, mask, images[index])
+            shared = model.itm_logits(texts, mask, SharedImages(images, index))
+            attended = model.bert.fusion_text_states(texts, mask)
+            both = model.itm_logits(attended, mask, SharedImages(images, index), text_attended=True)
+            assert torch.allclose(shared, per_pair, atol=1e-5) and torch.allclose(both, per_pair, atol=1e-5)
+            full = model.fuse(texts, mask, images[index])
+            assert torch.allclose(model.fuse(attended, mask, images[index], text_attended=True), full, atol=1e-5)
 
 
 def test_rerank_over_two_ranks_equals_one_process(parity_pretrain, parity_retrieval, tmp_path):

@@ -161,6 +161,16 @@ def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]
 
 
 @torch.no_grad()
+def sum_tensor_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of every rank's ``x`` (a new tensor; ``x`` itself without a process group)."""
+    if rank_and_world()[1] == 1:
+        return x
+    out = x.clone()
+    torch.distributed.all_reduce(out)
+    return out
+
+
+@torch.no_grad()
 def all_gather_tensor(x: torch.Tensor) -> torch.Tensor:
     """Every rank's ``x`` concatenated along dim 0, without gradient (``x`` itself without a process group)."""
     if rank_and_world()[1] == 1:

@@ -9,9 +9,10 @@
 
 The official code re-ranks one query at a time (a batch of k pairs per fusion call, every caption padded to the
 longest of the set). Here the (caption, image) pairs of all queries are fused together in batches of ``pair_batch``
-pairs, a pair asked for by both an image query and a caption query once, sorted by caption length and then image,
-each batch cut to its longest caption and projecting each of its images' cross-attention keys and values once
-(bench/retrieval_eval.py measures it against the official loops).
+pairs, a pair asked for by both an image query and a caption query once, sorted by image and then caption length:
+each batch is cut to its longest caption (and packed when it holds padding), projects each of its few images'
+cross-attention keys and values once, and attends with all the caption tokens of one image in one matmul
+(``SharedImages``; bench/retrieval_eval.py measures it against the official loops).
 
 ``recall_metrics`` implements the official ``itm_eval``: text retrieval ranks, for each image, the best-ranked of
 its ground-truth captions; image retrieval ranks each caption's one image.
@@ -53,15 +54,16 @@ def encode_images(model, images) -> tuple:
 
 @torch.no_grad()
 def itm_rerank(
-    model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, k_test: int, pair_batch: int = 512
+    model, sims: torch.Tensor, image_embeds, text_embeds, text_mask, k_test: int, pair_batch: int = 256
 ) -> tuple:
     """Score matrices (i2t: N_img x N_txt, t2i: N_txt x N_img) as the official evaluation, batched across queries.
 
     The (caption, image) pairs of this rank's image queries and caption queries are gathered first, and a pair that
-    both sides ask for is fused once. The pairs go through the fusion encoder sorted by caption length and, within a
-    length, by image: each batch is cut to its longest caption (the padding the official code carries to every
+    both sides ask for is fused once. The pairs go through the fusion encoder sorted by image and, within an image,
+    by caption length: each batch is cut to its longest caption (the padding the official code carries to every
     fusion call, masked keys, so the scores are the same) and projects each of its images' cross-attention keys and
-    values once (``SharedImages``; the official code projects them again for every pair)."""
+    values once, attending with all the caption tokens of an image at once (``SharedImages``; the official code
+    projects them again for every pair)."""
     n_img, n_txt = sims.shape
     k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
     score_i2t = torch.full((n_img, n_txt), -100.0, device=sims.device)
@@ -79,7 +81,12 @@ def itm_rerank(
     unique, where = torch.unique(pair_t * n_img + pair_i, return_inverse=True)  # pair -> its unique index
     u_t, u_i = unique // n_img, unique % n_img
     lengths = _lengths(text_mask)
-    order = torch.argsort(lengths[u_t] * n_img + u_i, stable=True)  # by caption length, then image
+    order = torch.argsort(u_i * (int(lengths.max()) + 1) + lengths[u_t], stable=True)  # by image, then length
+    # The first fusion layer's self-attention reads the caption alone: once per caption, not once per pair.
+    bert = model.bert
+    attended = torch.cat(
+        [bert.fusion_text_states(text_embeds[j : j + 256], text_mask[j : j + 256]) for j in range(0, n_txt, 256)]
+    )
     logits = torch.empty(len(unique), device=sims.device)
     for start in until_stop(range(0, len(order), pair_batch)):  # a stop request ends it on every rank
         sel = order[start : start + pair_batch]
@@ -87,7 +94,7 @@ def itm_rerank(
         width = int(lengths[t].max())
         images, which = torch.unique(i, return_inverse=True)
         shared = SharedImages(image_embeds[images], which)
-        logits[sel] = model.itm_logits(text_embeds[t, :width], text_mask[t, :width], shared)[:, 1].float()
+        logits[sel] = model.itm_logits(attended[t, :width], text_mask[t, :width], shared, True)[:, 1].float()
     n_i2t = len(q_img) * k_i2t
     if n_i2t:
         score_i2t[q_img.unsqueeze(1), cand_txt] = logits[where[:n_i2t]].view(len(q_img), k_i2t)
@@ -100,9 +107,7 @@ def itm_rerank(
         # Each rank filled its own query rows: sum the filled entries, then put -100 back everywhere else.
         merged = []
         for score, filled in ((score_i2t, filled_i2t), (score_t2i, filled_t2i)):
-            score = score * filled
-            torch.distributed.all_reduce(score)
-            torch.distributed.all_reduce(filled)
+            score, filled = dist.sum_tensor_over_ranks(score * filled), dist.sum_tensor_over_ranks(filled)
             merged.append(torch.where(filled > 0, score, torch.full_like(score, -100.0)))
         score_i2t, score_t2i = merged
     return score_i2t, score_t2i

@@ -234,9 +234,12 @@ class ALBEFBase(MomentumModel):
         proj = self.text_proj_m if momentum else self.text_proj
         return F.normalize(proj(text_embeds[:, 0, :]), dim=-1)
 
-    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None, cls_only: bool = False) -> torch.Tensor:
+    def fuse(
+        self, text_embeds, attention_mask, image_embeds, image_mask=None, cls_only: bool = False, text_attended=False
+    ) -> torch.Tensor:
         """Fusion layers: text states cross-attend to the image tokens. ``cls_only``: the [CLS] state (B, 1, D)
-        only, the last layer computed at [CLS] only (see ``BertModel.forward``)."""
+        only, the last layer computed at [CLS] only; ``text_attended``: ``text_embeds`` come from
+        ``bert.fusion_text_states`` (see ``BertModel.forward``)."""
         return self.bert(
             encoder_embeds=text_embeds,
             attention_mask=attention_mask,
@@ -244,11 +247,13 @@ class ALBEFBase(MomentumModel):
             encoder_attention_mask=image_mask,
             mode="fusion",
             cls_only=cls_only,
+            text_attended=text_attended,
         )
 
-    def itm_logits(self, text_embeds, attention_mask, image_embeds) -> torch.Tensor:
+    def itm_logits(self, text_embeds, attention_mask, image_embeds, text_attended: bool = False) -> torch.Tensor:
         """ITM logits (column 1 = match) of the pairs (text b, image b)."""
-        return self.itm_head(self.fuse(text_embeds, attention_mask, image_embeds, cls_only=True)[:, 0, :])
+        fused = self.fuse(text_embeds, attention_mask, image_embeds, cls_only=True, text_attended=text_attended)
+        return self.itm_head(fused[:, 0, :])
 
     # --- the shared ITC / ITM computation -------------------------------------------------------------------
     def _itc_itm(self, image, input_ids, attention_mask, alpha, idx=None, hard_negatives: bool = True):

@@ -119,15 +119,17 @@ class Packing(NamedTuple):
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(tokens, ...) -> (B, L, ...), zero at the padding."""
-        out = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.index, x)
+        out = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy_(0, self.index, x)  # in place: no clone
         return out.view(self.batch, self.length, *x.shape[1:])
 
 
 @dataclass
 class SharedImages:
-    """Image tokens shared by several texts: text b reads ``states[index[b]]`` (U, N, W). Cross-attention projects
-    each image's keys and values once and gathers them per text, instead of once per (text, image) pair: retrieval
-    re-ranking pairs every image with its many candidate captions."""
+    """Image tokens shared by several texts: text b reads ``states[index[b]]`` (U, N, W), every image token
+    attended (no image mask). Cross-attention projects each image's keys and values once, instead of once per
+    (text, image) pair, and attends with all the query tokens of one image's consecutive texts in one matmul:
+    retrieval re-ranking pairs every image with its many candidate captions. Consecutive texts of the same image
+    form one group (give the texts sorted by image for few, large groups); any order gives the same states."""
 
     states: torch.Tensor
     index: torch.Tensor
@@ -164,9 +166,8 @@ class BertSelfAttention(nn.Module):
         ``hidden`` may be the [CLS] rows only (B, 1, D) of a packed text (``BertLayer``'s ``cls_only``)."""
         q = self.query(hidden)
         if isinstance(kv, SharedImages):
-            k, v = self.key(kv.states)[kv.index], self.value(kv.states)[kv.index]
-        else:
-            k, v = self.key(kv), self.value(kv)
+            return self._shared_images(q, kv, mask, packing)
+        k, v = self.key(kv), self.value(kv)
         if hidden.dim() == 2:
             q = packing.unpack(q)
         if k.dim() == 2:
@@ -193,6 +194,34 @@ class BertSelfAttention(nn.Module):
         b, h, n, d = ctx.shape
         ctx = ctx.transpose(1, 2).reshape(b, n, h * d)
         return packing.pack(ctx) if hidden.dim() == 2 else ctx
+
+    def _shared_images(
+        self, q: torch.Tensor, kv: SharedImages, mask: Optional[torch.Tensor], packing: Optional[Packing]
+    ) -> torch.Tensor:
+        """Cross-attention of ``q`` ((B, L, D), or packed (tokens, D)) to shared images, group by group: a query
+        token attends to its image's tokens only, so the query tokens of a group of texts that read the same image
+        are one (tokens, D) matrix against that image's keys (no per-text copies of keys and values, no padding)."""
+        if mask is not None:
+            raise ValueError("SharedImages attends to every image token: an image attention mask is not supported")
+        if self.save_attention:
+            raise ValueError("SharedImages does not keep attention maps (Grad-CAM): pass the image tokens per text")
+        k, v = self._heads(self.key(kv.states)), self._heads(self.value(kv.states))  # (U, H, N, d)
+        images, rows = torch.unique_consecutive(kv.index, return_counts=True)
+        first_row = (rows.cumsum(0) - rows).tolist()
+        flat = q.reshape(-1, q.shape[-1])  # (tokens, D): packed, or B*L rows
+        if q.dim() == 2:  # packed: the texts' tokens are consecutive, in text order
+            starts = packing.first[first_row].tolist()
+        else:
+            starts = [r * q.shape[1] for r in first_row]
+        ends = starts[1:] + [flat.shape[0]]
+        out = torch.empty_like(flat)
+        h, d, p = self.num_heads, self.head_dim, self.dropout_p if self.training else 0.0
+        for image, start, end in zip(images.tolist(), starts, ends):
+            qg = flat[start:end].view(end - start, h, d).transpose(0, 1)  # (H, n, d)
+            scores = torch.matmul(qg, k[image].transpose(-1, -2)) / math.sqrt(d)
+            ctx = torch.matmul(F.dropout(scores.softmax(dim=-1), p, self.training), v[image])
+            out[start:end] = ctx.transpose(0, 1).reshape(end - start, h * d)
+        return out.view(q.shape)
 
 
 class BertResidualOutput(nn.Module):
@@ -237,9 +266,13 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertResidualOutput(cfg.intermediate_size, cfg)
 
-    def forward(self, hidden, mask, image_embeds=None, image_mask=None, packing=None, cls_only=False):
-        """``cls_only``: compute the output at [CLS] only, (B, 1, D) (its keys and values still read every token)."""
-        if cls_only:
+    def forward(self, hidden, mask, image_embeds=None, image_mask=None, packing=None, cls_only=False, attended=False):
+        """``cls_only``: compute the output at [CLS] only, (B, 1, D) (its keys and values still read every token).
+        ``attended``: ``hidden`` is already this layer's self-attention output (``BertModel.fusion_text_states``)."""
+        if attended:
+            if cls_only:
+                hidden = hidden[:, :1] if packing is None else hidden[packing.first].unsqueeze(1)
+        elif cls_only:
             query = hidden[:, :1] if packing is None else hidden[packing.first].unsqueeze(1)
             hidden = self.attention(query, hidden, mask, packing)
         else:
@@ -284,9 +317,11 @@ class BertEncoder(nn.Module):
         mode="multi_modal",
         packing: Optional[Packing] = None,
         cls_only: bool = False,
+        attended: bool = False,
     ):
-        """``hidden`` is (B, L, D), or (tokens, D) under ``packing`` (see ``BertModel.forward``)."""
-        last = self.layer_range(mode)[-1]
+        """``hidden`` is (B, L, D), or (tokens, D) under ``packing`` (see ``BertModel.forward``). ``attended``: it is
+        the first layer's self-attention output already."""
+        first, last = self.layer_range(mode)[0], self.layer_range(mode)[-1]
         for i in self.layer_range(mode):
             img, img_mask = image_embeds, image_mask
             if isinstance(image_embeds, (list, tuple)):
@@ -295,11 +330,11 @@ class BertEncoder(nn.Module):
                 img = image_embeds[j]
                 img_mask = image_mask[j] if isinstance(image_mask, (list, tuple)) else image_mask
             layer = self.layer[i]
-            cls = cls_only and i == last
+            cls, att = cls_only and i == last, attended and i == first
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, mask, img, img_mask, packing, cls, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, mask, img, img_mask, packing, cls, att, use_reentrant=False)
             else:
-                hidden = layer(hidden, mask, img, img_mask, packing, cls)
+                hidden = layer(hidden, mask, img, img_mask, packing, cls, att)
         return hidden
 
 
@@ -323,6 +358,7 @@ class BertModel(nn.Module):
         encoder_attention_mask=None,
         mode: str = "multi_modal",
         cls_only: bool = False,
+        text_attended: bool = False,
     ) -> torch.Tensor:
         """Return the last hidden state ``(B, L, hidden)``; with ``cls_only`` only its [CLS] row, ``(B, 1, hidden)``,
         and the last layer computes its queries, feed-forward and outputs at [CLS] only (ITC features, ITM logits:
@@ -330,8 +366,11 @@ class BertModel(nn.Module):
 
         ``mode='fusion'`` takes ``encoder_embeds`` (a text state from ``mode='text'``) instead of ``input_ids``.
         ``encoder_attention_mask`` is a (B, N_img) 0/1 mask or None for "attend to every image token" (ALBEF
-        always uses all-ones image masks; None lets SDPA pick its fastest kernel).
+        always uses all-ones image masks; None lets SDPA pick its fastest kernel). ``text_attended`` (fusion mode):
+        ``encoder_embeds`` come from ``fusion_text_states``, the first fusion layer's self-attention already applied.
         """
+        if text_attended and mode != "fusion":
+            raise ValueError(f"text_attended needs mode='fusion', not {mode!r}")
         if mode == "fusion":
             if encoder_embeds is None:
                 raise ValueError("mode='fusion' needs encoder_embeds (the output of mode='text')")
@@ -355,12 +394,21 @@ class BertModel(nn.Module):
         if cls_only:
             last = self.encoder.layer[self.encoder.layer_range(mode)[-1]]
             if any(m.save_attention for m in last.modules() if isinstance(m, BertSelfAttention)):
-                return self.encoder(hidden, mask, encoder_hidden_states, img_mask, mode)[:, :1]  # Grad-CAM's maps
+                out = self.encoder(hidden, mask, encoder_hidden_states, img_mask, mode, attended=text_attended)
+                return out[:, :1]  # Grad-CAM's maps
         packing = Packing.of(attention_mask) if self.packing and not self.cfg.is_decoder else None
+        args = (mask, encoder_hidden_states, img_mask, mode, packing, cls_only, text_attended)
         if packing is None:
-            return self.encoder(hidden, mask, encoder_hidden_states, img_mask, mode, None, cls_only)
-        out = self.encoder(packing.pack(hidden), mask, encoder_hidden_states, img_mask, mode, packing, cls_only)
+            return self.encoder(hidden, *args)
+        out = self.encoder(packing.pack(hidden), *args)
         return out if cls_only else packing.unpack(out)
+
+    def fusion_text_states(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The first fusion layer's self-attention applied to text states (B, L, D) from ``mode='text'``: it reads
+        the text alone, so retrieval re-ranking computes it once per caption instead of once per (caption, image)
+        pair, then fuses with ``text_attended=True``."""
+        layer = self.encoder.layer[self.cfg.fusion_layer]
+        return layer.attention(text_embeds, text_embeds, extended_mask(attention_mask, text_embeds.dtype))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable

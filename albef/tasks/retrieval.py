@@ -63,7 +63,7 @@ class RetrievalEvalConfig:
     k_test: int = 256  # candidates re-ranked by ITM per query (official: COCO 256, Flickr 128)
     image_batch_size: int = 64
     text_batch_size: int = 256
-    pair_batch_size: int = 512  # (query, candidate) pairs per fusion forward during re-ranking
+    pair_batch_size: int = 256  # (query, candidate) pairs per fusion forward in re-ranking (bench/retrieval_eval.py)
     top_n_results: int = 5  # retrieved items per query written to the result JSON
     wandb_queries: int = 16  # queries per direction shown in the W&B tables with thumbnails (0: no tables)
     thumbnail_px: int = 96  # longest side of the thumbnails in the W&B tables
