@@ -16,7 +16,7 @@
   id of such a folder (fetched with ``huggingface_hub.snapshot_download``; honours ``HF_HUB_OFFLINE`` and the cache).
 
 ``task`` is the ``build_model`` kind to build (``retrieval`` for ITC/ITM features and scores, ``pretrain``, ``vqa``,
-``nlvr``, ``ve``...); ``None`` builds the checkpoint's own kind. Weights load through ``load_pretrained``, so a
+``nlvr2``, ``snli_ve``...); ``None`` builds the checkpoint's own kind. Weights load through ``load_pretrained``, so a
 pretraining checkpoint loads into a retrieval model and anything missing is an error naming the keys. Loads never
 run code (``torch.load(weights_only=True)``).
 """

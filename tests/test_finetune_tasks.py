@@ -111,7 +111,7 @@ def test_vqa_decoder_initialised_from_fusion_layers(pretrain_sd):
 def test_vqa_and_nlvr_key_layouts_at_base_size():
     """Base-size models (meta tensors): the mapped pretraining keys are exactly the official VQA / NLVR2 keys."""
     with torch.device("meta"):
-        pretrain, vqa, nlvr = (build_model("base", k) for k in ("pretrain", "vqa", "nlvr"))
+        pretrain, vqa, nlvr = (build_model("base", k) for k in ("pretrain", "vqa", "nlvr2"))
     src = pretrain.state_dict()
     vqa_keys, mapped = set(vqa.state_dict()), set(pretrain_to_vqa(src, 6))
     assert vqa_keys <= mapped and mapped - vqa_keys == PRETRAIN_ONLY
@@ -130,18 +130,35 @@ def test_vqa_and_nlvr_key_layouts_at_base_size():
     assert mapped - nlvr_keys == PRETRAIN_ONLY | {k for k in src if ".cls." in k}  # the MLM head stays unused
     layers = nlvr.text_encoder.encoder.layer
     assert len(layers) == 18 and [layer.has_cross_attention for layer in layers] == [False] * 6 + [True] * 12
-    assert nlvr.cls_head[2].out_features == 2 and build_model("tiny", "ve").cls_head[2].out_features == 3
+    assert nlvr.cls_head[2].out_features == 2 and build_model("tiny", "snli_ve").cls_head[2].out_features == 3
 
 
-@pytest.mark.parametrize("kind", ["nlvr", "nlvr_ta"])
+def test_model_kinds_are_the_task_names():
+    """One name per task: a task that has its own model builds the kind of its own name (``albef.load(path,
+    task=...)``, ``build_model(preset, task)``); the names before the rename fail with the new one in the message."""
+    from albef.tasks.nlvr import NLVRPretrainTask, NLVRTask
+    from albef.tasks.pretrain import PretrainTask
+    from albef.tasks.retrieval import RetrievalTask
+    from albef.tasks.ve import VETask
+    from albef.tasks.vqa import VQATask
+
+    for task_cls in (PretrainTask, RetrievalTask, VQATask, NLVRTask, NLVRPretrainTask, VETask):
+        assert task_cls.model_kind == task_cls.name
+        build_model("tiny", task_cls.name)
+    for old, new in (("nlvr", "nlvr2"), ("nlvr_ta", "nlvr2_ta"), ("ve", "snli_ve")):
+        with pytest.raises(ValueError, match=rf"task={old!r} is now {new!r}"):
+            build_model("tiny", old)
+
+
+@pytest.mark.parametrize("kind", ["nlvr2", "nlvr2_ta"])
 def test_nlvr_fusion_layers_duplicated_with_shared_key_value(pretrain_sd, kind):
     model = build_model("tiny", kind, seed=0)
     report = load_pretrained(model, pretrain_sd)
     assert any("two-image" in c for c in report.converted)
-    new_head = "ta_head" if kind == "nlvr_ta" else "cls_head"
+    new_head = "ta_head" if kind == "nlvr2_ta" else "cls_head"
     assert report.missing and all(k.startswith(new_head + ".") for k in report.missing)
     sd = model.state_dict()
-    twins = ("", "_m") if kind == "nlvr" else ("",)
+    twins = ("", "_m") if kind == "nlvr2" else ("",)
     for m in twins:
         for key, value in sd.items():
             hit = re.match(rf"^text_encoder{m}\.(encoder\.layer\.(\d+)\.(.*)|embeddings\..*)$", key)
@@ -165,11 +182,11 @@ def test_nlvr_fusion_layers_duplicated_with_shared_key_value(pretrain_sd, kind):
 
 
 def test_ta_checkpoint_initialises_nlvr(pretrain_sd):
-    ta = build_model("tiny", "nlvr_ta", seed=0)
+    ta = build_model("tiny", "nlvr2_ta", seed=0)
     load_pretrained(ta, pretrain_sd)
     ta_sd = export_official(ta)
-    assert model_kind_of(ta_sd) == "nlvr_ta" and not any("_m." in k for k in ta_sd)
-    nlvr = build_model("tiny", "nlvr", seed=1)
+    assert model_kind_of(ta_sd) == "nlvr2_ta" and not any("_m." in k for k in ta_sd)
+    nlvr = build_model("tiny", "nlvr2", seed=1)
     report = load_pretrained(nlvr, ta_sd)
     assert report.momentum_from_online  # the TA checkpoint has no momentum model: copied from the loaded weights
     assert set(report.missing) == {f"cls_head.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
@@ -180,8 +197,8 @@ def test_ta_checkpoint_initialises_nlvr(pretrain_sd):
             assert torch.equal(sd[key], ta_sd[key])
             assert torch.equal(sd[key.replace("text_encoder.", "text_encoder_m.")], sd[key])
     assert torch.equal(sd["cls_head.2.weight"], sd["cls_head_m.2.weight"])
-    assert model_kind_of(export_official(nlvr)) == "nlvr"
-    assert model_kind_of(export_official(build_model("tiny", "ve"))) == "ve"
+    assert model_kind_of(export_official(nlvr)) == "nlvr2"
+    assert model_kind_of(export_official(build_model("tiny", "snli_ve"))) == "snli_ve"
 
 
 def test_vqa_load_refuses_checkpoint_without_decoder_weights(parity_pretrain):
@@ -191,7 +208,7 @@ def test_vqa_load_refuses_checkpoint_without_decoder_weights(parity_pretrain):
     bad = dict(parity_pretrain["state_dict"])
     bad["surprise.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointError, match="surprise.weight"):
-        load_pretrained(build_model("tiny", "ve"), bad)
+        load_pretrained(build_model("tiny", "snli_ve"), bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,7 +391,7 @@ def test_vqa_accuracy_official_rules(tmp_path):
 
 
 def test_text_assignment_pairs_and_hard_negatives():
-    model = build_model("tiny", "nlvr_ta", seed=0)
+    model = build_model("tiny", "nlvr2_ta", seed=0)
     bs = 12
     cls = torch.randn(bs // 2, 64).repeat_interleave(2, 0)  # images 2i and 2i+1 are twins: the hardest negatives
     embeds = torch.cat([cls[:, None], torch.randn(bs, 16, 64)], dim=1)
@@ -402,7 +419,7 @@ def test_text_assignment_fits_a_fixed_batch():
     learn caption-image matching within a CPU budget: 300 steps stay at chance, so the e2e run below only checks
     the pipeline.)"""
     tok = Tokenizer()
-    model = build_model("tiny", "nlvr_ta", ["vision.img_size=48"], seed=0)
+    model = build_model("tiny", "nlvr2_ta", ["vision.img_size=48"], seed=0)
     images = torch.randn(8, 3, 48, 48)
     t = tok([f"a {c} {s}" for c in ("red", "blue") for s in ("circle", "square", "star", "triangle")])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -418,11 +435,11 @@ def test_text_assignment_fits_a_fixed_batch():
     assert model.vision_proj.weight.grad is None  # frozen: it only scores the hard negatives
 
 
-@pytest.mark.parametrize("kind", ["nlvr", "ve"])
+@pytest.mark.parametrize("kind", ["nlvr2", "snli_ve"])
 def test_classifier_loss_is_momentum_distilled_cross_entropy(kind):
     tok = Tokenizer()
     model = build_model("tiny", kind, seed=0).eval()
-    n_img = 2 if kind == "nlvr" else 1
+    n_img = 2 if kind == "nlvr2" else 1
     images = [torch.randn(3, 3, 64, 64) for _ in range(n_img)]
     t = tok(["both images contain a red star", "a dog", "there is a blue square on the left"])
     targets = torch.tensor([1, 0, 1])
@@ -553,7 +570,7 @@ def test_ve_learns_on_world(world, tmp_path):
     _against_prior(rows, "val"), _against_prior(rows, "test")
     # the exported best checkpoint is complete (strict load) and reproduces its validation accuracy
     best = tmp_path / "ve" / "best.pth"
-    report = load_pretrained(build_model(model_config_of(tmp_path / "ve"), "ve"), str(best))
+    report = load_pretrained(build_model(model_config_of(tmp_path / "ve"), "snli_ve"), str(best))
     assert report.missing == [] and report.unexpected == []
     run_entrypoint(
         "ve",
@@ -624,7 +641,7 @@ def test_nlvr2_text_assignment_then_finetune_on_world(world, tmp_path):
     ta_rows = run_entrypoint("nlvr2_ta", "nlvr2_ta.yaml", ta_settings, tmp_path / "ta")
     assert 0.0 <= _last(ta_rows, "train/acc_ta") <= 1.0 and abs(_last(ta_rows, "train/loss") - 1.0986) < 0.5
     ta_ckpt = tmp_path / "ta" / "final.pth"
-    assert model_kind_of(torch.load(ta_ckpt, weights_only=True)["model"]) == "nlvr_ta"
+    assert model_kind_of(torch.load(ta_ckpt, weights_only=True)["model"]) == "nlvr2_ta"
 
     data = _image_data(world, val_file="nlvr_dev.json", test_file="nlvr_test.json")
     data["train_files"] = [str(world / "nlvr_train.json")]

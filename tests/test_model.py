@@ -99,9 +99,9 @@ def _packing_step(task, packing, gc):
             torch.full((4,), 2),
             alpha=0.4,
         )
-    elif task == "nlvr":
+    elif task == "nlvr2":
         out = model([img, img.flip(0)], ids, mask, torch.tensor([0, 1, 1, 0]), alpha=0.4)
-    elif task == "ve":
+    elif task == "snli_ve":
         out = model([img], ids, mask, torch.tensor([0, 1, 2, 0]), alpha=0.4)
     else:
         kwargs = {"idx": torch.tensor([0, 1, 1, 2])} if task == "retrieval" else {}
@@ -128,7 +128,7 @@ def test_token_packing_only_where_it_pays():
     assert torch.equal(packing.unpack(packing.pack(x)), x * mask[..., None])
 
 
-@pytest.mark.parametrize("task", ["pretrain", "retrieval", "vqa", "nlvr", "ve"])
+@pytest.mark.parametrize("task", ["pretrain", "retrieval", "vqa", "nlvr2", "snli_ve"])
 def test_token_packing_gives_the_same_losses_and_gradients(task):
     """``model.text_packing`` runs the BERT layers on the real tokens only: the same step as computing the padding
     too, for every model kind (a VQA decoder is never packed), with and without gradient checkpointing."""

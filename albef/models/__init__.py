@@ -30,6 +30,10 @@ MODEL_CLASSES.update(
 )  # the downstream heads (albef/models/downstream.py) live beside the core models
 
 
+#: model kinds renamed to their task names (2026-12): the old name fails with the new one in the message
+_RENAMED = {"nlvr": "nlvr2", "nlvr_ta": "nlvr2_ta", "ve": "snli_ve"}
+
+
 def model_config(preset: Union[str, ModelConfig] = "base", overrides: Iterable[str] = ()) -> ModelConfig:
     if isinstance(preset, ModelConfig):
         if list(overrides):
@@ -45,6 +49,8 @@ def build_model(
     seed: Optional[int] = None,
 ) -> ALBEFBase:
     """Build a randomly initialised model; load weights with ``albef.models.convert``."""
+    if task in _RENAMED:
+        raise ValueError(f"task={task!r} is now {_RENAMED[task]!r}, the name of its fine-tuning task")
     if task not in MODEL_CLASSES:
         raise ValueError(f"task={task!r}: expected one of {sorted(MODEL_CLASSES)}")
     cfg = model_config(preset, overrides)

@@ -458,7 +458,7 @@ def model_kind_of(sd: Mapping[str, torch.Tensor]) -> str:
     if any(k.startswith("text_decoder.") for k in sd):
         return "vqa"
     if "ta_head.weight" in sd:
-        return "nlvr_ta"
+        return "nlvr2_ta"
     if "cls_head.2.weight" in sd:
-        return {2: "nlvr", 3: "ve"}[sd["cls_head.2.weight"].shape[0]]
+        return {2: "nlvr2", 3: "snli_ve"}[sd["cls_head.2.weight"].shape[0]]
     return "pretrain" if any(k.startswith("text_encoder.bert.") for k in sd) else "retrieval"

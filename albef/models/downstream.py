@@ -19,7 +19,7 @@ Attribute names are the official checkpoint keys (``visual_encoder``, ``text_enc
 take the pretraining ``ModelConfig`` unchanged (``model: {base: base}``); the decoder depth and the duplicated
 fusion layers are derived from ``text.num_hidden_layers`` and ``text.fusion_layer``. Pretrained weights are mapped
 by ``albef.models.convert`` (the only place for key renames). Build them with ``albef.models.build_model(cfg, kind)``,
-kinds ``vqa``, ``nlvr``, ``nlvr_ta``, ``ve``.
+kinds ``vqa``, ``nlvr2``, ``nlvr2_ta``, ``snli_ve`` (the names of their tasks).
 """
 
 from __future__ import annotations
@@ -291,7 +291,12 @@ class ALBEFNLVRPretrain(TaskModel):
         }
 
 
-TASK_MODEL_CLASSES: Dict[str, type] = {"vqa": ALBEFVQA, "nlvr": ALBEFNLVR, "nlvr_ta": ALBEFNLVRPretrain, "ve": ALBEFVE}
+TASK_MODEL_CLASSES: Dict[str, type] = {
+    "vqa": ALBEFVQA,
+    "nlvr2": ALBEFNLVR,
+    "nlvr2_ta": ALBEFNLVRPretrain,
+    "snli_ve": ALBEFVE,
+}
 __all__: List[str] = [
     "ALBEFVQA",
     "ALBEFNLVR",

@@ -51,7 +51,7 @@ def read_nlvr(path: str, image_root: str, max_words: int) -> List[tuple]:
 
 class NLVRTask(ClassifierTask):
     name = "nlvr2"
-    model_kind = "nlvr"
+    model_kind = "nlvr2"
     reader = staticmethod(read_nlvr)
     label_names = ("false", "true")
 
@@ -65,7 +65,7 @@ class NLVRPretrainConfig(RunConfig):
 
 class NLVRPretrainTask(Task):
     name = "nlvr2_ta"
-    model_kind = "nlvr_ta"
+    model_kind = "nlvr2_ta"
     config_cls = NLVRPretrainConfig
 
     def build_train_loader(self, tokenizer, rank, world_size, micro_batch_size, seed):

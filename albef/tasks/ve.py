@@ -36,6 +36,6 @@ def read_ve(path: str, image_root: str, max_words: int) -> List[tuple]:
 
 class VETask(ClassifierTask):
     name = "snli_ve"
-    model_kind = "ve"
+    model_kind = "snli_ve"
     reader = staticmethod(read_ve)
     label_names = ("contradiction", "neutral", "entailment")  # by class index
