@@ -176,7 +176,7 @@ class GroundingTask(RetrievalTask):
 
     def evaluate(self, model, split, device, dtype) -> Dict[str, float]:
         ds, e = self._eval_data(split), self.cfg.eval
-        rank, world = dist.rank_and_world()
+        rank = dist.rank_and_world()[0]
         mine = dist.rank_share(len(ds))
         loader = DataLoader(
             Subset(ds, mine), batch_size=e.batch_size, num_workers=self.cfg.data.num_workers, collate_fn=_collate
@@ -215,8 +215,7 @@ class GroundingTask(RetrievalTask):
                 )
                 if rank == 0 and len(examples) < e.num_examples:
                     examples.append((rows[-1], cam.detach().float().cpu()))
-        if world > 1:
-            rows = sorted(dist.gather_lists(rows), key=lambda r: r["index"])
+        rows = sorted(dist.gather_lists(rows), key=lambda r: r["index"])  # every rank's share, in file order
         metrics = grounding_metrics(rows, split)
         if rank == 0:
             self._write_outputs(split, rows, metrics, examples)
