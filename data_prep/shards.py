@@ -95,9 +95,10 @@ def iter_tar_samples(path: Union[str, Path]) -> Iterator[Tuple[str, Dict[str, by
     with tarfile.open(path) as tar:
         key, members = None, {}
         for info in tar:
-            if not info.isfile():
+            member = split_member(info.name) if info.isreg() else None
+            if member is None:  # as webdataset: not a regular file, no extension, a __meta__ file
                 continue
-            name, ext = split_member(info.name)
+            name, ext = member
             if name != key and members:
                 yield key, members
                 members = {}

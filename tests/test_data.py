@@ -547,6 +547,34 @@ def test_iter_shard_positions_are_stable(uneven):
     assert [type(s).__name__ for s in short[-3:]] == ["RawSample", "Missing", "Missing"]
 
 
+def test_samples_are_grouped_as_webdataset_groups_them(tmp_path):
+    """The reader is webdataset's expansion and grouping; the header-only count (local shards without a manifest)
+    and data_prep's reader follow the same key rule: a key up to the first dot of the file name, extensions
+    lower-cased, members without an extension and __meta__ files skipped, a dot in a directory kept in the key."""
+    import webdataset as wds
+
+    from albef.data.shards import split_member
+    from data_prep.shards import iter_tar_samples
+
+    names = ["a.jpg", "a.TXT", "noext", "__meta__", "__key__.txt", "c.d/e.jpg", "c.d/e.json", ".hidden.jpg"]
+    names += ["f.tar.gz", "dir/b.x.jpg", "dir/b.x.txt", "a.json"]  # a.json after b: a new sample with a's key
+    path = tmp_path / "000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in names:
+            data = name.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = wds.WebDataset(str(path), shardshuffle=False)
+    theirs = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")}) for s in samples]
+    assert [k for k, _ in theirs] == ["a", "__key__", "c.d/e", "f", "dir/b", "a"]
+    assert theirs[0][1] == {"jpg": b"a.jpg", "txt": b"a.TXT"} and theirs[3][1] == {"tar.gz": b"f.tar.gz"}
+    ours = [(s.key, s.members) for s in iter_shard(Shard(str(path), 6, 0))]
+    assert ours == theirs and list(iter_tar_samples(path)) == theirs
+    assert count_samples(str(path)) == count_samples(f"pipe:cat {path}") == 6
+    assert [split_member(n) for n in names[:5]] == [("a", "jpg"), ("a", "txt"), None, None, ("__key__", "txt")]
+
+
 def test_positions_agree_with_an_explicit_list():
     from albef.data.loader import Positions
 

@@ -26,8 +26,13 @@ which reads each shard (a warning says so).
 Reading (``iter_shard``) yields exactly the manifest's number of samples for a shard, so sample positions are
 stable: a sample with missing parts is yielded as is (the decode step rejects it), and positions lost to a
 truncated, unreadable or short shard are yielded as ``Missing`` placeholders. Samples beyond the manifest count
-are ignored. A sample is the run of consecutive tar members sharing a key (the member name up to the first dot of
-its file name), as in webdataset.
+are ignored. The tar stream is expanded and grouped into samples by webdataset (``tar_file_iterator``,
+``group_by_keys``): a sample is the run of consecutive regular members sharing a key, the member name up to the
+first dot of its file name; members without an extension and ``__meta__`` files are skipped. What stays ours: the
+exact positions above (resume, damaged shards), and opening the stream (``_Stream``: local files, http(s) through
+urllib with retries, ``pipe:`` commands whose exit status is checked), where webdataset's ``gopen`` would run curl
+for http. webdataset imports torch, so it is imported when a shard is read, and data_prep (which imports this
+module for the format) stays torch-free.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ FORMAT = 1
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 _TAR_NAME = re.compile(r"[^/\s'\"]+\.tar\b")
 _HTTP_RETRIES = 3
+_WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset.tariterators.base_plus_ext
+_WDS_META = re.compile(r"__[^/]*__($|/)")  # webdataset.tariterators.tar_file_iterator's skip_meta
 
 
 @dataclass(frozen=True)
@@ -257,7 +264,8 @@ def _urlopen(url: str):
 
 
 class _Stream:
-    """A readable byte stream for a shard URL; ``close()`` also reaps a ``pipe:`` command."""
+    """A readable byte stream for a shard URL; ``close()`` also reaps a ``pipe:`` command. Its ``str`` is the URL
+    (webdataset appends the stream to the messages of the errors it re-raises)."""
 
     def __init__(self, url: str):
         self.url = url
@@ -273,6 +281,9 @@ class _Stream:
     def read(self, n: int = -1) -> bytes:
         return self.file.read(n)
 
+    def __str__(self) -> str:
+        return self.url
+
     def close(self, finished: bool) -> Optional[str]:
         """Close; for a pipe that ran to the end, return an error text if the command failed."""
         self.file.close()
@@ -286,38 +297,37 @@ class _Stream:
         return None
 
 
-def split_member(name: str) -> Tuple[str, str]:
-    """A tar member's (sample key, extension), webdataset's rule: the key is the member path up to the first dot of
-    its file name, the extension the rest, lower-cased ("" without a dot)."""
-    base = name.rsplit("/", 1)
-    stem = base[-1]
-    dot = stem.find(".")
-    if dot <= 0:
-        return name, ""
-    prefix = base[0] + "/" if len(base) == 2 else ""
-    return prefix + stem[:dot], stem[dot + 1 :].lower()
+def split_member(name: str) -> Optional[Tuple[str, str]]:
+    """A regular tar member's (sample key, lower-cased extension) as webdataset groups it (``base_plus_ext``, and
+    ``tar_file_iterator``'s skipping), without importing it: the key is the member path up to the first dot of its
+    file name; None for a member webdataset skips (no extension, a ``__meta__`` file)."""
+    if _WDS_META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+        return None
+    hit = _WDS_KEY.match(name)
+    return (hit.group(1), hit.group(2).lower()) if hit else None
 
 
 def _iter_tar(stream: _Stream, url: str, skip: int) -> Iterator[Union[RawSample, None]]:
-    """Samples of a tar stream in order; the first ``skip`` are yielded as None without reading their data."""
-    position = 0
-    key: Optional[str] = None
-    members: Dict[str, bytes] = {}
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, ext = split_member(info.name)
-            if key is not None and k != key:
-                yield RawSample(key, url, members) if position >= skip else None
-                position += 1
-                members = {}
-            key = k
-            if position >= skip and ext:
-                f = tar.extractfile(info)
-                members[ext] = f.read() if f is not None else b""
-    if key is not None:
-        yield RawSample(key, url, members) if position >= skip else None
+    """Samples of a tar stream in order (webdataset's expansion and grouping); the first ``skip`` as None."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    failure = []
+
+    def files():
+        # A read error ends the grouping first, then is raised: the sample grouped so far goes out (whole if the
+        # error hit the next sample's first member; else the decode step rejects what is missing), where
+        # group_by_keys alone would drop it with the error.
+        try:
+            for f in tar_file_iterator(stream):
+                yield {**f, "__url__": url}
+        except Exception as e:
+            failure.append(e)
+
+    for position, sample in enumerate(group_by_keys(files())):
+        members = {k: v for k, v in sample.items() if not k.startswith("__")}
+        yield RawSample(sample["__key__"], url, members) if position >= skip else None
+    if failure:
+        raise failure[0]
 
 
 def iter_shard(shard: Shard, skip: int = 0) -> Iterator[Union[RawSample, Missing]]:
@@ -365,10 +375,9 @@ def count_samples(url: str) -> int:
         last = None
         with tarfile.open(url, mode="r:") as tar:
             for info in tar:
-                if info.isfile():
-                    k, _ = split_member(info.name)
-                    if k != last:
-                        keys, last = keys + 1, k
+                member = split_member(info.name) if info.isreg() else None
+                if member is not None and member[0] != last:
+                    keys, last = keys + 1, member[0]
         return keys
     stream = _Stream(url)
     try:
