@@ -177,12 +177,14 @@ def test_cls_only_last_layer_gives_the_same_itm_logits_and_gradients(packing):
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     img, ids, mask = batch(8)
-    # A fast-following momentum model and a one-batch queue, so that 200 steps suffice on a CPU. With one batch
-    # in the queue every pair has one stale copy of itself among the negatives: ITC's floor is ln 2.
+    # A fast-following momentum model and a one-batch queue, so that 300 steps suffice on a CPU. With one batch
+    # in the queue every pair has one stale copy of itself among the negatives: ITC's floor is ln 2. ITM learns
+    # this batch's hard negatives between steps 150 and 300: at 200 its last-10 mean was 0.41-0.62 over the
+    # dropout/negative draws of 4 seeds (2 above 0.55), at 300 0.08-0.25 over 6.
     model = build_model("tiny", "pretrain", seed=0, overrides=["momentum=0.5", "queue_size=8"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     history = []
-    for _ in range(200):
+    for _ in range(300):
         out = model(img, ids, mask, alpha=0.0)
         opt.zero_grad()
         sum(out.values()).backward()
