@@ -406,9 +406,14 @@ class BertModel(nn.Module):
     def fusion_text_states(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The first fusion layer's self-attention applied to text states (B, L, D) from ``mode='text'``: it reads
         the text alone, so retrieval re-ranking computes it once per caption instead of once per (caption, image)
-        pair, then fuses with ``text_attended=True``."""
+        pair, then fuses with ``text_attended=True``. Zero at the padding when packed."""
         layer = self.encoder.layer[self.cfg.fusion_layer]
-        return layer.attention(text_embeds, text_embeds, extended_mask(attention_mask, text_embeds.dtype))
+        mask = extended_mask(attention_mask, text_embeds.dtype)
+        packing = Packing.of(attention_mask) if self.packing else None
+        if packing is None:
+            return layer.attention(text_embeds, text_embeds, mask)
+        packed = packing.pack(text_embeds)
+        return packing.unpack(layer.attention(packed, packed, mask, packing))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
