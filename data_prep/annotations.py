@@ -126,21 +126,7 @@ class LocalProcessor:
             image = process_image(data, self.image, self._budget, self.limits)
         except SampleError as e:
             return pipeline.Outcome(e.status, str(e))
-        sha = hashlib.sha256(data).digest()
-        meta = {
-            "image": row["image"],
-            "caption": row["caption"],
-            "sha256": sha.hex(),
-            "width": image.width,
-            "height": image.height,
-            "original_width": image.original_width,
-            "original_height": image.original_height,
-        }
-        if row["extra"]:
-            meta["extra"] = row["extra"]
-        return pipeline.Outcome(
-            "success", image=image.data, caption=row["caption"], meta=meta, content_hash=pipeline.content_hash(sha)
-        )
+        return pipeline.image_outcome({"image": row["image"]}, row, image, hashlib.sha256(data).digest())
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

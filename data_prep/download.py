@@ -54,20 +54,7 @@ class DownloadProcessor:
             image = process_image(data, self.image, self._budget, self.limits)
         except SampleError as e:  # a fetch error that retries could cure is "transient": --retry-failed redoes it
             return pipeline.Outcome(e.status, str(e), transient=bool(getattr(e, "retryable", False)))
-        meta = {
-            "url": row["url"],
-            "caption": row["caption"],
-            "sha256": sha.hex(),
-            "width": image.width,
-            "height": image.height,
-            "original_width": image.original_width,
-            "original_height": image.original_height,
-        }
-        if row["extra"]:
-            meta["extra"] = row["extra"]
-        return pipeline.Outcome(
-            "success", image=image.data, caption=row["caption"], meta=meta, content_hash=pipeline.content_hash(sha)
-        )
+        return pipeline.image_outcome({"url": row["url"]}, row, image, sha)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -78,6 +78,24 @@ def content_hash(sha256_digest: bytes) -> int:
     return int.from_bytes(sha256_digest[:8], "little")
 
 
+def image_outcome(source: Dict[str, Any], row: Dict[str, Any], image, sha: bytes) -> Outcome:
+    """The success of one row: the processed image (``data_prep.images.ProcessedImage``) and its metadata, the
+    row's ``source`` first (``{"url": ...}`` or ``{"image": ...}``, as key.json lists it), then the caption, the
+    sha256 digest of the original bytes, the stored and original sizes and the row's ``extra`` columns if any."""
+    meta = {
+        **source,
+        "caption": row["caption"],
+        "sha256": sha.hex(),
+        "width": image.width,
+        "height": image.height,
+        "original_width": image.original_width,
+        "original_height": image.original_height,
+    }
+    if row["extra"]:
+        meta["extra"] = row["extra"]
+    return Outcome("success", image=image.data, caption=row["caption"], meta=meta, content_hash=content_hash(sha))
+
+
 def _key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
