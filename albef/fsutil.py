@@ -1,9 +1,11 @@
-"""Durable file writes: a file that appears under its final name (a checkpoint's COMPLETE marker, a shard, a
-manifest) survives a node crash whole. ``os.replace`` alone orders nothing on disk: the data and the rename must be
-flushed (``fsync`` of the file, then of its directory) before anything points at them."""
+"""File helpers. Durable writes: a file that appears under its final name (a checkpoint's COMPLETE marker, a shard,
+a manifest) survives a node crash whole. ``os.replace`` alone orders nothing on disk: the data and the rename must be
+flushed (``fsync`` of the file, then of its directory) before anything points at them. ``read_json``: one JSON
+reader whose errors name the file and what it is for (torch-free, like the rest of this module)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Union
@@ -37,3 +39,12 @@ def atomic_write(path: PathLike, data: Union[str, bytes]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def read_json(path: str, what: str):
+    """A JSON file; an unreadable or malformed one is a ValueError naming ``what`` and ``path``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}") from None

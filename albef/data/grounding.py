@@ -19,6 +19,7 @@ from typing import Dict, List
 
 from albef.data.json_dataset import read_json_list
 from albef.data.transforms import read_image_header, test_transform
+from albef.fsutil import read_json
 from albef.tokenizer import pre_caption
 
 
@@ -62,11 +63,7 @@ def load_refs(path: str) -> Dict[str, Dict]:
         raise ValueError("data.refs_file is empty: grounding evaluation needs the true box of every ref_id")
     if Path(path).is_dir():
         return refs_from_refer(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            refs = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read data.refs_file {path}: {e}") from None
+    refs = read_json(path, "data.refs_file")
     if not isinstance(refs, dict):
         raise ValueError(f"data.refs_file {path}: expected a JSON object {{ref_id: entry}}, got {type(refs).__name__}")
     for ref_id, entry in refs.items():
@@ -91,11 +88,7 @@ def load_proposals(dets_file: str, refs: Dict[str, Dict]) -> Dict[str, List[List
             if box not in boxes:
                 boxes.append(box)
         return props
-    try:
-        with open(dets_file, encoding="utf-8") as f:
-            dets = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read data.dets_file {dets_file}: {e}") from None
+    dets = read_json(dets_file, "data.dets_file")
     if not isinstance(dets, dict):
         raise ValueError(
             f"data.dets_file {dets_file}: expected {{image_id: [[x, y, w, h], ...]}}, got {type(dets).__name__}"

@@ -16,7 +16,6 @@ Several files are concatenated in order, as the official ``train_file`` list.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from typing import Dict, List, Sequence, Tuple
@@ -25,15 +24,12 @@ from torch.utils.data import Dataset
 
 from albef.data.samples import BadSample, derive_seed, make_sample
 from albef.data.transforms import ImageTransform
+from albef.fsutil import read_json
 
 
 def read_json_list(path: str, keys: Sequence[str] = ()) -> list:
     """An official annotation file: a JSON list of objects with ``keys``; errors name the file, entry and field."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read annotation file {path}: {e}") from None
+    data = read_json(path, "annotation file")
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list, got {type(data).__name__}")
     for i, entry in enumerate(data):

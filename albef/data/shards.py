@@ -301,7 +301,7 @@ def split_member(name: str) -> Optional[Tuple[str, str]]:
     """A regular tar member's (sample key, lower-cased extension) as webdataset groups it (``base_plus_ext``, and
     ``tar_file_iterator``'s skipping), without importing it: the key is the member path up to the first dot of its
     file name; None for a member webdataset skips (no extension, a ``__meta__`` file)."""
-    if _WDS_META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+    if _WDS_META.match(name):  # also every "__name__" at the top level
         return None
     hit = _WDS_KEY.match(name)
     return (hit.group(1), hit.group(2).lower()) if hit else None

@@ -154,10 +154,7 @@ def gather_lists(items: Sequence) -> list:
 
 def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
     """Element-wise sums over ranks (float64, so that counts stay exact)."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    if rank_and_world()[1] > 1:
-        torch.distributed.all_reduce(t)
-    return t.tolist()
+    return sum_tensor_over_ranks(torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)).tolist()
 
 
 @torch.no_grad()

@@ -83,9 +83,8 @@ def itm_rerank(
     lengths = _lengths(text_mask)
     order = torch.argsort(u_i * (int(lengths.max()) + 1) + lengths[u_t], stable=True)  # by image, then length
     # The first fusion layer's self-attention reads the caption alone: once per caption, not once per pair.
-    bert = model.bert
     attended = torch.cat(
-        [bert.fusion_text_states(text_embeds[j : j + 256], text_mask[j : j + 256]) for j in range(0, n_txt, 256)]
+        [model.bert.fusion_text_states(text_embeds[j : j + 256], text_mask[j : j + 256]) for j in range(0, n_txt, 256)]
     )
     logits = torch.empty(len(unique), device=sims.device)
     for start in until_stop(range(0, len(order), pair_batch)):  # a stop request ends it on every rank

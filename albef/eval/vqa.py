@@ -21,9 +21,10 @@
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from typing import Dict, List, Mapping, Sequence
+
+from albef.fsutil import read_json
 
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 NUMBER_WORDS = {
@@ -132,11 +133,7 @@ def load_vqa_answers(path: str) -> Dict[str, List[str]]:
     """Ground truth as ``{str(question_id): [answers]}`` from any of: the official VQA v2 annotation file
     (``{"annotations": [{"question_id", "answers": [{"answer": ...}]}]}``), a plain ``{question_id: [answers]}``
     mapping (the demo world's ``vqa_test_answers.json``), or our VQA JSON (``[{"question_id", "answer": [...]}]``)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read VQA answer file {path}: {e}") from None
+    data = read_json(path, "VQA answer file")
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         try:
             return {str(a["question_id"]): [x["answer"] for x in a["answers"]] for a in data["annotations"]}

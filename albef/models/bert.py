@@ -269,14 +269,10 @@ class BertLayer(nn.Module):
     def forward(self, hidden, mask, image_embeds=None, image_mask=None, packing=None, cls_only=False, attended=False):
         """``cls_only``: compute the output at [CLS] only, (B, 1, D) (its keys and values still read every token).
         ``attended``: ``hidden`` is already this layer's self-attention output (``BertModel.fusion_text_states``)."""
-        if attended:
-            if cls_only:
-                hidden = hidden[:, :1] if packing is None else hidden[packing.first].unsqueeze(1)
-        elif cls_only:
+        query = hidden
+        if cls_only:
             query = hidden[:, :1] if packing is None else hidden[packing.first].unsqueeze(1)
-            hidden = self.attention(query, hidden, mask, packing)
-        else:
-            hidden = self.attention(hidden, hidden, mask, packing)
+        hidden = query if attended else self.attention(query, hidden, mask, packing)
         if self.has_cross_attention:
             if image_embeds is None:
                 raise ValueError("a fusion layer needs image_embeds (encoder_hidden_states)")

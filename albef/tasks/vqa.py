@@ -43,6 +43,7 @@ from albef.engine.signals import until_stop
 from albef.engine.task import RunConfig, Task
 from albef.eval.priors import TextPrior, compare_with_prior, question_type
 from albef.eval.vqa import load_vqa_answers, vqa_accuracy, vqa_score
+from albef.fsutil import read_json
 from albef.tasks.classifier import read_image
 from albef.tokenizer import Tokenizer, pre_question
 
@@ -148,11 +149,7 @@ def _eval_collate(samples):
 def read_answer_list(path: str) -> List[str]:
     if not path:
         raise ValueError("data.answer_list is empty: VQA evaluation ranks the answers of answer_list.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            answers = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read data.answer_list={path}: {e}") from None
+    answers = read_json(path, "data.answer_list")
     if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
         raise ValueError(f"data.answer_list={path}: expected a non-empty JSON list of answer strings")
     return answers
