@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -402,6 +403,62 @@ def test_queue_size_zero_uses_the_batch_as_the_only_keys(task):
             - (F.log_softmax(d["sim_t2i"], 1) * d["sim_t2i_targets"]).sum(1).mean()
         ) / 2
         torch.testing.assert_close(out["loss_ita"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["pretrain", "retrieval"])
+def test_queue_warmup_and_momentum_override(task):
+    """``train.queue_start_step``: before it (``use_queue=False``) a model with the official queue computes exactly
+    what a ``queue_size: 0`` model with the same weights computes, and leaves its queue untouched; afterwards it reads
+    and writes the queue. ``train.momentum_warmup_steps``: the step's EMA coefficient replaces ``model.momentum``."""
+    b = 4
+    image = torch.randn(b, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1000, 2000, (b, 9), generator=torch.Generator().manual_seed(2))
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    kwargs = {"idx": torch.tensor([0, 1, 1, 2])} if task == "retrieval" else {}
+    queued = build_model("tiny", task, seed=0, overrides=["queue_size=64"])
+    bare = build_model("tiny", task, seed=0, overrides=["queue_size=0"])
+    bare.load_state_dict({k: v for k, v in queued.state_dict().items() if "queue" not in k}, strict=False)
+    before = {k: v.clone() for k, v in queued.state_dict().items() if "queue" in k}
+    for step in range(2):
+        torch.manual_seed(step)
+        out = queued(image, ids, mask, alpha=0.4, use_queue=False, momentum=0.3, **kwargs)
+        torch.manual_seed(step)
+        ref = bare(image, ids, mask, alpha=0.4, momentum=0.3, **kwargs)
+        for k in ref:
+            torch.testing.assert_close(out[k], ref[k], rtol=0, atol=0)
+    assert all(torch.equal(v, queued.state_dict()[k]) for k, v in before.items())
+    for a, b_ in zip(queued.momentum_parameters(), bare.momentum_parameters()):
+        assert torch.equal(a, b_)
+    out = queued(image, ids, mask, alpha=0.4, return_details=True, **kwargs)
+    assert out["details"]["sim_i2t"].shape == (b, b + 64) and int(queued.queue_ptr) == b
+    # the EMA with an explicit coefficient
+    online = [p.detach().clone() + 1.0 for p in queued.visual_encoder.parameters()]
+    for p, v in zip(queued.visual_encoder.parameters(), online):
+        p.data.copy_(v)
+    mom = [p.detach().clone() for p in queued.visual_encoder_m.parameters()]
+    queued.momentum_update(0.25)
+    for p_m, m, v in zip(queued.visual_encoder_m.parameters(), mom, online):
+        torch.testing.assert_close(p_m, 0.25 * m + 0.75 * v)
+
+
+def test_momentum_and_queue_warmups_follow_the_step():
+    from albef.config import load_config
+    from albef.engine.schedule import momentum_at
+    from albef.engine.task import TrainConfig
+    from albef.tasks.vqa import VQAConfig, VQATask
+
+    assert momentum_at(0, 0.995, 0.5, 300) == 0.5 and momentum_at(150, 0.995, 0.5, 300) == pytest.approx(0.7475)
+    assert momentum_at(300, 0.995, 0.5, 300) == momentum_at(10**6, 0.995, 0.5, 300) == 0.995
+    assert momentum_at(0, 0.995, 0.5, 0) == 0.995  # the official recipe: no ramp
+    with pytest.raises(ValueError, match=r"train.momentum_start=1.0"):
+        TrainConfig(momentum_start=1.0)
+    for key in ("queue_start_step", "momentum_warmup_steps", "itm_random_negative_steps"):
+        cfg = load_config(
+            VQAConfig, str(Path(__file__).resolve().parents[1] / "finetune/configs/vqa_v2.yaml"), [f"train.{key}=10"]
+        )
+        with pytest.raises(ValueError, match=rf"train.{key}=10: the vqa task does not use it"):
+            VQATask(cfg)
 
 
 def test_random_itm_negatives_are_uniform_over_the_other_rows():

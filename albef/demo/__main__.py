@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[2]
 
 SIZES = {  # world images and training steps; "quick" is what CI runs
@@ -471,9 +473,26 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
                 + ([f"peak RSS {rss:.0f} MB (rank 0)"] if rss else [])
             )
         )
+    # the warm-ups change what ITC and ITM are measured against mid-run: show each loss where its warm-up ends too
+    cfg = yaml.safe_load((out / "pretrain" / "config.yaml").read_text())
+    train, batch = cfg["train"], cfg["train"]["global_batch_size"]
+    phases = {
+        "train/loss_ita": (
+            train["queue_start_step"],
+            f"{batch} keys, ln {math.log(batch):.2f}",
+            f"{batch + cfg['model']['queue_size']} keys with the queue, ln {math.log(batch + cfg['model']['queue_size']):.2f}",
+        ),
+        "train/loss_itm": (train["itm_random_negative_steps"], "random negatives", "hard negatives; prior 0.637"),
+    }
     for key in ("train/loss_mlm", "train/loss_ita", "train/loss_itm"):
         start, end = first_last(key)
-        lines.append(f"  {key[6:]:<9} {start:7.3f} -> {end:7.3f}")
+        step, before, after = phases.get(key, (0, "", ""))
+        warm = [r[key] for r in pre_rows if r["step"] <= step][-5:]
+        if 0 < step < pre_rows[-1]["step"] and warm:
+            lines.append(f"  {key[6:]:<9} {start:7.3f} -> {sum(warm) / len(warm):7.3f} at step {step} ({before})")
+            lines.append(f"  {'':<17} -> {end:7.3f} at the end ({after})")
+        else:
+            lines.append(f"  {key[6:]:<9} {start:7.3f} -> {end:7.3f}")
     lines.append(f"retrieval on {n_img} held-out images x {n_cap} captions (R@1 / R@5 / R@10, %):")
     lines.append(f"  {'':<22}{'text retrieval':>24}{'image retrieval':>24}")
     lines.append(

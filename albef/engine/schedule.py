@@ -9,6 +9,10 @@ from epoch ``e >= 1``. ``cosine`` is the per-step variant most users want at sca
 
 Alpha (the MoD weight) ramps linearly from 0 to ``alpha`` over the first ``alpha_warmup_epochs`` epochs
 (official: 1, LAVIS: 2), measured in optimizer steps.
+
+The momentum encoders' EMA coefficient can ramp linearly from ``momentum_start`` to the model's ``momentum`` over the
+first ``momentum_warmup_steps`` steps (official: no ramp), for training from random weights, where an EMA at 0.995
+would keep the keys near the collapsed initial encoders for hundreds of steps.
 """
 
 from __future__ import annotations
@@ -47,3 +51,9 @@ def alpha_at(step: int, steps_per_epoch: int, alpha: float, warmup_epochs: float
     if warmup_epochs <= 0:
         return alpha
     return alpha * min(1.0, step / (warmup_epochs * steps_per_epoch))
+
+
+def momentum_at(step: int, momentum: float, start: float, warmup_steps: int) -> float:
+    if step >= warmup_steps:
+        return momentum
+    return start + (momentum - start) * step / warmup_steps

@@ -54,6 +54,13 @@ class TrainConfig:
     # pretraining's loss = mlm_weight x MLM + ITC + ITM; official 1. From random weights at the demo's width, MLM at
     # weight 1 keeps ITM from learning the hard negatives in the shared fusion layers (README, demo)
     mlm_weight: float = 1.0
+    # The official recipe from random weights, in two warm-ups (both 0 = official from step 0; README "The offline
+    # demo"): ITC's keys are the batch's momentum features only, and the feature queue is neither read nor written,
+    # until step queue_start_step; the EMA coefficient rises linearly from momentum_start to model.momentum over the
+    # first momentum_warmup_steps steps. Tasks without momentum queues refuse them.
+    queue_start_step: int = 0
+    momentum_warmup_steps: int = 0
+    momentum_start: float = 0.5
     log_every: int = 10  # steps between metric rows
     save_every: int = 1000  # steps between checkpoints (0: only at the end and on signals)
     keep_last: int = 3  # complete checkpoints kept
@@ -81,11 +88,16 @@ class TrainConfig:
             ("warmup_granularity", 1),
             ("itm_random_negative_steps", 0),
             ("mlm_weight", 0),
+            ("queue_start_step", 0),
+            ("momentum_warmup_steps", 0),
+            ("momentum_start", 0),
             ("eval_every_steps", 0),
             ("collective_timeout_s", 1),
         ):
             if getattr(self, key) < low:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must be >= {low}")
+        if self.momentum_start >= 1.0:
+            raise ValueError(f"train.momentum_start={self.momentum_start}: must be in [0, 1)")
         if self.schedule not in ("albef", "cosine"):
             raise ValueError(f"train.schedule={self.schedule!r}: expected 'albef' or 'cosine'")
         if self.micro_batch_size <= 0 or self.global_batch_size % self.micro_batch_size:
@@ -130,6 +142,8 @@ class Progress:
     epoch: int
     alpha: float
     hard_negatives: bool = True  # ITM negatives by similarity (False during train.itm_random_negative_steps)
+    use_queue: bool = True  # ITC reads and writes the feature queue (False before train.queue_start_step)
+    momentum: Optional[float] = None  # the EMA coefficient this step (None: model.momentum)
 
 
 class Task:
@@ -142,9 +156,19 @@ class Task:
     # is left out (no validation: best = last).
     eval_splits: tuple = ()
     primary_metric: Optional[str] = None  # e.g. "r_mean"; higher is better
+    # the train.* warm-ups whose ``Progress`` fields this task's training step hands to its model; a run that sets
+    # another one is refused rather than silently trained without it
+    train_warmups: tuple = ()
 
     def __init__(self, cfg):
         self.cfg = cfg
+        train = getattr(cfg, "train", None)
+        for key in ("itm_random_negative_steps", "queue_start_step", "momentum_warmup_steps"):
+            if getattr(train, key, 0) and key not in self.train_warmups:
+                raise ValueError(
+                    f"train.{key}={getattr(train, key)}: the {self.name} task does not use it (the tasks with ITC "
+                    "queues and ITM do: pretrain, retrieval, grounding); leave it 0"
+                )
         data = getattr(cfg, "data", None)
         self.eval_splits = tuple(s for s in type(self).eval_splits if getattr(data, f"{s}_file", None) != "")
         # W&B-only values (images, tables) made by the last evaluation; the engine logs them in the evaluation's

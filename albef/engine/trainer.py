@@ -46,7 +46,7 @@ from albef.engine import checkpointing, dist, signals
 from albef.engine.flops import measured_matmul_peak
 from albef.engine.metrics import MetricsLogger
 from albef.engine.optim import build_optimizer
-from albef.engine.schedule import albef_lr, alpha_at, cosine_lr
+from albef.engine.schedule import albef_lr, alpha_at, cosine_lr, momentum_at
 from albef.engine.signals import StopRequested
 from albef.engine.task import Progress, Task
 
@@ -329,7 +329,14 @@ class Trainer:
         batch = {k: to_device(v, self.device, self.dtype) for k, v in batch.items()}
         lr = self._set_lr(state.step)
         alpha = alpha_at(state.step, self.steps_per_epoch, t.alpha, t.alpha_warmup_epochs)
-        progress = Progress(state.step, state.epoch, alpha, state.step >= t.itm_random_negative_steps)
+        progress = Progress(
+            state.step,
+            state.epoch,
+            alpha,
+            hard_negatives=state.step >= t.itm_random_negative_steps,
+            use_queue=state.step >= t.queue_start_step,
+            momentum=momentum_at(state.step, self.cfg.model.momentum, t.momentum_start, t.momentum_warmup_steps),
+        )
         if self.window_micro == 0 and self.gas > 1:
             torch._foreach_copy_(self.before_step, self._forward_state())
         torch._foreach_copy_(self.before_micro, self._forward_state())

@@ -42,9 +42,9 @@ class ModelConfig:
     text: BertConfig = field(default_factory=BertConfig)
     embed_dim: int = 256  # width of the ITC feature space
     temp: float = 0.07  # initial contrastive temperature (learnable, clamped to [0.001, 0.5])
-    # Must be divisible by the global batch size. 0 keeps no queue (the batch's momentum features are the only keys):
-    # for training from random weights, where a queue of near-identical early features pushes every feature the same
-    # way and collapses ITC (see albef/configs/demo.yaml).
+    # Must be divisible by the global batch size. 0 keeps no queue (the batch's momentum features are the only keys).
+    # From random weights a queue of near-identical early features pushes every feature the same way and collapses
+    # ITC: train.queue_start_step delays it (see albef/configs/demo.yaml).
     queue_size: int = 65536
     momentum: float = 0.995  # EMA coefficient of the momentum encoders
     mlm_probability: float = 0.15
@@ -256,8 +256,13 @@ class ALBEFBase(MomentumModel):
         return self.itm_head(fused[:, 0, :])
 
     # --- the shared ITC / ITM computation -------------------------------------------------------------------
-    def _itc_itm(self, image, input_ids, attention_mask, alpha, idx=None, hard_negatives: bool = True):
-        """Features, ITC with MoD, enqueue, ITM with hard negatives. Returns (losses, details, tensors)."""
+    def _itc_itm(
+        self, image, input_ids, attention_mask, alpha, idx=None, hard_negatives=True, use_queue=True, momentum=None
+    ):
+        """Features, ITC with MoD, enqueue, ITM with hard negatives. Returns (losses, details, tensors).
+        ``use_queue=False``: the batch's momentum features are the only keys and nothing is enqueued (as with
+        ``queue_size: 0``); ``momentum``: this step's EMA coefficient (None: ``cfg.momentum``)."""
+        queued = self.cfg.queue_size if use_queue else 0
         image_embeds = self.encode_image(image)
         image_feat = self.image_feat(image_embeds)
         text_embeds = self.encode_text(input_ids, attention_mask)
@@ -266,18 +271,18 @@ class ALBEFBase(MomentumModel):
         idx_all = None
         if idx is not None:
             idx = idx.view(-1)
-            idx_all = torch.cat([idx.view(1, -1), self.idx_queue.clone().detach()], dim=1)
+            idx_all = torch.cat([idx.view(1, -1), self.idx_queue[:, :queued].clone().detach()], dim=1)
         # Similarities and losses are computed in float32 whatever the training precision (no-ops in fp32).
         temp = self.temp.float()
         with torch.no_grad():
             with self._momentum_ctx():
-                self.momentum_update()
+                self.momentum_update(momentum)
                 image_embeds_m = self.encode_image(image, momentum=True)
                 image_feat_m = self.image_feat(image_embeds_m, momentum=True).float()
                 text_embeds_m = self.encode_text(input_ids, attention_mask, momentum=True, cls_only=True)
                 text_feat_m = self.text_feat(text_embeds_m, momentum=True).float()
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach().float()], dim=1)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach().float()], dim=1)
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue[:, :queued].clone().detach().float()], 1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue[:, :queued].clone().detach().float()], 1)
             sim_i2t_m = image_feat_m @ text_feat_all / temp
             sim_t2i_m = text_feat_m @ image_feat_all / temp
             sim_i2t_targets = itc_targets(sim_i2t_m, alpha, idx, idx_all)
@@ -287,7 +292,8 @@ class ALBEFBase(MomentumModel):
         sim_t2i = text_feat.float() @ image_feat_all / temp
         loss_ita = (soft_cross_entropy(sim_i2t, sim_i2t_targets) + soft_cross_entropy(sim_t2i, sim_t2i_targets)) / 2
 
-        self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+        if use_queue:
+            self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
 
         bs = image.shape[0]
         fused_pos = self.fuse(text_embeds, attention_mask, image_embeds, cls_only=True)
@@ -358,11 +364,13 @@ class ALBEFPretrain(ALBEFBase):
         alpha: float = 0.0,
         return_details: bool = False,
         hard_negatives: bool = True,
+        use_queue: bool = True,
+        momentum: Optional[float] = None,
     ):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         losses, details, (image_embeds, image_embeds_m) = self._itc_itm(
-            image, input_ids, attention_mask, alpha, hard_negatives=hard_negatives
+            image, input_ids, attention_mask, alpha, None, hard_negatives, use_queue, momentum
         )
 
         # MLM: a separate full multi-modal pass on the masked text, distilled from the momentum model. The
@@ -410,11 +418,13 @@ class ALBEFRetrieval(ALBEFBase):
         alpha: float = 0.0,
         return_details: bool = False,
         hard_negatives: bool = True,
+        use_queue: bool = True,
+        momentum: Optional[float] = None,
     ):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         losses, details, _ = self._itc_itm(
-            image, input_ids, attention_mask, alpha, idx=idx, hard_negatives=hard_negatives
+            image, input_ids, attention_mask, alpha, idx, hard_negatives, use_queue, momentum
         )
         if return_details:
             losses["details"] = details

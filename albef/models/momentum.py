@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -70,8 +70,9 @@ class MomentumModel(nn.Module):
                 p_m.data.copy_(p.data)
 
     @torch.no_grad()
-    def momentum_update(self) -> None:
+    def momentum_update(self, momentum: Optional[float] = None) -> None:
         """``m <- m * momentum + p * (1 - momentum)``: two products and a sum, the official float32 formula.
+        ``momentum`` defaults to ``cfg.momentum`` (a training warm-up passes its own, ``train.momentum_warmup_steps``).
 
         Tied tensors (the MLM decoder) are updated once, since ``parameters()`` yields each tensor once.
         """
@@ -79,8 +80,9 @@ class MomentumModel(nn.Module):
         mom = [p.data for _, m in self.model_pairs for p in m.parameters()]
         if online[0].dtype != mom[0].dtype:  # half-precision training keeps the momentum weights in float32
             online = [p.to(mom[0].dtype) for p in online]
-        torch._foreach_mul_(mom, self.cfg.momentum)
-        torch._foreach_add_(mom, torch._foreach_mul(online, 1.0 - self.cfg.momentum))
+        momentum = self.cfg.momentum if momentum is None else momentum
+        torch._foreach_mul_(mom, momentum)
+        torch._foreach_add_(mom, torch._foreach_mul(online, 1.0 - momentum))
 
     def keep_momentum_fp32(self, fp32_state: Dict[str, torch.Tensor]) -> None:
         """Put float32 values back into the momentum parameters after an engine cast the model to fp16/bf16.

@@ -45,6 +45,7 @@ class PretrainConfig(RunConfig):
 class PretrainTask(Task):
     name = "pretrain"
     model_kind = "pretrain"
+    train_warmups = ("itm_random_negative_steps", "queue_start_step", "momentum_warmup_steps")
     config_cls = PretrainConfig
 
     def __init__(self, cfg: PretrainConfig):
@@ -106,6 +107,8 @@ class PretrainTask(Task):
             batch["attention_mask"],
             alpha=progress.alpha,
             hard_negatives=progress.hard_negatives,
+            use_queue=progress.use_queue,
+            momentum=progress.momentum,
         )
         loss = self.cfg.train.mlm_weight * out["loss_mlm"] + out["loss_ita"] + out["loss_itm"]
         return loss, {k: v.detach() for k, v in out.items()}

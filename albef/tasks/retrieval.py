@@ -131,6 +131,7 @@ class RetrievalEvalSet(EvalImages):
 class RetrievalTask(Task):
     name = "retrieval"
     model_kind = "retrieval"
+    train_warmups = ("itm_random_negative_steps", "queue_start_step", "momentum_warmup_steps")
     config_cls = RetrievalConfig
     eval_splits = ("val", "test")
     primary_metric = "r_mean"
@@ -169,6 +170,8 @@ class RetrievalTask(Task):
             idx=batch["idx"],
             alpha=progress.alpha,
             hard_negatives=progress.hard_negatives,
+            use_queue=progress.use_queue,
+            momentum=progress.momentum,
         )
         return out["loss_ita"] + out["loss_itm"], {k: v.detach() for k, v in out.items()}
 
