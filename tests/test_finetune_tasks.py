@@ -454,9 +454,10 @@ def test_classifier_loss_is_momentum_distilled_cross_entropy(kind):
 
 # ---------------------------------------------------------------------------------------------------------------
 # End to end: the real entrypoints under DeepSpeed (ZeRO-2, fp32, one CPU process) on a generated world. Settings
-# that make a from-scratch tiny model learn in a CPU budget: lr 1e-3 and momentum 0.9 (with the official 0.995 the
-# distillation teacher lags hundreds of steps behind a model trained from scratch); no flip and no crop (the
-# world's text speaks of left/right and counts, see albef.demo.world).
+# that make a tiny model learn in a CPU budget: lr 1e-3 and momentum 0.9 (with the official 0.995 the distillation
+# teacher lags hundreds of steps behind a model trained from scratch); no flip, no crop and no RandAugment (the
+# world's text speaks of left/right and counts, and at 48 px RandAugment's shifts move objects across the 16 px
+# grid cells, see albef.demo.world).
 
 
 RES = 48
@@ -469,6 +470,56 @@ def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
     generate_world(out, seed=0, num_train=800, num_val=200, num_test=100, image_size=RES)
     return out
+
+
+@pytest.fixture(scope="module")
+def big_world(tmp_path_factory):
+    """3000 training images: VQA's colour questions generalise to held-out images from this many (from 800 the
+    margin over the prior halves on test)."""
+    from albef.demo.world import generate_world
+
+    out = tmp_path_factory.mktemp("big_world")
+    generate_world(out, seed=0, num_train=3000, num_val=200, num_test=200, image_size=RES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world_checkpoint(big_world, tmp_path_factory):
+    """ALBEF is fine-tuned from a pretrained checkpoint, never from random weights: the demo's pretraining recipe
+    (``pretrain/configs/demo.yaml``, its warm-ups shortened to 200 steps) for 400 steps on the world's training
+    images, through data_prep's shards and the pretraining entrypoint."""
+    from data_prep.annotations import main as annotations
+
+    out = tmp_path_factory.mktemp("world_pretrain")
+    args = [
+        str(big_world / "pretrain.json"),
+        "--image-root",
+        str(big_world / "images"),
+        "--output",
+        str(out / "shards"),
+    ]
+    assert annotations(args + ["--image-size", str(RES), "--no-progress", "--processes", "1"]) == 0
+    overrides = [f"data.shards=[{out / 'shards'}]", f"train.output_dir={out / 'run'}", "train.max_steps=400"]
+    overrides += ["train.global_batch_size=32", "train.micro_batch_size=32", "train.num_threads=2"]
+    overrides += [f"train.{k}=200" for k in ("queue_start_step", "momentum_warmup_steps", "itm_random_negative_steps")]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain.train",
+            "pretrain/configs/demo.yaml",
+            "train.save_every=0",
+            "wandb.mode=disabled",
+        ]
+        + overrides,
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return out / "run" / "final.pth"
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -539,7 +590,7 @@ def _image_data(world: Path, **files) -> dict:
         "image_root": str(world / "images"),
         "image_res": RES,
         "num_workers": 1,
-        "augment": {"crop_scale": [], "flip": False},
+        "augment": {"crop_scale": [], "flip": False, "randaugment": False},
         **{k: str(world / v) for k, v in files.items()},
     }
 
@@ -592,7 +643,14 @@ def model_config_of(run_dir: Path):
 
 
 @pytest.mark.slow
-def test_vqa_learns_on_world(world, tmp_path):
+def test_vqa_from_pretraining_answers_from_the_image(big_world, world_checkpoint, tmp_path):
+    """Fine-tuned from the world's pretraining checkpoint, VQA answers colour questions from the image: far above the
+    question-only prior (the most common answer of each question string in the train file, else of its type), on
+    held-out images of both splits. Measured (600 steps): colour 50.8 / 52.2% against 12.5 / 11.2% (val / test).
+    From random weights, 600 steps on an 800-image world reach 25.0 / 21.9% against 14.8 / 15.1%, and 150 steps 0%.
+    Size, shape and position gain less; counting and yes/no questions stay at their prior (printed; README issue
+    16)."""
+    world = big_world
     data = _image_data(
         world,
         val_file="vqa_val.json",
@@ -601,12 +659,19 @@ def test_vqa_learns_on_world(world, tmp_path):
         test_answers="vqa_test_answers.json",
     )
     data["train_files"] = [str(world / "vqa_train.json")]
-    settings = {"data": data, "eval": {"batch_size": 32, "k_test": 8}, "train": {"max_steps": 150}}
+    settings = {
+        "data": data,
+        "init": {"checkpoint": str(world_checkpoint)},
+        "eval": {"batch_size": 32, "k_test": 8},
+        "train": {"max_steps": 600},
+    }
     rows = run_entrypoint("vqa", "vqa_v2.yaml", settings, tmp_path / "vqa")
+    val, test = _against_prior(rows, "val"), _against_prior(rows, "test")
+    for split, table in (("val", val), ("test", test)):
+        model, prior = table["what_colour"]
+        assert model > prior + 20, (split, table)
+        assert table[""][0] > table[""][1], (split, table)  # overall above the prior too
     truth = load_vqa_answers(str(world / "vqa_test_answers.json"))
-    majority = 100.0 * Counter(a[0] for a in truth.values()).most_common(1)[0][1] / len(truth)
-    assert _last(rows, "test/acc") > majority + 8 and _last(rows, "val/acc") > majority + 8, (majority, rows[-1])
-    _against_prior(rows, "val"), _against_prior(rows, "test")
     results = json.loads((tmp_path / "vqa" / "vqa_result_test.json").read_text())
     answer_list = set(json.loads((world / "answer_list.json").read_text()))
     assert sorted(str(r["question_id"]) for r in results) == sorted(truth)
@@ -632,7 +697,7 @@ def test_nlvr2_text_assignment_then_finetune_on_world(world, tmp_path):
         "json_files": [str(world / "pretrain.json")],
         "image_res": RES,
         "num_workers": 1,
-        "augment": {"crop_scale": [], "flip": False},
+        "augment": {"crop_scale": [], "flip": False, "randaugment": False},
     }
     ta_settings = {
         "data": ta_data,

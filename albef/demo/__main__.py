@@ -13,7 +13,8 @@ Stages, each with the real command-line tools a user runs (printed as they start
    2 CPU processes (torchrun, gloo) over both shard sets.
 5. ``finetune.retrieval`` evaluates zero-shot retrieval on held-out images, then fine-tunes briefly and evaluates.
 6. ``finetune.ve`` fine-tunes SNLI-VE briefly and reports accuracy per label next to the hypothesis-only prior.
-7. A summary table: losses, recall against chance, whether the fusion encoder uses the image, time and throughput
+7. ``finetune.vqa`` fine-tunes VQA briefly and reports accuracy per question type next to the question-only prior.
+8. A summary table: losses, recall against chance, whether the fusion encoder uses the image, time and throughput
    of every stage.
 
 Everything lands in ``--out`` (default ``runs/demo``); rerunning reuses the world and shards and starts the runs
@@ -37,8 +38,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 SIZES = {  # world images and training steps; "quick" is what CI runs
-    "full": dict(train=3000, val=100, test=100, image=48, pretrain_steps=800, finetune_steps=200),
-    "quick": dict(train=1500, val=64, test=64, image=48, pretrain_steps=400, finetune_steps=100),
+    "full": dict(train=3000, val=100, test=100, image=48, pretrain_steps=800, finetune_steps=200, vqa_steps=600),
+    "quick": dict(train=1500, val=64, test=64, image=48, pretrain_steps=400, finetune_steps=100, vqa_steps=300),
 }
 
 
@@ -220,7 +221,7 @@ def main() -> None:
         )
     times["world"] = time.time() - t0
     print(
-        f"[1/6] world: {size['train']} train / {size['val']} val / {size['test']} test images at {size['image']} px "
+        f"[1/7] world: {size['train']} train / {size['val']} val / {size['test']} test images at {size['image']} px "
         f"in {world}",
         flush=True,
     )
@@ -258,7 +259,7 @@ def main() -> None:
     finally:
         stop()
     print(
-        f"[2/6] web crawl: {sum(1 for _ in open(web_pairs))} pairs extracted, "
+        f"[2/7] web crawl: {sum(1 for _ in open(web_pairs))} pairs extracted, "
         f"{json.loads((web_shards / 'manifest.json').read_text())['num_samples']} images in shards",
         flush=True,
     )
@@ -284,7 +285,7 @@ def main() -> None:
         out / "shards.log",
         env,
     )
-    print(f"[3/6] shards: {json.loads((shards / 'manifest.json').read_text())['num_samples']} samples", flush=True)
+    print(f"[3/7] shards: {json.loads((shards / 'manifest.json').read_text())['num_samples']} samples", flush=True)
 
     # 4. pretraining
     pre = out / "pretrain"
@@ -304,7 +305,7 @@ def main() -> None:
         "pretrain",
         size["pretrain_steps"],
     )
-    print(f"[4/6] pretraining done: {pre / 'final.pth'}", flush=True)
+    print(f"[4/7] pretraining done: {pre / 'final.pth'}", flush=True)
 
     # 5. retrieval: zero-shot, then fine-tuned
     data = [
@@ -410,7 +411,7 @@ def main() -> None:
         "fine-tune",
         size["finetune_steps"],
     )
-    print("[5/6] retrieval evaluated", flush=True)
+    print("[5/7] retrieval evaluated", flush=True)
 
     # 6. SNLI-VE from the pretrained weights: accuracy per label against the hypothesis-only prior
     ve = out / "ve"
@@ -433,7 +434,32 @@ def main() -> None:
         "ve",
         size["finetune_steps"],
     )
-    print("[6/6] SNLI-VE evaluated", flush=True)
+    print("[6/7] SNLI-VE evaluated", flush=True)
+
+    # 7. VQA from the pretrained weights: accuracy per question type against the question-only prior
+    vqa = out / "vqa"
+    shutil.rmtree(vqa, ignore_errors=True)
+    times["vqa fine-tune"] = run(
+        torchrun(a.nproc)
+        + [
+            "finetune.vqa",
+            "finetune/configs/demo_vqa.yaml",
+            f"data.train_files=[{world / 'vqa_train.json'}]",
+            f"data.test_file={world / 'vqa_test.json'}",
+            f"data.test_answers={world / 'vqa_test_answers.json'}",
+            f"data.answer_list={world / 'answer_list.json'}",
+            f"data.image_root={world / 'images'}",
+            f"init.checkpoint={pre / 'final.pth'}",
+            f"train.output_dir={vqa}",
+            f"train.max_steps={size['vqa_steps']}",
+            f"train.num_threads={threads}",
+        ],
+        out / "vqa.log",
+        env,
+        "vqa",
+        size["vqa_steps"],
+    )
+    print("[7/7] VQA evaluated", flush=True)
 
     summarize(out, world, times, time.time() - t_all)
 
@@ -553,19 +579,31 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
         f"({100 * filt['swapped_removed'] / max(1, n_swapped):.0f}%), kept {filt['true_kept']} of {filt['true']} "
         f"true ones ({100 * filt['true_kept'] / max(1, filt['true']):.0f}%)"
     )
-    ve_rows = [r for r in rows(out / "ve" / "metrics.jsonl") if "test/prior_acc" in r] if (out / "ve").is_dir() else []
-    if ve_rows:
-        v = ve_rows[-1]
-        labels = sorted(k[len("test/acc_") :] for k in v if k.startswith("test/acc_"))
-        lines.append(
-            f"SNLI-VE after {v['step']} steps, held-out test accuracy % (model / hypothesis-only prior of "
-            "the train file):"
+    against = {}  # the fine-tuning stages' last test row: accuracy per label / question type and the text-only prior
+    for stage, title in (
+        (
+            "ve",
+            "SNLI-VE after {step} steps, held-out test accuracy % (model / hypothesis-only prior of the train file):",
+        ),
+        ("vqa", "VQA after {step} steps, held-out test accuracy % (model / question-only prior of the train file):"),
+    ):
+        found = (
+            [r for r in rows(out / stage / "metrics.jsonl") if "test/prior_acc" in r] if (out / stage).is_dir() else []
         )
-        lines.append(
-            "  all "
-            + f"{v['test/acc']:.1f} / {v['test/prior_acc']:.1f}; "
-            + "; ".join(f"{k} {v['test/acc_' + k]:.1f} / {v['test/prior_acc_' + k]:.1f}" for k in labels)
-        )
+        if not found:
+            continue
+        v = against[stage] = found[-1]
+        kinds = sorted(k[len("test/acc_") :] for k in v if k.startswith("test/acc_"))
+        lines.append(title.format(step=v["step"]))
+        parts = [f"all {v['test/acc']:.1f} / {v['test/prior_acc']:.1f}"]
+        parts += [f"{k.replace('_', ' ')} {v['test/acc_' + k]:.1f} / {v['test/prior_acc_' + k]:.1f}" for k in kinds]
+        line = " "
+        for part in parts:
+            if len(line) + len(part) + 2 > 78 and line.strip():
+                lines.append(line.rstrip(";"))
+                line = " "
+            line += f" {part};"
+        lines.append(line.rstrip(";"))
     lines.append("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {total:.0f}")
     lines.append(f"outputs: {out}")
     text = "\n".join(lines)
@@ -579,7 +617,8 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
                 "fine_tuned": ft,
                 "zero_shot_classes": classes,
                 "filter": filt,
-                "ve": ve_rows[-1] if ve_rows else {},
+                "ve": against.get("ve", {}),
+                "vqa": against.get("vqa", {}),
                 "chance": {"txt": chance_tr, "img": chance_ir},
                 "seconds": times,
                 "total_seconds": total,
