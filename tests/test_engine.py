@@ -335,6 +335,8 @@ def test_sigusr1_checkpoints_exits_75_and_the_rerun_completes(world_shards, tmp_
     assert code == 0, out[-3000:]
     final = summary(run)[-1]
     assert final["steps"] == 12 and final["samples"] == 12 * 16  # every planned sample seen once, none repeated
+    # the loader's own count agrees (delivered, resume included) and nothing was skipped
+    assert final["data"]["samples"] == 12 * 16 and final["data"]["skipped"] == 0, final
 
 
 @pytest.mark.slow

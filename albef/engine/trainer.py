@@ -415,7 +415,7 @@ class Trainer:
             "epochs_completed": round(state.step / self.steps_per_epoch, 3),
             "train_seconds": round(elapsed, 2),
             "nonfinite_skipped": state.nonfinite_total,
-            "data_skipped": self.loader.stats(),
+            "data": self.loader.stats(),  # samples delivered (resumes included) and skipped, by reason
             "wandb_id": state.wandb_id,
         }
         self.logger.summary(summary)
