@@ -413,51 +413,35 @@ def main() -> None:
     )
     print("[5/7] retrieval evaluated", flush=True)
 
+    def from_pretraining(task: str, config: str, steps: int, **data) -> float:
+        """A short fine-tuning of ``finetune.<task>`` from the pretrained weights on the world's files (``data.*``,
+        a file or a list of files in the world); its run lands in ``out/<task>``. Returns the stage's seconds."""
+        run_dir = out / task
+        shutil.rmtree(run_dir, ignore_errors=True)
+        settings = [
+            f"data.{k}=[{','.join(str(world / f) for f in v)}]" if isinstance(v, list) else f"data.{k}={world / v}"
+            for k, v in data.items()
+        ]
+        settings += [f"data.image_root={world / 'images'}", f"init.checkpoint={pre / 'final.pth'}"]
+        settings += [f"train.output_dir={run_dir}", f"train.max_steps={steps}", f"train.num_threads={threads}"]
+        command = torchrun(a.nproc) + [f"finetune.{task}", f"finetune/configs/{config}"] + settings
+        return run(command, out / f"{task}.log", env, task, steps)
+
     # 6. SNLI-VE from the pretrained weights: accuracy per label against the hypothesis-only prior
-    ve = out / "ve"
-    shutil.rmtree(ve, ignore_errors=True)
-    times["ve fine-tune"] = run(
-        torchrun(a.nproc)
-        + [
-            "finetune.ve",
-            "finetune/configs/demo_ve.yaml",
-            f"data.train_files=[{world / 've_train.json'}]",
-            f"data.test_file={world / 've_test.json'}",
-            f"data.image_root={world / 'images'}",
-            f"init.checkpoint={pre / 'final.pth'}",
-            f"train.output_dir={ve}",
-            f"train.max_steps={size['finetune_steps']}",
-            f"train.num_threads={threads}",
-        ],
-        out / "ve.log",
-        env,
-        "ve",
-        size["finetune_steps"],
+    times["ve fine-tune"] = from_pretraining(
+        "ve", "demo_ve.yaml", size["finetune_steps"], train_files=["ve_train.json"], test_file="ve_test.json"
     )
     print("[6/7] SNLI-VE evaluated", flush=True)
 
     # 7. VQA from the pretrained weights: accuracy per question type against the question-only prior
-    vqa = out / "vqa"
-    shutil.rmtree(vqa, ignore_errors=True)
-    times["vqa fine-tune"] = run(
-        torchrun(a.nproc)
-        + [
-            "finetune.vqa",
-            "finetune/configs/demo_vqa.yaml",
-            f"data.train_files=[{world / 'vqa_train.json'}]",
-            f"data.test_file={world / 'vqa_test.json'}",
-            f"data.test_answers={world / 'vqa_test_answers.json'}",
-            f"data.answer_list={world / 'answer_list.json'}",
-            f"data.image_root={world / 'images'}",
-            f"init.checkpoint={pre / 'final.pth'}",
-            f"train.output_dir={vqa}",
-            f"train.max_steps={size['vqa_steps']}",
-            f"train.num_threads={threads}",
-        ],
-        out / "vqa.log",
-        env,
+    times["vqa fine-tune"] = from_pretraining(
         "vqa",
+        "demo_vqa.yaml",
         size["vqa_steps"],
+        train_files=["vqa_train.json"],
+        test_file="vqa_test.json",
+        test_answers="vqa_test_answers.json",
+        answer_list="answer_list.json",
     )
     print("[7/7] VQA evaluated", flush=True)
 
