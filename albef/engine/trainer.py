@@ -253,6 +253,12 @@ class Trainer:
         t, env, model, ds_cfg = self.train, self.env, self.model, self.ds_cfg
         momentum_fp32 = model.momentum_state_fp32() if self.half else None
         stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+        if stage and env.world_size == 1 and env.is_main:
+            log.info(
+                f"{t.ds_config}: ZeRO stage {stage} partitions nothing at one process but still flattens the gradients "
+                "and keeps a second float32 copy of the weights every step; a ds_configs/zero0_*.json is faster here "
+                "(README, Benchmarks)"
+            )
         optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, check_finite=stage == 0)
         tag = self.resume_tag
         self.saved_world = checkpointing.saved_world_size(self.ckpt_root, tag) if tag else env.world_size
