@@ -483,14 +483,16 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
                 + ([f"peak RSS {rss:.0f} MB (rank 0)"] if rss else [])
             )
         )
-    # the warm-ups change what ITC and ITM are measured against mid-run: show each loss where its warm-up ends too
+    # the warm-ups change what ITC and ITM are measured against mid-run: show each loss where its warm-up ends too.
+    # ITC's keys on a rank are its own batch's momentum features, then the queue as well.
     cfg = yaml.safe_load((out / "pretrain" / "config.yaml").read_text())
-    train, batch = cfg["train"], cfg["train"]["global_batch_size"]
+    train = cfg["train"]
+    batch, queued = train["micro_batch_size"], train["micro_batch_size"] + cfg["model"]["queue_size"]
     phases = {
         "train/loss_ita": (
             train["queue_start_step"],
             f"{batch} keys, ln {math.log(batch):.2f}",
-            f"{batch + cfg['model']['queue_size']} keys with the queue, ln {math.log(batch + cfg['model']['queue_size']):.2f}",
+            f"{queued} keys with the queue, ln {math.log(queued):.2f}",
         ),
         "train/loss_itm": (train["itm_random_negative_steps"], "random negatives", "hard negatives; prior 0.637"),
     }

@@ -134,6 +134,10 @@ class RunConfig:
             )
 
 
+# the train.* warm-ups of the recipe from random weights, each applied by the tasks with ITC queues and ITM
+ITC_ITM_WARMUPS = ("itm_random_negative_steps", "queue_start_step", "momentum_warmup_steps")
+
+
 @dataclass
 class Progress:
     """Where training stands, handed to ``training_step`` (drives the alpha ramp)."""
@@ -163,7 +167,7 @@ class Task:
     def __init__(self, cfg):
         self.cfg = cfg
         train = getattr(cfg, "train", None)
-        for key in ("itm_random_negative_steps", "queue_start_step", "momentum_warmup_steps"):
+        for key in ITC_ITM_WARMUPS:
             if getattr(train, key, 0) and key not in self.train_warmups:
                 raise ValueError(
                     f"train.{key}={getattr(train, key)}: the {self.name} task does not use it (the tasks with ITC "

@@ -271,7 +271,7 @@ class ALBEFBase(MomentumModel):
         idx_all = None
         if idx is not None:
             idx = idx.view(-1)
-            idx_all = torch.cat([idx.view(1, -1), self.idx_queue[:, :queued].clone().detach()], dim=1)
+            idx_all = torch.cat([idx.view(1, -1), self.idx_queue[:, :queued]], dim=1)  # cat copies: no clone
         # Similarities and losses are computed in float32 whatever the training precision (no-ops in fp32).
         temp = self.temp.float()
         with torch.no_grad():
@@ -281,8 +281,9 @@ class ALBEFBase(MomentumModel):
                 image_feat_m = self.image_feat(image_embeds_m, momentum=True).float()
                 text_embeds_m = self.encode_text(input_ids, attention_mask, momentum=True, cls_only=True)
                 text_feat_m = self.text_feat(text_embeds_m, momentum=True).float()
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue[:, :queued].clone().detach().float()], 1)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue[:, :queued].clone().detach().float()], 1)
+            # the keys: a new tensor (cat copies), so the enqueue below cannot change what backward reads
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue[:, :queued].float()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue[:, :queued].float()], dim=1)
             sim_i2t_m = image_feat_m @ text_feat_all / temp
             sim_t2i_m = text_feat_m @ image_feat_all / temp
             sim_i2t_targets = itc_targets(sim_i2t_m, alpha, idx, idx_all)

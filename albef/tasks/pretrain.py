@@ -20,7 +20,7 @@ from typing import List
 
 from albef.data import DataConfig, build_pretrain_loader
 from albef.engine.flops import pretrain_step_flops
-from albef.engine.task import RunConfig, Task
+from albef.engine.task import ITC_ITM_WARMUPS, RunConfig, Task
 
 
 @dataclass
@@ -45,7 +45,7 @@ class PretrainConfig(RunConfig):
 class PretrainTask(Task):
     name = "pretrain"
     model_kind = "pretrain"
-    train_warmups = ("itm_random_negative_steps", "queue_start_step", "momentum_warmup_steps")
+    train_warmups = ITC_ITM_WARMUPS
     config_cls = PretrainConfig
 
     def __init__(self, cfg: PretrainConfig):

@@ -33,7 +33,7 @@ from albef.data.samples import BadSample, make_sample
 from albef.data.transforms import AugmentConfig, stack_images, test_transform, to_device
 from albef.engine import dist
 from albef.engine.signals import until_stop
-from albef.engine.task import RunConfig, Task
+from albef.engine.task import ITC_ITM_WARMUPS, RunConfig, Task
 from albef.eval.retrieval import (
     encode_images,
     encode_texts,
@@ -131,7 +131,7 @@ class RetrievalEvalSet(EvalImages):
 class RetrievalTask(Task):
     name = "retrieval"
     model_kind = "retrieval"
-    train_warmups = ("itm_random_negative_steps", "queue_start_step", "momentum_warmup_steps")
+    train_warmups = ITC_ITM_WARMUPS
     config_cls = RetrievalConfig
     eval_splits = ("val", "test")
     primary_metric = "r_mean"
