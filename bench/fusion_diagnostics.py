@@ -1,0 +1,191 @@
+"""What does a pretraining checkpoint's fusion encoder do with the image? Three probes on the demo world (issue 16).
+
+    python bench/fusion_diagnostics.py runs/demo/pretrain/final.pth --world /tmp/world [more checkpoints ...]
+
+``--world`` is a world made by ``python -m albef.demo.world`` at the checkpoint's resolution (its held-out split is
+probed; the locality probe also fits on training images). Each checkpoint's model settings are read from the
+``config.yaml`` next to it (the run folder), or from ``--config``. ``none`` probes the untrained model of the first
+checkpoint's settings. One JSON line per checkpoint:
+
+* ``locality``: does the ViT's patch token of a grid cell carry that cell's object, and only that? A linear probe
+  (fitted on training images) reads the colour of the object in cell p from the final patch token p (``own``), and
+  from the token of the diagonally opposite cell (``opposite``); accuracy on the occupied cells of held-out images.
+  Only meaningful where the world's 3x3 cells are the ViT's patches (48 px, 16 px patches).
+* ``mlm``: masked-word accuracy of the multimodal MLM on held-out captions, every colour word (then every shape
+  word) of a caption masked at once, with the caption's own image and with another image. Own > other means MLM
+  reads the image.
+* ``attention``: for the held-out referring expressions, how often the referred object's cell gets the most of the
+  fusion layers' cross-attention (summed over the expression's words except "the", mean over heads), and of the official ``itm`` Grad-CAM,
+  among the cells that hold an object; ``chance`` is the mean of 1 / objects.
+
+A diagnostic, not a benchmark of speed: one process, no DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from albef.config import from_dict  # noqa: E402
+from albef.data.transforms import normalize_images, test_transform  # noqa: E402
+from albef.eval.grounding import gradcam  # noqa: E402
+from albef.models import ModelConfig, build_model  # noqa: E402
+from albef.models.convert import load_pretrained  # noqa: E402
+from albef.tokenizer import Tokenizer  # noqa: E402
+
+SHAPE_WORDS = ["circle", "square", "triangle", "star", "circles", "squares", "triangles", "stars"]
+
+
+def load_images(world: Path, names, res: int) -> torch.Tensor:
+    transform, rng = test_transform(res), random.Random(0)
+    return normalize_images(
+        torch.stack([torch.as_tensor(transform((world / "images" / n).read_bytes(), rng)) for n in names])
+    )
+
+
+def cell_of(box) -> int:
+    x, y, w, h = box
+    return int((y + h / 2) // 16) * 3 + int((x + w / 2) // 16)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(x.shape[1], classes)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(lin(x), y).backward()
+        opt.step()
+    return lin
+
+
+@torch.no_grad()
+def locality(model, world: Path, scenes: dict, colours: list, res: int, num_train: int) -> dict:
+    def split(prefix, n):
+        ids = sorted(i for i in scenes if i.startswith(prefix))[:n]
+        labels = torch.full((len(ids), 9), len(colours))
+        for k, i in enumerate(ids):
+            for o in scenes[i]["objects"]:
+                labels[k, o["row"] * 3 + o["col"]] = colours.index(o["colour"])
+        tokens = model.encode_image(load_images(world, [scenes[i]["image"] for i in ids], res))[:, 1:]
+        return tokens, labels
+
+    (xtr, ytr), (xva, yva) = split("train", num_train), split("val", 10**9)
+    if xtr.shape[1] != 9:
+        return {"skipped": f"{xtr.shape[1]} patches, not the world's 3x3 cells"}
+    mu, sd = xtr.reshape(-1, xtr.shape[-1]).mean(0), xtr.reshape(-1, xtr.shape[-1]).std(0) + 1e-6
+    out = {}
+    for name, perm in (("own", list(range(9))), ("opposite", list(range(8, -1, -1)))):
+        with torch.enable_grad():
+            lin = fit_probe(((xtr - mu) / sd).reshape(-1, xtr.shape[-1]), ytr[:, perm].reshape(-1), len(colours) + 1)
+        pred = lin(((xva - mu) / sd).reshape(-1, xva.shape[-1])).argmax(1)
+        truth = yva[:, perm].reshape(-1)
+        occupied = truth != len(colours)
+        out[name] = round(100 * (pred[occupied] == truth[occupied]).float().mean().item(), 1)
+    return out
+
+
+@torch.no_grad()
+def mlm(model, tok: Tokenizer, images: torch.Tensor, captions: list, owner: torch.Tensor, words: dict) -> dict:
+    t = tok([c for c in captions])
+    ids, mask = t["input_ids"], t["attention_mask"]
+    embeds = model.encode_image(images)
+    other = (owner + 1 + torch.randint(len(images) - 1, owner.shape, generator=torch.Generator().manual_seed(0))) % len(
+        images
+    )
+    out = {}
+    for kind, ws in words.items():
+        wanted = torch.tensor(sorted(tok.vocab[w] for w in ws if w in tok.vocab))
+        rows, cols = torch.isin(ids, wanted).nonzero(as_tuple=True)
+        masked = ids.clone()
+        masked[rows, cols] = tok.mask_token_id
+        acc = {}
+        for name, which in (("own", owner), ("other", other)):
+            logits = model.mlm_head(model.mlm_hidden(masked, mask, embeds[which])[rows, cols])
+            acc[name] = round(100 * (logits.argmax(-1) == ids[rows, cols]).float().mean().item(), 1)
+        out[kind] = dict(acc, words=int(len(rows)))
+    return out
+
+
+def attention(model, tok: Tokenizer, images, texts, target, occupied) -> dict:
+    t = tok(texts)
+    ids, mask = t["input_ids"], t["attention_mask"]
+    content = mask.clone()  # the expression's words, without [CLS] (ALBEF's tokenizer adds no [SEP]) and "the"
+    content[:, 0] = 0
+    content[ids == tok.vocab["the"]] = 0
+
+    def hit(scores):
+        return round(100 * (scores.masked_fill(~occupied, -1e9).argmax(1) == target).float().mean().item(), 1)
+
+    out = {"chance": round(100 * (1 / occupied.sum(1).float()).mean().item(), 1)}
+    with torch.no_grad():
+        text_embeds, image_embeds = model.encode_text(ids, mask), model.encode_image(images)
+    for layer in range(model.cfg.text.fusion_layer, model.cfg.text.num_hidden_layers):
+        attn = model.bert.encoder.layer[layer].crossattention.self
+        attn.save_attention = True
+        try:
+            with torch.no_grad():
+                model.itm_logits(text_embeds, mask, image_embeds)
+            probs = attn.attention_map[..., 1:]  # (B, heads, L, cells)
+        finally:
+            attn.save_attention, attn.attention_map = False, None
+        out[f"attention_layer{layer}"] = hit((probs * content[:, None, :, None]).sum(2).mean(1))
+        out[f"gradcam_layer{layer}"] = hit(gradcam(model, images, ids, mask, "itm", layer).flatten(1))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoints", nargs="+", help="pretraining checkpoints (final.pth), or 'none'")
+    ap.add_argument("--world", type=Path, required=True)
+    ap.add_argument("--config", type=Path, help="run config.yaml (default: next to each checkpoint)")
+    ap.add_argument("--num-train", type=int, default=1500, help="training images for the locality probe")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    world = args.world
+    meta = json.loads((world / "world.json").read_text())
+    scenes, colours = meta["scenes"], list(meta["vocabulary"]["colours"])
+    tok = Tokenizer()
+    val = json.loads((world / "retrieval_val.json").read_text())
+    refs_meta = json.loads((world / "refcoco+_refs.json").read_text())
+    dets = json.loads((world / "dets.json").read_text())
+    refs = json.loads((world / "refcoco+_val.json").read_text())
+    target = torch.tensor([cell_of(refs_meta[str(r["ref_id"])]["bbox"]) for r in refs])
+    occupied = torch.zeros(len(refs), 9, dtype=torch.bool)
+    for k, r in enumerate(refs):
+        for box in dets[refs_meta[str(r["ref_id"])]["image_id"]]:
+            occupied[k, cell_of(box)] = True
+    captions = [c for e in val for c in e["caption"]]
+    owner = torch.tensor([i for i, e in enumerate(val) for _ in e["caption"]])
+    first = next((c for c in args.checkpoints if c != "none"), None)
+    if args.config is None and first is None:
+        ap.error("'none' alone needs --config (the model settings to build)")
+    for ck in args.checkpoints:
+        config = args.config or Path(first if ck == "none" else ck).parent / "config.yaml"
+        settings = from_dict(ModelConfig, yaml.safe_load(config.read_text())["model"])
+        res = settings.vision.img_size
+        model = build_model(settings, "pretrain", seed=0).eval()
+        if ck != "none":
+            load_pretrained(model, ck)
+        row = {"checkpoint": ck}
+        row["locality"] = locality(model, world, scenes, colours, res, args.num_train)
+        images = load_images(world, [e["image"] for e in val], res)
+        row["mlm"] = mlm(model, tok, images, captions, owner, {"colour": colours, "shape": SHAPE_WORDS})
+        row["attention"] = attention(
+            model, tok, load_images(world, [r["image"] for r in refs], res), [r["text"] for r in refs], target, occupied
+        )
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
