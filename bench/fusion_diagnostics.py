@@ -10,13 +10,13 @@ checkpoint's settings. One JSON line per checkpoint:
 * ``locality``: does the ViT's patch token of a grid cell carry that cell's object, and only that? A linear probe
   (fitted on training images) reads the colour of the object in cell p from the final patch token p (``own``), and
   from the token of the diagonally opposite cell (``opposite``); accuracy on the occupied cells of held-out images.
-  Only meaningful where the world's 3x3 cells are the ViT's patches (48 px, 16 px patches).
+  This probe and ``attention`` need one ViT patch per world cell (48 px, 16 px patches); otherwise they say skipped.
 * ``mlm``: masked-word accuracy of the multimodal MLM on held-out captions, every colour word (then every shape
   word) of a caption masked at once, with the caption's own image and with another image. Own > other means MLM
   reads the image.
 * ``attention``: for the held-out referring expressions, how often the referred object's cell gets the most of the
-  fusion layers' cross-attention (summed over the expression's words except "the", mean over heads), and of the official ``itm`` Grad-CAM,
-  among the cells that hold an object; ``chance`` is the mean of 1 / objects.
+  fusion layers' cross-attention (summed over the expression's words except "the", mean over heads), and of the
+  official ``itm`` Grad-CAM, among the cells that hold an object; ``chance`` is the mean of 1 / objects.
 
 A diagnostic, not a benchmark of speed: one process, no DeepSpeed.
 """
@@ -51,9 +51,9 @@ def load_images(world: Path, names, res: int) -> torch.Tensor:
     )
 
 
-def cell_of(box) -> int:
-    x, y, w, h = box
-    return int((y + h / 2) // 16) * 3 + int((x + w / 2) // 16)
+def grid_cells(objects) -> dict:
+    """The world's 3x3 cell (row * 3 + col) of each object, keyed by its box."""
+    return {tuple(o["box"]): o["row"] * 3 + o["col"] for o in objects}
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> torch.nn.Linear:
@@ -67,35 +67,33 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) 
     return lin
 
 
-@torch.no_grad()
-def locality(model, world: Path, scenes: dict, colours: list, res: int, num_train: int) -> dict:
-    def split(prefix, n):
-        ids = sorted(i for i in scenes if i.startswith(prefix))[:n]
-        labels = torch.full((len(ids), 9), len(colours))
-        for k, i in enumerate(ids):
-            for o in scenes[i]["objects"]:
-                labels[k, o["row"] * 3 + o["col"]] = colours.index(o["colour"])
-        tokens = model.encode_image(load_images(world, [scenes[i]["image"] for i in ids], res))[:, 1:]
-        return tokens, labels
+def cell_colours(scenes: dict, ids: list, colours: list) -> torch.Tensor:
+    """(images, 9) colour index of the object in each cell, ``len(colours)`` where the cell is empty."""
+    labels = torch.full((len(ids), 9), len(colours))
+    for k, i in enumerate(ids):
+        for o in scenes[i]["objects"]:
+            labels[k, o["row"] * 3 + o["col"]] = colours.index(o["colour"])
+    return labels
 
-    (xtr, ytr), (xva, yva) = split("train", num_train), split("val", 10**9)
-    if xtr.shape[1] != 9:
-        return {"skipped": f"{xtr.shape[1]} patches, not the world's 3x3 cells"}
+
+@torch.no_grad()
+def locality(model, train_images, ytr, val_images, yva, classes: int) -> dict:
+    xtr, xva = model.encode_image(train_images)[:, 1:], model.encode_image(val_images)[:, 1:]
     mu, sd = xtr.reshape(-1, xtr.shape[-1]).mean(0), xtr.reshape(-1, xtr.shape[-1]).std(0) + 1e-6
     out = {}
     for name, perm in (("own", list(range(9))), ("opposite", list(range(8, -1, -1)))):
         with torch.enable_grad():
-            lin = fit_probe(((xtr - mu) / sd).reshape(-1, xtr.shape[-1]), ytr[:, perm].reshape(-1), len(colours) + 1)
+            lin = fit_probe(((xtr - mu) / sd).reshape(-1, xtr.shape[-1]), ytr[:, perm].reshape(-1), classes)
         pred = lin(((xva - mu) / sd).reshape(-1, xva.shape[-1])).argmax(1)
         truth = yva[:, perm].reshape(-1)
-        occupied = truth != len(colours)
+        occupied = truth != classes - 1
         out[name] = round(100 * (pred[occupied] == truth[occupied]).float().mean().item(), 1)
     return out
 
 
 @torch.no_grad()
 def mlm(model, tok: Tokenizer, images: torch.Tensor, captions: list, owner: torch.Tensor, words: dict) -> dict:
-    t = tok([c for c in captions])
+    t = tok(captions)
     ids, mask = t["input_ids"], t["attention_mask"]
     embeds = model.encode_image(images)
     other = (owner + 1 + torch.randint(len(images) - 1, owner.shape, generator=torch.Generator().manual_seed(0))) % len(
@@ -157,15 +155,32 @@ def main(argv=None) -> int:
     tok = Tokenizer()
     val = json.loads((world / "retrieval_val.json").read_text())
     refs_meta = json.loads((world / "refcoco+_refs.json").read_text())
-    dets = json.loads((world / "dets.json").read_text())
     refs = json.loads((world / "refcoco+_val.json").read_text())
-    target = torch.tensor([cell_of(refs_meta[str(r["ref_id"])]["bbox"]) for r in refs])
-    occupied = torch.zeros(len(refs), 9, dtype=torch.bool)
+    target, occupied = [], torch.zeros(len(refs), 9, dtype=torch.bool)
     for k, r in enumerate(refs):
-        for box in dets[refs_meta[str(r["ref_id"])]["image_id"]]:
-            occupied[k, cell_of(box)] = True
+        ref = refs_meta[str(r["ref_id"])]
+        cells = grid_cells(scenes[ref["image_id"]]["objects"])
+        target.append(cells[tuple(ref["bbox"])])
+        occupied[k, list(cells.values())] = True
+    target = torch.tensor(target)
     captions = [c for e in val for c in e["caption"]]
     owner = torch.tensor([i for i, e in enumerate(val) for _ in e["caption"]])
+    train_ids = sorted(i for i in scenes if i.startswith("train"))[: args.num_train]
+    val_ids = sorted(i for i in scenes if i.startswith("val"))
+    ytr, yva = cell_colours(scenes, train_ids, colours), cell_colours(scenes, val_ids, colours)
+    sets = {
+        "train": [scenes[i]["image"] for i in train_ids],
+        "val": [scenes[i]["image"] for i in val_ids],
+        "captions": [e["image"] for e in val],
+        "refs": [r["image"] for r in refs],
+    }
+    loaded = {}  # (set, resolution) -> normalized images: each set is decoded once for all checkpoints
+
+    def images(name: str, res: int) -> torch.Tensor:
+        if (name, res) not in loaded:
+            loaded[name, res] = load_images(world, sets[name], res)
+        return loaded[name, res]
+
     first = next((c for c in args.checkpoints if c != "none"), None)
     if args.config is None and first is None:
         ap.error("'none' alone needs --config (the model settings to build)")
@@ -177,12 +192,16 @@ def main(argv=None) -> int:
         if ck != "none":
             load_pretrained(model, ck)
         row = {"checkpoint": ck}
-        row["locality"] = locality(model, world, scenes, colours, res, args.num_train)
-        images = load_images(world, [e["image"] for e in val], res)
-        row["mlm"] = mlm(model, tok, images, captions, owner, {"colour": colours, "shape": SHAPE_WORDS})
-        row["attention"] = attention(
-            model, tok, load_images(world, [r["image"] for r in refs], res), [r["text"] for r in refs], target, occupied
+        row["mlm"] = mlm(
+            model, tok, images("captions", res), captions, owner, {"colour": colours, "shape": SHAPE_WORDS}
         )
+        grid = res // settings.vision.patch_size
+        if grid != 3:  # the cell probes need one ViT patch per world cell
+            row["locality"] = row["attention"] = f"skipped: a {grid}x{grid} patch grid, not the world's 3x3 cells"
+        else:
+            row["locality"] = locality(model, images("train", res), ytr, images("val", res), yva, len(colours) + 1)
+            texts = [r["text"] for r in refs]
+            row["attention"] = attention(model, tok, images("refs", res), texts, target, occupied)
         print(json.dumps(row), flush=True)
     return 0
 
