@@ -50,3 +50,9 @@ def test_probes_of_an_untrained_model(tmp_path, capsys):
         "attention_layer3",
         "gradcam_layer3",
     }
+    # at 64 px the ViT's 4x4 patches are not the world's cells: the cell probes say so instead of misreading them
+    config.write_text(yaml.safe_dump({"model": to_dict(model_config("tiny", ["vision.img_size=64"]))}))
+    assert fusion_diagnostics.main(args) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["locality"] == row["attention"] == "skipped: a 4x4 patch grid, not the world's 3x3 cells"
+    assert row["mlm"]["colour"]["words"] == colour_words
