@@ -1,4 +1,4 @@
-"""What does a pretraining checkpoint's fusion encoder do with the image? Three probes on the demo world (issue 16).
+"""What does a pretraining checkpoint's fusion encoder do with the image? Four probes on the demo world (issue 16).
 
     python bench/fusion_diagnostics.py runs/demo/pretrain/final.pth --world /tmp/world [more checkpoints ...]
 
@@ -7,10 +7,15 @@ probed; the locality probe also fits on training images). Each checkpoint's mode
 ``config.yaml`` next to it (the run folder), or from ``--config``. ``none`` probes the untrained model of the first
 checkpoint's settings. One JSON line per checkpoint:
 
-* ``locality``: does the ViT's patch token of a grid cell carry that cell's object, and only that? A linear probe
-  (fitted on training images) reads the colour of the object in cell p from the final patch token p (``own``), and
-  from the token of the diagonally opposite cell (``opposite``); accuracy on the occupied cells of held-out images.
-  This probe and ``attention`` need one ViT patch per world cell (48 px, 16 px patches); otherwise they say skipped.
+* ``locality``: does the ViT's patch token of a grid cell carry that cell's object, and only that? Linear probes
+  (fitted on training images) read the colour, the shape and the size of the object in cell p from the final patch
+  token p (``own``), and from the token of the diagonally opposite cell (``opposite``); accuracy on the occupied
+  cells of held-out images. The cell probes need one ViT patch per world cell (48 px, 16 px patches); otherwise
+  they say skipped.
+* ``supervised``: what the same ViT can hold when it is trained for it: a copy of the checkpoint's ViT with one
+  linear head per attribute on each patch token, trained on the training images' cell labels
+  (``--supervised-steps`` of 64 images, AdamW 1e-3), then read on the held-out cells. ``locality`` far below
+  ``supervised`` means pretraining did not ask the ViT for that attribute, not that the ViT cannot see it.
 * ``mlm``: masked-word accuracy of the multimodal MLM on held-out captions, every colour word (then every shape
   word) of a caption masked at once, with the caption's own image and with another image. Own > other means MLM
   reads the image.
@@ -24,6 +29,7 @@ A diagnostic, not a benchmark of speed: one process, no DeepSpeed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -67,28 +73,62 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) 
     return lin
 
 
-def cell_colours(scenes: dict, ids: list, colours: list) -> torch.Tensor:
-    """(images, 9) colour index of the object in each cell, ``len(colours)`` where the cell is empty."""
-    labels = torch.full((len(ids), 9), len(colours))
+ATTRIBUTES = {"colour": "colours", "shape": "shapes", "size": "sizes"}  # object key -> world.json vocabulary key
+
+
+def cell_labels(scenes: dict, ids: list, key: str, vocab: list) -> torch.Tensor:
+    """(images, 9) index in ``vocab`` of the ``key`` of the object in each cell, ``len(vocab)`` where it is empty."""
+    labels = torch.full((len(ids), 9), len(vocab))
     for k, i in enumerate(ids):
         for o in scenes[i]["objects"]:
-            labels[k, o["row"] * 3 + o["col"]] = colours.index(o["colour"])
+            labels[k, o["row"] * 3 + o["col"]] = vocab.index(o[key])
     return labels
 
 
+def _accuracy(pred: torch.Tensor, truth: torch.Tensor, empty: int) -> float:
+    occupied = truth != empty
+    return round(100 * (pred[occupied] == truth[occupied]).float().mean().item(), 1)
+
+
 @torch.no_grad()
-def locality(model, train_images, ytr, val_images, yva, classes: int) -> dict:
+def locality(model, train_images, ytr: dict, val_images, yva: dict) -> dict:
+    """Per attribute: the linear probe's held-out accuracy from the own cell's token and the opposite cell's."""
     xtr, xva = model.encode_image(train_images)[:, 1:], model.encode_image(val_images)[:, 1:]
     mu, sd = xtr.reshape(-1, xtr.shape[-1]).mean(0), xtr.reshape(-1, xtr.shape[-1]).std(0) + 1e-6
     out = {}
-    for name, perm in (("own", list(range(9))), ("opposite", list(range(8, -1, -1)))):
-        with torch.enable_grad():
-            lin = fit_probe(((xtr - mu) / sd).reshape(-1, xtr.shape[-1]), ytr[:, perm].reshape(-1), classes)
-        pred = lin(((xva - mu) / sd).reshape(-1, xva.shape[-1])).argmax(1)
-        truth = yva[:, perm].reshape(-1)
-        occupied = truth != classes - 1
-        out[name] = round(100 * (pred[occupied] == truth[occupied]).float().mean().item(), 1)
+    for key in ytr:
+        classes = int(ytr[key].max()) + 1  # the vocabulary and "empty"
+        out[key] = {}
+        for name, perm in (("own", list(range(9))), ("opposite", list(range(8, -1, -1)))):
+            with torch.enable_grad():
+                lin = fit_probe(((xtr - mu) / sd).reshape(-1, xtr.shape[-1]), ytr[key][:, perm].reshape(-1), classes)
+            pred = lin(((xva - mu) / sd).reshape(-1, xva.shape[-1])).argmax(1)
+            out[key][name] = _accuracy(pred, yva[key][:, perm].reshape(-1), classes - 1)
     return out
+
+
+def supervised(model, train_images, ytr: dict, val_images, yva: dict, steps: int) -> dict:
+    """Per attribute: held-out accuracy of a copy of the ViT trained with a linear head per attribute on its own
+    cells' labels (empty cells carry no loss)."""
+    vit = copy.deepcopy(model.visual_encoder).train()
+    width = vit.num_features
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, int(y.max())) for k, y in ytr.items()})
+    opt = torch.optim.AdamW(list(vit.parameters()) + list(heads.parameters()), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(len(train_images), (min(64, len(train_images)),), generator=gen)
+        tokens = vit.forward_features(train_images[idx])[:, 1:]
+        loss = sum(
+            F.cross_entropy(heads[k](tokens).flatten(0, 1), y[idx].flatten(), ignore_index=int(y.max()))
+            for k, y in ytr.items()
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vit.eval()
+    with torch.no_grad():
+        tokens = vit.forward_features(val_images)[:, 1:]
+        return {k: _accuracy(heads[k](tokens).argmax(-1), y, int(ytr[k].max())) for k, y in yva.items()}
 
 
 @torch.no_grad()
@@ -145,13 +185,15 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoints", nargs="+", help="pretraining checkpoints (final.pth), or 'none'")
     ap.add_argument("--world", type=Path, required=True)
     ap.add_argument("--config", type=Path, help="run config.yaml (default: next to each checkpoint)")
-    ap.add_argument("--num-train", type=int, default=1500, help="training images for the locality probe")
+    ap.add_argument("--num-train", type=int, default=1500, help="training images for the locality probes")
+    ap.add_argument("--supervised-steps", type=int, default=500, help="training steps of the supervised ViT copy")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     world = args.world
     meta = json.loads((world / "world.json").read_text())
-    scenes, colours = meta["scenes"], list(meta["vocabulary"]["colours"])
+    scenes, vocabulary = meta["scenes"], meta["vocabulary"]
+    colours = list(vocabulary["colours"])
     tok = Tokenizer()
     val = json.loads((world / "retrieval_val.json").read_text())
     refs_meta = json.loads((world / "refcoco+_refs.json").read_text())
@@ -167,7 +209,10 @@ def main(argv=None) -> int:
     owner = torch.tensor([i for i, e in enumerate(val) for _ in e["caption"]])
     train_ids = sorted(i for i in scenes if i.startswith("train"))[: args.num_train]
     val_ids = sorted(i for i in scenes if i.startswith("val"))
-    ytr, yva = cell_colours(scenes, train_ids, colours), cell_colours(scenes, val_ids, colours)
+    ytr, yva = (
+        {k: cell_labels(scenes, ids, k, list(vocabulary[v])) for k, v in ATTRIBUTES.items()}
+        for ids in (train_ids, val_ids)
+    )
     sets = {
         "train": [scenes[i]["image"] for i in train_ids],
         "val": [scenes[i]["image"] for i in val_ids],
@@ -197,9 +242,13 @@ def main(argv=None) -> int:
         )
         grid = res // settings.vision.patch_size
         if grid != 3:  # the cell probes need one ViT patch per world cell
-            row["locality"] = row["attention"] = f"skipped: a {grid}x{grid} patch grid, not the world's 3x3 cells"
+            skipped = f"skipped: a {grid}x{grid} patch grid, not the world's 3x3 cells"
+            row["locality"] = row["supervised"] = row["attention"] = skipped
         else:
-            row["locality"] = locality(model, images("train", res), ytr, images("val", res), yva, len(colours) + 1)
+            row["locality"] = locality(model, images("train", res), ytr, images("val", res), yva)
+            row["supervised"] = supervised(
+                model, images("train", res), ytr, images("val", res), yva, args.supervised_steps
+            )
             texts = [r["text"] for r in refs]
             row["attention"] = attention(model, tok, images("refs", res), texts, target, occupied)
         print(json.dumps(row), flush=True)

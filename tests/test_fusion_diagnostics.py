@@ -19,18 +19,25 @@ import fusion_diagnostics  # noqa: E402
 
 
 def test_probes_of_an_untrained_model(tmp_path, capsys):
-    """An untrained ViT already keeps each cell's object in its own patch token (the locality probe reads the colour
-    from it, never from the opposite cell's token); an untrained MLM head names no masked colour or shape; the
-    chance level of the attention probe is the mean of 1 / objects over the expressions."""
+    """An untrained ViT already keeps each cell's object in its own patch token (the locality probes read its colour
+    and size from it, never from the opposite cell's token); its shape is there only in part, and the same ViT
+    trained on the cells' labels reads it far better (the ``supervised`` ceiling); an untrained MLM head names no
+    masked colour or shape; the chance level of the attention probe is the mean of 1 / objects over the
+    expressions."""
     world = tmp_path / "world"
-    generate_world(world, seed=0, num_train=200, num_val=40, num_test=2, image_size=48)
+    generate_world(world, seed=0, num_train=600, num_val=40, num_test=2, image_size=48)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"model": to_dict(model_config("tiny", ["vision.img_size=48"]))}))
-    args = ["none", "--world", str(world), "--config", str(config), "--num-train", "200", "--threads", "1"]
+    args = ["none", "--world", str(world), "--config", str(config), "--num-train", "600", "--threads", "1"]
+    args += ["--supervised-steps", "300"]
     assert fusion_diagnostics.main(args) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["checkpoint"] == "none"
-    assert row["locality"]["own"] > 80 and row["locality"]["opposite"] < 20, row
+    local, ceiling = row["locality"], row["supervised"]
+    assert set(local) == set(ceiling) == {"colour", "shape", "size"}, row
+    assert local["colour"]["own"] > 80 and local["size"]["own"] > 70, row
+    assert max(v["opposite"] for v in local.values()) < 20, row
+    assert ceiling["shape"] > local["shape"]["own"] + 10 and ceiling["colour"] > 90, row
     val = json.loads((world / "retrieval_val.json").read_text())
     colours = ("red", "green", "blue", "yellow", "purple", "white")
     tok = Tokenizer()  # captions are cut at 25 tokens, as in pretraining: count what the model reads
@@ -54,5 +61,6 @@ def test_probes_of_an_untrained_model(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"model": to_dict(model_config("tiny", ["vision.img_size=64"]))}))
     assert fusion_diagnostics.main(args) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["locality"] == row["attention"] == "skipped: a 4x4 patch grid, not the world's 3x3 cells"
+    skipped = "skipped: a 4x4 patch grid, not the world's 3x3 cells"
+    assert row["locality"] == row["supervised"] == row["attention"] == skipped
     assert row["mlm"]["colour"]["words"] == colour_words
