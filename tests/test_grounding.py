@@ -533,16 +533,15 @@ def _baselines(w: Path, split: str):
 def test_training_on_the_demo_world_beats_the_baselines(tmp_path):
     """The learnable demo world: 48 px images whose 3x3 object cells are the ViT's 16 px patches, exact object boxes
     as proposals. The tiny model (text init 1/sqrt(64), momentum 0.5, one-batch queue, lr 3e-4) is trained from
-    scratch on the training images' captions (image-level text, no boxes), then grounds the held-out referring
-    expressions with Grad-CAM (ITC on ViT block 0). An untrained model does not pass the same check."""
+    scratch on the training images' referring expressions as image-level text (no boxes, as the official weakly
+    supervised recipe), then grounds the held-out expressions with Grad-CAM (ITC on ViT block 0). An untrained model
+    does not pass the same check. Measured, seeds 1-4: 52.3, 54.6, 53.3, 53.9% against 33.2% for both baselines;
+    trained on the images' captions instead, seeds 1-3 gave 61.2, 54.6 and 37.8% (README issue 16)."""
     w = tmp_path / "world"
     generate_world(w, seed=0, num_train=1500, num_val=150, num_test=2, image_size=48)
-    caps = json.loads((w / "retrieval_train.json").read_text())
-    train = _write(w / "caption_train.json", [{"image": c["image"], "text": c["caption"]} for c in caps])
     (tmp_path / "cfg.yaml").write_text(f"base: {REPO / CONFIG}\nmodel: {{base: tiny, vision: {{img_size: 48}}}}\n")
     out = tmp_path / "run"
-    overrides = _world_overrides(w, out) + [
-        f"data.train_files=[{train}]",
+    overrides = _world_overrides(w, out) + [  # trains on refcoco+_train.json
         "data.test_file=",
         "data.image_res=48",
         "data.augment.randaugment=false",
