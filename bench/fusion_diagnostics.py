@@ -57,9 +57,14 @@ def load_images(world: Path, names, res: int) -> torch.Tensor:
     )
 
 
+def cell_index(obj: dict) -> int:
+    """The world's 3x3 cell of an object: row * 3 + col."""
+    return obj["row"] * 3 + obj["col"]
+
+
 def grid_cells(objects) -> dict:
-    """The world's 3x3 cell (row * 3 + col) of each object, keyed by its box."""
-    return {tuple(o["box"]): o["row"] * 3 + o["col"] for o in objects}
+    """The cell of each object, keyed by its box."""
+    return {tuple(o["box"]): cell_index(o) for o in objects}
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> torch.nn.Linear:
@@ -81,7 +86,7 @@ def cell_labels(scenes: dict, ids: list, key: str, vocab: list) -> torch.Tensor:
     labels = torch.full((len(ids), 9), len(vocab))
     for k, i in enumerate(ids):
         for o in scenes[i]["objects"]:
-            labels[k, o["row"] * 3 + o["col"]] = vocab.index(o[key])
+            labels[k, cell_index(o)] = vocab.index(o[key])
     return labels
 
 
@@ -91,35 +96,36 @@ def _accuracy(pred: torch.Tensor, truth: torch.Tensor, empty: int) -> float:
 
 
 @torch.no_grad()
-def locality(model, train_images, ytr: dict, val_images, yva: dict) -> dict:
-    """Per attribute: the linear probe's held-out accuracy from the own cell's token and the opposite cell's."""
+def locality(model, train_images, ytr: dict, val_images, yva: dict, sizes: dict) -> dict:
+    """Per attribute: the linear probe's held-out accuracy from the own cell's token and the opposite cell's.
+    ``sizes``: each attribute's vocabulary size, which is also its "empty" label."""
     xtr, xva = model.encode_image(train_images)[:, 1:], model.encode_image(val_images)[:, 1:]
     mu, sd = xtr.reshape(-1, xtr.shape[-1]).mean(0), xtr.reshape(-1, xtr.shape[-1]).std(0) + 1e-6
     out = {}
     for key in ytr:
-        classes = int(ytr[key].max()) + 1  # the vocabulary and "empty"
         out[key] = {}
         for name, perm in (("own", list(range(9))), ("opposite", list(range(8, -1, -1)))):
             with torch.enable_grad():
-                lin = fit_probe(((xtr - mu) / sd).reshape(-1, xtr.shape[-1]), ytr[key][:, perm].reshape(-1), classes)
+                x, y = ((xtr - mu) / sd).reshape(-1, xtr.shape[-1]), ytr[key][:, perm].reshape(-1)
+                lin = fit_probe(x, y, sizes[key] + 1)  # the vocabulary and "empty"
             pred = lin(((xva - mu) / sd).reshape(-1, xva.shape[-1])).argmax(1)
-            out[key][name] = _accuracy(pred, yva[key][:, perm].reshape(-1), classes - 1)
+            out[key][name] = _accuracy(pred, yva[key][:, perm].reshape(-1), sizes[key])
     return out
 
 
-def supervised(model, train_images, ytr: dict, val_images, yva: dict, steps: int) -> dict:
+def supervised(model, train_images, ytr: dict, val_images, yva: dict, sizes: dict, steps: int) -> dict:
     """Per attribute: held-out accuracy of a copy of the ViT trained with a linear head per attribute on its own
     cells' labels (empty cells carry no loss)."""
     vit = copy.deepcopy(model.visual_encoder).train()
     width = vit.num_features
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, int(y.max())) for k, y in ytr.items()})
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in sizes.items()})
     opt = torch.optim.AdamW(list(vit.parameters()) + list(heads.parameters()), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         idx = torch.randint(len(train_images), (min(64, len(train_images)),), generator=gen)
         tokens = vit.forward_features(train_images[idx])[:, 1:]
         loss = sum(
-            F.cross_entropy(heads[k](tokens).flatten(0, 1), y[idx].flatten(), ignore_index=int(y.max()))
+            F.cross_entropy(heads[k](tokens).flatten(0, 1), y[idx].flatten(), ignore_index=sizes[k])
             for k, y in ytr.items()
         )
         opt.zero_grad()
@@ -128,7 +134,7 @@ def supervised(model, train_images, ytr: dict, val_images, yva: dict, steps: int
     vit.eval()
     with torch.no_grad():
         tokens = vit.forward_features(val_images)[:, 1:]
-        return {k: _accuracy(heads[k](tokens).argmax(-1), y, int(ytr[k].max())) for k, y in yva.items()}
+        return {k: _accuracy(heads[k](tokens).argmax(-1), y, sizes[k]) for k, y in yva.items()}
 
 
 @torch.no_grad()
@@ -209,6 +215,7 @@ def main(argv=None) -> int:
     owner = torch.tensor([i for i, e in enumerate(val) for _ in e["caption"]])
     train_ids = sorted(i for i in scenes if i.startswith("train"))[: args.num_train]
     val_ids = sorted(i for i in scenes if i.startswith("val"))
+    sizes = {k: len(vocabulary[v]) for k, v in ATTRIBUTES.items()}
     ytr, yva = (
         {k: cell_labels(scenes, ids, k, list(vocabulary[v])) for k, v in ATTRIBUTES.items()}
         for ids in (train_ids, val_ids)
@@ -245,10 +252,9 @@ def main(argv=None) -> int:
             skipped = f"skipped: a {grid}x{grid} patch grid, not the world's 3x3 cells"
             row["locality"] = row["supervised"] = row["attention"] = skipped
         else:
-            row["locality"] = locality(model, images("train", res), ytr, images("val", res), yva)
-            row["supervised"] = supervised(
-                model, images("train", res), ytr, images("val", res), yva, args.supervised_steps
-            )
+            train_images, val_images = images("train", res), images("val", res)
+            row["locality"] = locality(model, train_images, ytr, val_images, yva, sizes)
+            row["supervised"] = supervised(model, train_images, ytr, val_images, yva, sizes, args.supervised_steps)
             texts = [r["text"] for r in refs]
             row["attention"] = attention(model, tok, images("refs", res), texts, target, occupied)
         print(json.dumps(row), flush=True)
