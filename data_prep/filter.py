@@ -2,6 +2,7 @@
 
     python -m data_prep.filter data/web --checkpoint ALBEF_4M.pth --output data/web_filtered --min-itm 0.5
     python -m data_prep.filter data/web --checkpoint coco.pth --output data/web_capfilt --capfilt --min-itm 0.3
+    python -m data_prep.filter data/web --checkpoint ALBEF_4M.pth --output data/web_cal --calibrate data/coco_val
 
 Every caption line of every sample is scored: ``itc`` (cosine similarity of the normalised ITC features) and ``itm``
 (the ITM head's match probability), with ``albef.embed``'s scoring. A sample is judged by its alt text (its first
@@ -9,6 +10,12 @@ caption line) or, with ``--capfilt``, by its best line by ITM, which then become
 lines of a sample are its "other captions": a second crawl's alt text, an annotation's other captions). It is kept
 when that caption's ``itc >= --min-itc`` and ``itm >= --min-itm``; otherwise it is dropped as ``low_itc`` (checked
 first) or ``low_itm``. A sample without image or caption is dropped as ``unreadable``.
+
+A cosine or a match probability means different things for different models (a longer-trained model scores true
+pairs higher), so a threshold can be calibrated instead of given: ``--calibrate CLEAN --calibrate-on itc`` scores a
+shard folder of known-good pairs (an annotated set such as COCO's, judged the same way) and sets ``--min-itc`` to the
+highest value that keeps at least ``--keep-clean`` (default 0.95) of them. The threshold, the reference and its
+size go into the manifest and the log.
 
 Output: shards with the input's indices (a kept sample keeps its key, image and metadata, plus
 ``"albef_filter": {"itc", "itm", "caption"}`` in its ``.json``), each with ``NNNNNN_stats.json`` (input samples,
@@ -44,10 +51,9 @@ def judge(itc: np.ndarray, itm: np.ndarray, capfilt: bool, min_itc: float, min_i
     return best, None
 
 
-def filter_shard(
-    path: Path, out_dir: Path, index: int, scorer, capfilt: bool, min_itc: float, min_itm: float, bar=None
-) -> Dict:
-    """Score and filter one input shard into output shard ``index``; returns its stats."""
+def score_shard(path: Path, scorer):
+    """(samples as (key, image extension, members, caption lines, index of the first line's score), every line's
+    scores ``{"itc", "itm"}``, number of samples without image or caption) of one shard."""
     from albef.data.samples import IMAGE_EXTENSIONS  # (albef.data imports torch: only once a model is in use)
 
     samples, rows, unreadable = [], [], 0
@@ -59,7 +65,39 @@ def filter_shard(
             continue
         samples.append((key, ext, members, lines, len(rows)))
         rows += [(f"{key}#{j}", key, members[ext], line) for j, line in enumerate(lines)]
-    scores = scorer(rows) if rows else {"itc": np.zeros(0), "itm": np.zeros(0)}
+    return samples, scorer(rows) if rows else {"itc": np.zeros(0), "itm": np.zeros(0)}, unreadable
+
+
+def calibrate(reference: Path, scorer, capfilt: bool, score: str, keep: float) -> Dict:
+    """The highest ``score`` threshold that keeps at least ``keep`` of the reference set's samples, each judged as
+    the filter judges (its alt text, or its best line by ITM with ``capfilt``)."""
+    judged = []
+    for shard in read_manifest(reference)["shards"]:
+        samples, scores, _ = score_shard(reference / shard["name"], scorer)
+        for _, _, _, lines, start in samples:
+            itc, itm = scores["itc"][start : start + len(lines)], scores["itm"][start : start + len(lines)]
+            best, _ = judge(itc, itm, capfilt, -1.0, 0.0)
+            judged.append(float((itc if score == "itc" else itm)[best]))
+    if not judged:
+        raise ValueError(f"--calibrate {reference}: no readable sample (image and caption) to calibrate on")
+    judged.sort()
+    threshold = judged[int(np.floor((1.0 - keep) * len(judged) + 1e-9))]  # (1e-9: 1 - 0.9 is 0.0999...)
+    kept = sum(x >= threshold for x in judged)
+    return {
+        "reference": str(reference.resolve()),
+        "score": score,
+        "keep_clean": keep,
+        "samples": len(judged),
+        "threshold": threshold,
+        "kept": kept,
+    }
+
+
+def filter_shard(
+    path: Path, out_dir: Path, index: int, scorer, capfilt: bool, min_itc: float, min_itm: float, bar=None
+) -> Dict:
+    """Score and filter one input shard into output shard ``index``; returns its stats."""
+    samples, scores, unreadable = score_shard(path, scorer)
     dropped = {"low_itc": 0, "low_itm": 0, "unreadable": unreadable}
     judged_itc, judged_itm, replaced = [], [], 0
     with ShardWriter(out_dir, index) as writer:
@@ -101,9 +139,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     p.add_argument("input", type=Path, help="a shard folder with manifest.json (data_prep's output)")
     p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--min-itc", type=float, default=-1.0, help="lowest ITC cosine similarity kept (-1: no limit)")
-    p.add_argument("--min-itm", type=float, default=0.0, help="lowest ITM match probability kept (0: no limit)")
+    p.add_argument("--min-itc", type=float, help="lowest ITC cosine similarity kept (default -1: no limit)")
+    p.add_argument("--min-itm", type=float, help="lowest ITM match probability kept (default 0: no limit)")
     p.add_argument("--capfilt", action="store_true", help="judge (and keep) each sample's best caption line by ITM")
+    p.add_argument("--calibrate", type=Path, help="a shard folder of known-good pairs that sets one threshold")
+    p.add_argument("--calibrate-on", choices=("itc", "itm"), default="itc", help="the score --calibrate sets")
+    p.add_argument("--keep-clean", type=float, default=0.95, help="share of --calibrate's samples kept (0 to 1]")
     from albef.embed import add_model_arguments, embed_part, load_model  # (torch: this tool runs a model)
 
     add_model_arguments(p)
@@ -116,6 +157,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.output.resolve() == a.input.resolve():
         print(f"error: --output {a.output} is the input folder: write the filtered set elsewhere", file=sys.stderr)
         return 2
+    if a.calibrate is not None:
+        given = getattr(a, f"min_{a.calibrate_on}")
+        if given is not None:
+            print(
+                f"error: --min-{a.calibrate_on} {given} and --calibrate {a.calibrate} both set the {a.calibrate_on} "
+                "threshold: give one",
+                file=sys.stderr,
+            )
+            return 2
+        if not 0.0 < a.keep_clean <= 1.0:
+            print(f"error: --keep-clean {a.keep_clean} is not in (0, 1]", file=sys.stderr)
+            return 2
+        try:
+            read_manifest(a.calibrate)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(f"error: --calibrate {a.calibrate}: {e}", file=sys.stderr)
+            return 2
+    a.min_itc = -1.0 if a.min_itc is None else a.min_itc
+    a.min_itm = 0.0 if a.min_itm is None else a.min_itm
     from tqdm import tqdm
 
     from albef.engine.dist import detect
@@ -129,6 +189,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         return embed_part(rows, model, preprocess, tokenizer, "score", a.batch_size, a.workers, device, dtype)
 
     t0 = time.time()
+    calibration = None
+    if a.calibrate is not None:
+        try:
+            calibration = calibrate(a.calibrate, scorer, a.capfilt, a.calibrate_on, a.keep_clean)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        setattr(a, f"min_{a.calibrate_on}", calibration["threshold"])
+        if env.rank == 0:
+            print(
+                f"data_prep.filter: --min-{a.calibrate_on} {calibration['threshold']:.4f} keeps "
+                f"{calibration['kept']} of the {calibration['samples']} known-good samples of {a.calibrate} "
+                f"(--keep-clean {a.keep_clean})",
+                flush=True,
+            )
     bar = tqdm(
         total=sum(shards[i]["num_samples"] for i in mine),
         unit="sample",
@@ -147,6 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "min_itc": a.min_itc,
             "min_itm": a.min_itm,
             "capfilt": a.capfilt,
+            "calibration": calibration,
         }
         manifest = write_manifest(a.output, {"filter": settings})
         total = merge_stats(a.output)

@@ -154,6 +154,34 @@ def test_capfilt_keeps_each_samples_best_caption_by_itm(shards, tmp_path):
     assert sum(s["capfilt_replaced"] for s in stats) == replaced > 0
 
 
+def test_a_calibrated_threshold_keeps_the_asked_share_of_the_known_good_set(shards, tmp_path):
+    """``--calibrate`` sets the threshold to the highest value that keeps ``--keep-clean`` of a reference set judged as
+    the filter judges; here the reference is the input itself, so exactly that share of it stays."""
+    scores = _scores(shards)
+    out = tmp_path / "cal"
+    stdout = _filter(shards, out, "--calibrate", str(shards / "shards"), "--keep-clean", "0.75")
+    itc = sorted(float(s[1][0]) for s in scores.values())
+    threshold = itc[6]  # 24 samples: the 7th lowest alt-text ITC keeps 18 = 75% of them (1e-5: batch rounding)
+    manifest = json.loads((out / "manifest.json").read_text())
+    cal = manifest["filter"]["calibration"]
+    assert cal["threshold"] == pytest.approx(threshold, abs=1e-5) and manifest["filter"]["min_itc"] == cal["threshold"]
+    assert (cal["samples"], cal["kept"], cal["score"], cal["keep_clean"]) == (24, 18, "itc", 0.75)
+    assert (
+        set(_kept(out)) == {k for k, s in scores.items() if s[1][0] >= cal["threshold"] - 1e-5}
+        and manifest["num_samples"] == 18
+    )
+    assert f"--min-itc {cal['threshold']:.4f} keeps 18 of the 24 known-good samples" in stdout
+    # with --capfilt each reference sample is judged by its best line by ITM, and the ITM threshold can be the one set
+    out = tmp_path / "cal_itm"
+    _filter(
+        shards, out, "--capfilt", "--calibrate", str(shards / "shards"), "--calibrate-on", "itm", "--keep-clean", "0.5"
+    )
+    best_itm = {k: float(max(s[2])) for k, s in scores.items()}
+    cal = json.loads((out / "manifest.json").read_text())["filter"]["calibration"]
+    assert cal["threshold"] == pytest.approx(sorted(best_itm.values())[12], abs=1e-5) and cal["kept"] == 12
+    assert set(_kept(out)) == {k for k, v in best_itm.items() if v >= cal["threshold"] - 1e-5}
+
+
 def test_bad_input_is_a_clear_error(shards, tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "data_prep.filter", str(tmp_path), "--checkpoint", "x", "--output", str(tmp_path / "o")],
@@ -180,3 +208,13 @@ def test_bad_input_is_a_clear_error(shards, tmp_path):
         timeout=120,
     )
     assert p.returncode == 2 and "is the input folder" in p.stderr
+    base = [sys.executable, "-m", "data_prep.filter", str(shards / "shards"), "--checkpoint", str(shards / "model")]
+    base += ["--output", str(tmp_path / "o")]
+    for args, message in (
+        (["--calibrate", str(shards / "shards"), "--min-itc", "0.3"], "--min-itc 0.3 and --calibrate"),
+        (["--calibrate", str(shards / "shards"), "--keep-clean", "0"], "--keep-clean 0.0 is not in (0, 1]"),
+        (["--calibrate", str(tmp_path)], f"--calibrate {tmp_path}: "),
+    ):
+        p = subprocess.run(base + args, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and message in p.stderr, (args, p.stderr[-2000:])
+    assert not (tmp_path / "o").exists()  # refused before anything was written
