@@ -99,3 +99,23 @@ def world_shards(demo_world, tmp_path_factory):
     )
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """The README's main job in its CI mode (``python -m albef.demo --quick``), run once: (its output folder, the
+    finished process with stdout). tests/test_demo.py checks it; the VQA test fine-tunes from its pretraining."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("quick_demo")
+    p = subprocess.run(
+        [sys.executable, "-m", "albef.demo", "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=dict(os.environ, WANDB_MODE="offline"),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return out, p

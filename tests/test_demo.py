@@ -22,17 +22,8 @@ FLOORS = {"zero_shot": {"txt_r1": 5.0, "img_r10": 2.5}, "fine_tuned": {"txt_r1":
 
 
 @pytest.mark.slow
-def test_quick_demo_learns(tmp_path):
-    env = dict(os.environ, WANDB_MODE="offline")
-    p = subprocess.run(
-        [sys.executable, "-m", "albef.demo", "--quick", "--out", str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+def test_quick_demo_learns(quick_demo):
+    tmp_path, p = quick_demo
     assert "ALBEF offline demo: summary" in p.stdout
     # readable console: compact stage lines with rate, ETA, MFU and memory; the whole lines are in the stage logs
     from albef.demo.__main__ import WIDTH
@@ -75,25 +66,25 @@ def test_quick_demo_learns(tmp_path):
         s["fine_tuned"]["test/itm_match_acc"],
     )
     assert any(x.startswith("  zero-shot (pretrained) R@1 TR") and "matched-vs-random" in x for x in shown), shown
-    # ... and re-ranking ITC's top k by ITM keeps most of ITC's text R@1. With MLM at the official weight 1 in the
-    # sum, ITM learned no hard negatives and re-ranking halved it (28.1 -> 12.5%, 0.44x; README "Does the fusion
-    # encoder use the image?", train.mlm_weight). Quick runs since: 39.1 -> 35.9% (0.92x), and 51.6 -> 34.4% (0.67x)
-    # once token packing drew other dropout masks (the same model and data otherwise): the ratio moves with the
-    # training trajectory, so the bound sits between those runs and the 0.44x regression. With the official queue and
-    # momentum reached through warm-ups: 46.9 -> 37.5% (0.80x)
+    # ... and re-ranking ITC's top k by ITM keeps most of ITC's retrieval (mean of R@1/5/10 both ways; a blind ITM,
+    # ordering the top 16 at random, would keep about 0.45x). Over seven quick runs (pretraining seeds 7, 8, 9, 10 and
+    # 42, world seeds 1 and 2) it kept 0.81-0.90x; its text R@1 alone, 64 queries of 1.6 points each, ranged from 0.53
+    # to 0.80x (README "Does the fusion encoder use the image?")
     zs = s["zero_shot"]
-    assert zs["test/txt_r1"] > 0.6 * zs["test/itc_txt_r1"], (zs["test/txt_r1"], zs["test/itc_txt_r1"])
+    assert zs["test/r_mean"] > 0.75 * zs["test/itc_r_mean"], (zs["test/r_mean"], zs["test/itc_r_mean"])
     # zero-shot classification of the held-out one-object images into 24 "colour shape" classes from prompts (one
     # quick run: top-1 36% of 22 val images, chance 4.2%)
     zc = s["zero_shot_classes"]
     assert zc["test/chance"] == pytest.approx(100 / 24) and zc["val/num_images"] + zc["test/num_images"] >= 20, zc
     assert (zc["val/top1"] + zc["test/top1"]) / 2 > 3 * zc["test/chance"], zc
     assert any(x.startswith("zero-shot classification of the held-out") for x in shown), shown
-    # the pretrained model filters web noise: 30% of 128 held-out pairs carry another image's caption (one quick
-    # run: --min-itc 0.5 removed 31 of 38 swapped pairs and kept 89 of 90 true ones)
+    # the pretrained model filters web noise: 30% of 128 held-out pairs carry another image's caption; the ITC
+    # threshold keeps 95% of 128 known-good training pairs (data_prep.filter --calibrate). Over the seven runs above it
+    # removed 29-36 of the 38 swapped pairs and kept 81-89 of the 90 true ones; the absolute --min-itc 0.5 it replaces
+    # removed 15-27 (the cosine of a true pair moves with the trajectory: medians 0.80-0.89)
     f = s["filter"]
-    assert f["swapped"] == 38 and f["true"] == 90, f
-    assert f["swapped_removed"] >= 0.6 * f["swapped"] and f["true_kept"] >= 0.85 * f["true"], f
+    assert f["swapped"] == 38 and f["true"] == 90 and 0 < f["min_itc"] < 1, f
+    assert f["swapped_removed"] >= 0.7 * f["swapped"] and f["true_kept"] >= 0.8 * f["true"], f
     # SNLI-VE from the pretrained weights, against the hypothesis-only prior of its train file (one quick run: 68.8
     # against 54.2; per label the image-dependent ones are near the prior: README "Does the fusion encoder use the
     # image?")
@@ -101,12 +92,14 @@ def test_quick_demo_learns(tmp_path):
     assert {"test/acc_entailment", "test/prior_acc_entailment", "test/acc_neutral"} <= set(ve), ve
     assert ve["test/acc"] > ve["test/prior_acc"] + 5, ve
     assert any(x.startswith("SNLI-VE after") for x in shown) and any(x.startswith("  all ") for x in shown)
-    # VQA from the pretrained weights, per question type against the question-only prior of its train file (one quick
-    # run: all 39.1 against 32.8; what size 61.0 / 41.5, where 23.1 / 5.1, colour 18.6 / 14.0; counting and yes/no
-    # at or below their prior)
+    # VQA from the pretrained weights, per question type against the question-only prior of its train file. Size is
+    # the type the quick run learns from the image on every trajectory measured (pretraining seeds 7, 8, 9, 10, 42:
+    # 54, 56, 56, 56, 61% against 41%); colour too on four of them (19-21% against 14%), and all questions together
+    # on four (36.7-39.1% against 32.8%; 26.2% on seed 7, which answered no colour or shape); counting and yes/no stay
+    # at or below their priors (the VQA test and README issue 16 say more)
     vqa = s["vqa"]
     assert {"test/acc_what_colour", "test/prior_acc_what_colour", "test/acc_is_there"} <= set(vqa), vqa
-    assert vqa["test/acc"] > vqa["test/prior_acc"], vqa
+    assert vqa["test/acc_what_size"] > vqa["test/prior_acc_what_size"] + 8, vqa
     assert any(x.startswith("VQA after") for x in shown) and any("what colour" in x for x in shown)
     # the web crawl went through extraction and download
     assert json.loads((tmp_path / "shards_web" / "manifest.json").read_text())["num_samples"] >= 15

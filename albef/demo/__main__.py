@@ -173,6 +173,14 @@ def noisy_pairs(world: Path, out: Path, fraction: float = 0.3, seed: int = 0) ->
     return out
 
 
+def clean_pairs(world: Path, out: Path, n: int = 128) -> Path:
+    """The first ``n`` training images with their first caption: the known-good pairs that calibrate the filter's
+    threshold (as a web filter is calibrated on an annotated set such as COCO's)."""
+    train = json.loads((world / "pretrain.json").read_text())[:n]
+    out.write_text(json.dumps([{"image": e["image"], "caption": e["caption"][0]} for e in train]))
+    return out
+
+
 def torchrun(nproc: int):
     if nproc == 1:
         return [sys.executable, "-m"]
@@ -351,29 +359,35 @@ def main() -> None:
         env,
         "zero-shot classes",
     )
-    # the model filters web noise: held-out pairs, 30% with another image's caption, scored by ITC
-    noisy, filtered = out / "noisy_shards", out / "noisy_filtered"
-    shutil.rmtree(noisy, ignore_errors=True), shutil.rmtree(filtered, ignore_errors=True)
+    # the model filters web noise: held-out pairs, 30% with another image's caption, scored by ITC against a threshold
+    # that keeps 95% of known-good training pairs
+    noisy, filtered, clean = out / "noisy_shards", out / "noisy_filtered", out / "clean_shards"
+    for folder in (noisy, filtered, clean):
+        shutil.rmtree(folder, ignore_errors=True)
     t0 = time.time()
-    run(
-        [
-            sys.executable,
-            "-m",
-            "data_prep.annotations",
-            noisy_pairs(world, out / "noisy_pairs.json"),
-            "--image-root",
-            world / "images",
-            "--output",
-            noisy,
-            "--shard-size",
-            "50",
-            "--image-size",
-            size["image"],
-            "--no-progress",
-        ],
-        out / "noisy_shards.log",
-        env,
-    )
+    for pairs, shards in (
+        (noisy_pairs(world, out / "noisy_pairs.json"), noisy),
+        (clean_pairs(world, out / "clean_pairs.json"), clean),
+    ):
+        run(
+            [
+                sys.executable,
+                "-m",
+                "data_prep.annotations",
+                pairs,
+                "--image-root",
+                world / "images",
+                "--output",
+                shards,
+                "--shard-size",
+                "50",
+                "--image-size",
+                size["image"],
+                "--no-progress",
+            ],
+            out / f"{shards.name}.log",
+            env,
+        )
     run(
         [
             sys.executable,
@@ -384,8 +398,10 @@ def main() -> None:
             pre / "final.pth",
             "--output",
             filtered,
-            "--min-itc",
-            "0.5",
+            "--calibrate",
+            clean,
+            "--keep-clean",
+            "0.95",
             "--workers",
             "0",
             "--no-progress",
@@ -550,15 +566,21 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
         for _, m in iter_tar_samples(t)
     ]
     n_swapped = sum(e["swapped"] for e in noisy)
+    calibration = json.loads((out / "noisy_filtered" / "manifest.json").read_text())["filter"]["calibration"]
     filt = {
         "swapped": n_swapped,
         "true": len(noisy) - n_swapped,
         "swapped_removed": n_swapped - sum(kept),
         "true_kept": len(kept) - sum(kept),
+        "min_itc": calibration["threshold"],
     }
     lines.append(
-        f"data_prep.filter --min-itc 0.5 on {len(noisy)} held-out pairs, {n_swapped} of them with another "
-        "image's caption:"
+        f"data_prep.filter on {len(noisy)} held-out pairs, {n_swapped} of them with another image's caption, at the "
+        f"--min-itc {calibration['threshold']:.3f}"
+    )
+    lines.append(
+        f"  that keeps {calibration['kept']} of {calibration['samples']} known-good training pairs (--calibrate, "
+        "--keep-clean 0.95):"
     )
     lines.append(
         f"  removed {filt['swapped_removed']} of {n_swapped} swapped pairs "
