@@ -1,4 +1,4 @@
-"""What does a pretraining checkpoint's fusion encoder do with the image? Four probes on the demo world (issue 16).
+"""What does a pretraining checkpoint's fusion encoder do with the image? Five probes on the demo world (issue 16).
 
     python bench/fusion_diagnostics.py runs/demo/pretrain/final.pth --world /tmp/world [more checkpoints ...]
 
@@ -19,6 +19,11 @@ checkpoint's settings. One JSON line per checkpoint:
 * ``mlm``: masked-word accuracy of the multimodal MLM on held-out captions, every colour word (then every shape
   word) of a caption masked at once, with the caption's own image and with another image. Own > other means MLM
   reads the image.
+* ``retrieval``: image -> caption retrieval on the held-out images, ITC's top-1 caption and ITM's re-ranking of
+  ITC's top ``--k-test`` (the official evaluation): ``r1`` against the instance ground truth (an image's own five
+  captions), ``true`` the share of top-1 captions that are true of the image (decided from the scene graphs by
+  ``albef.demo.world.caption_holds``), and for the ``wrong`` top-1 captions (another image's) how many are true
+  of the image anyway and how many name its object count, colours, shapes and sizes.
 * ``attention``: for the held-out referring expressions, how often the referred object's cell gets the most of the
   fusion layers' cross-attention (summed over the expression's words except "the", mean over heads), and of the
   official ``itm`` Grad-CAM, among the cells that hold an object; ``chance`` is the mean of 1 / objects.
@@ -42,10 +47,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from albef.config import from_dict  # noqa: E402
 from albef.data.transforms import normalize_images, test_transform  # noqa: E402
+from albef.demo.world import caption_holds  # noqa: E402
 from albef.eval.grounding import gradcam  # noqa: E402
+from albef.eval.retrieval import encode_images, encode_texts, itm_rerank  # noqa: E402
 from albef.models import ModelConfig, build_model  # noqa: E402
 from albef.models.convert import load_pretrained  # noqa: E402
-from albef.tokenizer import Tokenizer  # noqa: E402
+from albef.tasks.retrieval import RetrievalDataConfig  # noqa: E402
+from albef.tokenizer import Tokenizer, pre_caption  # noqa: E402
 
 SHAPE_WORDS = ["circle", "square", "triangle", "star", "circles", "squares", "triangles", "stars"]
 
@@ -159,6 +167,40 @@ def mlm(model, tok: Tokenizer, images: torch.Tensor, captions: list, owner: torc
     return out
 
 
+@torch.no_grad()
+def retrieval(model, tok: Tokenizer, images: torch.Tensor, entries: list, scenes: dict, k_test: int) -> dict:
+    captions = [c for e in entries for c in e["caption"]]
+    source = [(i, k) for i, e in enumerate(entries) for k in range(len(e["caption"]))]  # caption -> (image, kind)
+    objs = [scenes[Path(e["image"]).stem]["objects"] for e in entries]
+    d = RetrievalDataConfig()  # the retrieval evaluation's text: 30 words, 30 tokens (pretraining cuts at 25)
+    t = tok([pre_caption(c, d.max_words) for c in captions], max_length=d.max_text_len)
+    image_embeds, image_feat = encode_images(model, [images])
+    text_embeds, text_feat = encode_texts(model, t["input_ids"], t["attention_mask"])
+    sims = image_feat.float() @ text_feat.float().t()
+    itm, _ = itm_rerank(model, sims, image_embeds, text_embeds, t["attention_mask"], k_test)
+
+    def named(scene, key):
+        return sorted(o[key] for o in scene)
+
+    out = {}
+    for name, scores in (("itc", sims), ("itm", itm)):
+        row = dict.fromkeys(("r1", "true", "wrong", "wrong_true", "count", "colours", "shapes", "sizes"), 0)
+        for i, j in enumerate(scores.argmax(1).tolist()):
+            owner, kind = source[j]
+            holds = caption_holds(kind, captions[j], objs[owner], objs[i])
+            row["r1"] += owner == i
+            row["true"] += holds
+            if owner != i:
+                row["wrong"] += 1
+                row["wrong_true"] += holds
+                row["count"] += len(objs[owner]) == len(objs[i])
+                for key, word in (("colour", "colours"), ("shape", "shapes"), ("size", "sizes")):
+                    row[word] += named(objs[owner], key) == named(objs[i], key)
+        row["r1"], row["true"] = (round(100 * row[k] / len(entries), 1) for k in ("r1", "true"))
+        out[name] = row
+    return out
+
+
 def attention(model, tok: Tokenizer, images, texts, target, occupied) -> dict:
     t = tok(texts)
     ids, mask = t["input_ids"], t["attention_mask"]
@@ -194,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-train", type=int, default=1500, help="training images for the locality probes")
     ap.add_argument("--supervised-steps", type=int, default=500, help="training steps of the supervised ViT copy")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--k-test", type=int, default=16, help="ITC candidates ITM re-ranks (the demo's eval.k_test)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     world = args.world
@@ -247,6 +290,7 @@ def main(argv=None) -> int:
         row["mlm"] = mlm(
             model, tok, images("captions", res), captions, owner, {"colour": colours, "shape": SHAPE_WORDS}
         )
+        row["retrieval"] = retrieval(model, tok, images("captions", res), val, scenes, args.k_test)
         grid = res // settings.vision.patch_size
         if grid != 3:  # the cell probes need one ViT patch per world cell
             skipped = f"skipped: a {grid}x{grid} patch grid, not the world's 3x3 cells"

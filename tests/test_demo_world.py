@@ -344,6 +344,57 @@ def test_captions_describe_the_scene(out, w):
             assert any(np.sign(cell(p)[axis] - cell(q)[axis]) == sign for p in first for q in second), relation
 
 
+def _obj(shape, colour, size, row, col):
+    return {
+        "shape": shape,
+        "colour": colour,
+        "size": size,
+        "row": row,
+        "col": col,
+        "position": world.POSITIONS[3 * row + col],
+    }
+
+
+def test_caption_holds_decides_which_captions_describe_another_scene(out, w):
+    """Every caption holds for its own scene; another scene's caption holds exactly when that scene agrees on what
+    the caption names (the retrieval probe of bench/fusion_diagnostics.py counts wrong picks that are true)."""
+    for e in load(out / "a", "retrieval_val.json"):
+        objs = w[e["image"][:-4]]["objects"]
+        assert all(world.caption_holds(k, c, objs, objs) for k, c in enumerate(e["caption"])), e["caption"]
+    a = [_obj("circle", "red", "small", 0, 0), _obj("square", "blue", "large", 1, 1)]
+    rng = np.random.default_rng(0)
+    full, inventory, grouped, relation, sizes = world.captions(rng, a)
+    moved = [_obj("circle", "red", "small", 2, 2), _obj("square", "blue", "large", 0, 2)]  # same objects, elsewhere
+    recoloured = [_obj("circle", "green", "small", 0, 0), _obj("square", "blue", "large", 1, 1)]
+    reshaped = [_obj("star", "red", "small", 0, 0), _obj("square", "blue", "large", 1, 1)]
+    resized = [_obj("circle", "red", "large", 0, 0), _obj("square", "blue", "large", 1, 1)]
+    extra = a + [_obj("star", "white", "small", 2, 0)]  # one object more
+    expect = {  # scene -> does (full, inventory, grouped, relation, sizes) of scene a hold for it
+        "moved": (moved, (False, True, True, False, True)),
+        "recoloured": (recoloured, (False, False, False, False, True)),
+        "reshaped": (reshaped, (False, False, False, False, False)),
+        "resized": (resized, (False, True, True, False, False)),
+        "extra": (extra, (False, False, False, True, False)),
+    }
+    for name, (scene, holds) in expect.items():
+        got = tuple(
+            world.caption_holds(k, c, a, scene) for k, c in enumerate((full, inventory, grouped, relation, sizes))
+        )
+        assert got == holds, (name, relation, got)
+    # the relation caption names its two objects and how they lie: mirrored, it no longer holds
+    pair = [_obj("circle", "red", "small", 0, 0), _obj("star", "white", "small", 0, 2)]
+    said = world.captions(np.random.default_rng(1), pair)[3]
+    mirrored = [_obj("circle", "red", "small", 0, 2), _obj("star", "white", "small", 0, 0)]
+    assert world.caption_holds(3, said, pair, pair + [_obj("square", "blue", "large", 2, 2)])
+    assert not world.caption_holds(3, said, pair, mirrored), said
+    # a lone object's caption holds only for that object alone in the same place
+    lone = [_obj("star", "white", "small", 0, 2)]
+    said = world.captions(rng, lone)[3]
+    assert world.caption_holds(3, said, lone, lone) and not world.caption_holds(3, said, lone, pair), said
+    with pytest.raises(ValueError, match="not a relation caption"):
+        world.caption_holds(3, "a small red circle above a small red circle", pair, pair)
+
+
 def test_cli(tmp_path):
     res = subprocess.run(
         [

@@ -22,8 +22,8 @@ def test_probes_of_an_untrained_model(tmp_path, capsys):
     """An untrained ViT already keeps each cell's object in its own patch token (the locality probes read its colour
     and size from it, never from the opposite cell's token); its shape is there only in part, and the same ViT
     trained on the cells' labels reads it far better (the ``supervised`` ceiling); an untrained MLM head names no
-    masked colour or shape; the chance level of the attention probe is the mean of 1 / objects over the
-    expressions."""
+    masked colour or shape; the retrieval probe's counts add up; the chance level of the attention probe is the mean
+    of 1 / objects over the expressions."""
     world = tmp_path / "world"
     generate_world(world, seed=0, num_train=600, num_val=40, num_test=2, image_size=48)
     config = tmp_path / "config.yaml"
@@ -45,6 +45,13 @@ def test_probes_of_an_untrained_model(tmp_path, capsys):
     colour_words = sum(tokens.count(tok.vocab[w]) for w in colours)
     assert row["mlm"]["colour"]["words"] == colour_words
     assert row["mlm"]["colour"]["own"] < 5 and row["mlm"]["shape"]["own"] < 5, row
+    # retrieval: every top-1 caption is decided against the scene graphs; a caption of the image itself is true of it
+    for name in ("itc", "itm"):
+        r = row["retrieval"][name]
+        n_wrong = round(len(val) * (100 - r["r1"]) / 100)
+        assert r["wrong"] == n_wrong and 0 <= r["wrong_true"] <= r["wrong"], row["retrieval"]
+        assert r["true"] == round(r["r1"] + 100 * r["wrong_true"] / len(val), 1), row["retrieval"]
+        assert all(0 <= r[k] <= r["wrong"] for k in ("count", "colours", "shapes", "sizes")), row["retrieval"]
     refs = json.loads((world / "refcoco+_val.json").read_text())
     meta = json.loads((world / "refcoco+_refs.json").read_text())
     dets = json.loads((world / "dets.json").read_text())

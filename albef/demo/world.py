@@ -73,6 +73,7 @@ import argparse
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -214,13 +215,57 @@ def retry(fn, rng, *args):
 
 
 # ------------------------------------------------------------------------------------------------- annotations
+CAPTION_KINDS = ("full", "inventory", "grouped", "relation", "sizes")  # the order of captions()
+
+
+def desc(o: dict, size: bool = True) -> str:
+    return indefinite(f"{o['size']} " * size + f"{o['colour']} {o['shape']}")
+
+
+def relation(a: dict, b: dict) -> str:
+    """Where object a lies relative to b, as a relation caption says it: by column first, then by row."""
+    if a["col"] != b["col"]:
+        return "to the left of" if a["col"] < b["col"] else "to the right of"
+    return "above" if a["row"] < b["row"] else "below"
+
+
+def caption_holds(kind: int, caption: str, source: List[dict], objs: List[dict]) -> bool:
+    """Whether ``caption``, number ``kind`` of the captions() of the scene ``source``, is true of the scene ``objs``.
+
+    The full description, the inventory, the grouped counts and the sizes with shapes name every object, so they
+    hold exactly when the multisets of the attributes they name agree (the full description names positions, and
+    sizes only below four objects). The relation holds when ``objs`` has two objects of its words in that relation;
+    a lone object's caption, when ``objs`` is that object alone in the same place."""
+
+    def named(scene, keys):
+        return Counter(tuple(o[k] for k in keys) for o in scene)
+
+    keys = {
+        "full": ("colour", "shape", "position") + ("size",) * (len(source) < 4),
+        "inventory": ("colour", "shape"),
+        "grouped": ("colour", "shape"),
+        "sizes": ("size", "shape"),
+    }.get(CAPTION_KINDS[kind])
+    if keys is not None:
+        return named(objs, keys) == named(source, keys)
+    if len(source) == 1:
+        keys = ("size", "colour", "shape", "position")
+        return len(objs) == 1 and named(objs, keys) == named(source, keys)
+    said = [(a, b) for a in source for b in source if a is not b and f"{desc(a)} {relation(a, b)} {desc(b)}" == caption]
+    if not said:
+        raise ValueError(f"{caption!r} is not a relation caption of the given scene")
+    a, b = said[0]
+    return any(
+        desc(x) == desc(a) and desc(y) == desc(b) and relation(x, y) == relation(a, b)
+        for x in objs
+        for y in objs
+        if x is not y
+    )
+
+
 def captions(rng, objs: List[dict]) -> List[str]:
-    """Five varied captions: the full description in reading order, a shape inventory, grouped counts, a spatial
-    relation (or the lone object's place), and sizes with shapes. Each has at most 30 words."""
-
-    def desc(o, size=True):
-        return indefinite(f"{o['size']} " * size + f"{o['colour']} {o['shape']}")
-
+    """Five varied captions (``CAPTION_KINDS``): the full description in reading order, a shape inventory, grouped
+    counts, a spatial relation (or the lone object's place), and sizes with shapes. Each has at most 30 words."""
     n, shuffled = len(objs), [objs[i] for i in rng.permutation(len(objs))]
     # the full description fits ALBEF's 30-word caption limit: 4 objects go without sizes and without a prefix
     full = (pick(rng, ("", "a picture of ", "an image with ")) if n < 4 else "") + join_list(
@@ -229,20 +274,11 @@ def captions(rng, objs: List[dict]) -> List[str]:
     inventory = f"{NUMBERS[n]} shape{'s' * (n > 1)}: " + join_list([desc(o, False) for o in shuffled])
     grouped = counted(shuffled, ("colour", "shape")) + pick(rng, ("", " on a grey background", " on a dark background"))
     if n == 1:
-        relation = f"{desc(objs[0])} alone {where_phrase(objs[0]['position'])}"
+        said = f"{desc(objs[0])} alone {where_phrase(objs[0]['position'])}"
     else:
         a, b = shuffled[:2]
-        rel = (
-            "to the left of"
-            if a["col"] < b["col"]
-            else "to the right of"
-            if a["col"] > b["col"]
-            else "above"
-            if a["row"] < b["row"]
-            else "below"
-        )
-        relation = f"{desc(a)} {rel} {desc(b)}"
-    return [full, inventory, grouped, relation, counted(shuffled, ("size", "shape"))]
+        said = f"{desc(a)} {relation(a, b)} {desc(b)}"
+    return [full, inventory, grouped, said, counted(shuffled, ("size", "shape"))]
 
 
 def question(rng, objs: List[dict], kind: str):
