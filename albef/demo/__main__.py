@@ -580,7 +580,7 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
     )
     lines.append(
         f"  that keeps {calibration['kept']} of {calibration['samples']} known-good training pairs (--calibrate, "
-        "--keep-clean 0.95):"
+        f"--keep-clean {calibration['keep_clean']}):"
     )
     lines.append(
         f"  removed {filt['swapped_removed']} of {n_swapped} swapped pairs "
