@@ -52,8 +52,8 @@ def judge(itc: np.ndarray, itm: np.ndarray, capfilt: bool, min_itc: float, min_i
 
 
 def score_shard(path: Path, scorer):
-    """(samples as (key, image extension, members, caption lines, index of the first line's score), every line's
-    scores ``{"itc", "itm"}``, number of samples without image or caption) of one shard."""
+    """(samples as (key, image extension, members, caption lines, the lines' ITC, their ITM), number of samples
+    without image or caption) of one shard; every line is scored in one call of ``scorer``."""
     from albef.data.samples import IMAGE_EXTENSIONS  # (albef.data imports torch: only once a model is in use)
 
     samples, rows, unreadable = [], [], 0
@@ -65,7 +65,11 @@ def score_shard(path: Path, scorer):
             continue
         samples.append((key, ext, members, lines, len(rows)))
         rows += [(f"{key}#{j}", key, members[ext], line) for j, line in enumerate(lines)]
-    return samples, scorer(rows) if rows else {"itc": np.zeros(0), "itm": np.zeros(0)}, unreadable
+    scores = scorer(rows) if rows else {"itc": np.zeros(0), "itm": np.zeros(0)}
+    return [
+        (key, ext, members, lines, scores["itc"][start : start + len(lines)], scores["itm"][start : start + len(lines)])
+        for key, ext, members, lines, start in samples
+    ], unreadable
 
 
 def calibrate(reference: Path, scorer, capfilt: bool, score: str, keep: float) -> Dict:
@@ -73,9 +77,8 @@ def calibrate(reference: Path, scorer, capfilt: bool, score: str, keep: float) -
     the filter judges (its alt text, or its best line by ITM with ``capfilt``)."""
     judged = []
     for shard in read_manifest(reference)["shards"]:
-        samples, scores, _ = score_shard(reference / shard["name"], scorer)
-        for _, _, _, lines, start in samples:
-            itc, itm = scores["itc"][start : start + len(lines)], scores["itm"][start : start + len(lines)]
+        samples, _ = score_shard(reference / shard["name"], scorer)
+        for *_, itc, itm in samples:
             best, _ = judge(itc, itm, capfilt, -1.0, 0.0)
             judged.append(float((itc if score == "itc" else itm)[best]))
     if not judged:
@@ -97,12 +100,11 @@ def filter_shard(
     path: Path, out_dir: Path, index: int, scorer, capfilt: bool, min_itc: float, min_itm: float, bar=None
 ) -> Dict:
     """Score and filter one input shard into output shard ``index``; returns its stats."""
-    samples, scores, unreadable = score_shard(path, scorer)
+    samples, unreadable = score_shard(path, scorer)
     dropped = {"low_itc": 0, "low_itm": 0, "unreadable": unreadable}
     judged_itc, judged_itm, replaced = [], [], 0
     with ShardWriter(out_dir, index) as writer:
-        for key, ext, members, lines, start in samples:
-            itc, itm = scores["itc"][start : start + len(lines)], scores["itm"][start : start + len(lines)]
+        for key, ext, members, lines, itc, itm in samples:
             best, reason = judge(itc, itm, capfilt, min_itc, min_itm)
             judged_itc.append(float(itc[best]))
             judged_itm.append(float(itm[best]))

@@ -246,11 +246,10 @@ def caption_holds(kind: int, caption: str, source: List[dict], objs: List[dict])
         "grouped": ("colour", "shape"),
         "sizes": ("size", "shape"),
     }.get(CAPTION_KINDS[kind])
+    if keys is None and len(source) == 1:  # a lone object's relation caption: that object alone in its place
+        keys = ("size", "colour", "shape", "position")
     if keys is not None:
         return named(objs, keys) == named(source, keys)
-    if len(source) == 1:
-        keys = ("size", "colour", "shape", "position")
-        return len(objs) == 1 and named(objs, keys) == named(source, keys)
     said = [(a, b) for a in source for b in source if a is not b and f"{desc(a)} {relation(a, b)} {desc(b)}" == caption]
     if not said:
         raise ValueError(f"{caption!r} is not a relation caption of the given scene")
