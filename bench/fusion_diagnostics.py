@@ -1,4 +1,4 @@
-"""What does a pretraining checkpoint's fusion encoder do with the image? Five probes on the demo world (issue 16).
+"""What does a pretraining checkpoint's fusion encoder do with the image? Six probes on the demo world (issue 16).
 
     python bench/fusion_diagnostics.py runs/demo/pretrain/final.pth --world /tmp/world [more checkpoints ...]
 
@@ -28,6 +28,14 @@ checkpoint's settings. One JSON line per checkpoint:
   fusion layers' cross-attention (summed over the expression's words except "the", mean over heads), and of the
   official ``itm`` Grad-CAM, among the cells that hold an object; ``chance`` is the mean of 1 / objects.
 
+* ``minimal_pairs``: does a one-attribute change move ITC's similarity and ITM's match probability the right way?
+  In every held-out scene without a star, each object in turn gets another colour, shape (circle, square or
+  triangle) or size; the scene is drawn twice on the same fresh background, as it is and with that change, and its
+  full description (the first caption, which names every object's colour, shape and place, and sizes below four
+  objects) is changed in that object's words. ``itc_image`` / ``itm_image``: how often the description scores
+  higher with its own scene than with the changed one; ``itc_text`` / ``itm_text``: how often the scene scores its
+  own description higher than the changed description. 50% = blind to that attribute.
+
 A diagnostic, not a benchmark of speed: one process, no DeepSpeed.
 """
 
@@ -40,14 +48,26 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from albef.config import from_dict  # noqa: E402
 from albef.data.transforms import normalize_images, test_transform  # noqa: E402
-from albef.demo.world import caption_holds  # noqa: E402
+from albef.demo.world import (  # noqa: E402
+    COLOURS,
+    SIZES,
+    background,
+    caption_holds,
+    desc,
+    join_list,
+    jpeg,
+    paint,
+    where_phrase,
+)
 from albef.eval.grounding import gradcam  # noqa: E402
 from albef.eval.retrieval import encode_images, encode_texts, itm_rerank  # noqa: E402
 from albef.models import ModelConfig, build_model  # noqa: E402
@@ -201,6 +221,103 @@ def retrieval(model, tok: Tokenizer, images: torch.Tensor, entries: list, scenes
     return out
 
 
+PLAIN_SHAPES = ("circle", "square", "triangle")  # drawn in their box; a star's box is narrower than its square
+
+
+def render(objects: list, res: int, rng) -> Image.Image:
+    """A world scene drawn again from its objects (circles, squares, triangles) on a background drawn with ``rng``."""
+    image = background(rng, res)
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        x0, y0, d, _ = o["box"]
+        paint(draw, o["shape"], x0, y0, d, o["rgb"])
+    return image
+
+
+def changed(obj: dict, key: str, res: int, rng: random.Random) -> dict:
+    """``obj`` with another value of ``key``: a colour keeps the object's colour jitter, a size keeps its centre
+    (within its cell)."""
+    new = dict(obj)
+    if key == "colour":
+        new["colour"] = rng.choice([c for c in COLOURS if c != obj["colour"]])
+        offset = [v - b for v, b in zip(obj["rgb"], COLOURS[obj["colour"]])]
+        new["rgb"] = [min(255, max(0, b + o)) for b, o in zip(COLOURS[new["colour"]], offset)]
+    elif key == "shape":
+        new["shape"] = rng.choice([s for s in PLAIN_SHAPES if s != obj["shape"]])
+    else:
+        cell = res / 3
+        new["size"] = next(s for s in SIZES if s != obj["size"])
+        x0, y0, d, _ = obj["box"]
+        nd = round(SIZES[new["size"]] * cell)
+        x0, y0 = (
+            int(min(max(v + (d - nd) // 2, k * cell), (k + 1) * cell - nd))
+            for v, k in ((x0, obj["col"]), (y0, obj["row"]))
+        )
+        new["box"] = [x0, y0, nd, nd]
+    return new
+
+
+def redescribed(full: str, objs: list, scene: list) -> str:
+    """The full description of ``scene`` (``objs`` with one object changed), with ``full``'s opening words."""
+
+    def listed(objects):
+        return join_list([f"{desc(o, len(objects) < 4)} {where_phrase(o['position'])}" for o in objects])
+
+    if not full.endswith(listed(objs)):
+        raise ValueError(f"{full!r} is not the full description of {objs}")
+    return full[: len(full) - len(listed(objs))] + listed(scene)
+
+
+@torch.no_grad()
+def minimal_pairs(model, tok: Tokenizer, entries: list, scenes: dict, res: int) -> dict:
+    rng = random.Random(0)
+    pairs = {k: ([], [], [], []) for k in ATTRIBUTES}  # image, changed image, description, changed description
+    for e in entries:
+        objs = scenes[Path(e["image"]).stem]["objects"]
+        if any(o["shape"] not in PLAIN_SHAPES for o in objs):
+            continue
+        sized, full = len(objs) < 4, e["caption"][0]  # the full description names sizes below 4 objects
+        for k, key in ((k, key) for k in range(len(objs)) for key in pairs if sized or key != "size"):
+            images, others, texts, other_texts = pairs[key]
+            new, base = changed(objs[k], key, res, rng), rng.randrange(2**31)
+            scene = [new if j == k else o for j, o in enumerate(objs)]
+            images.append(render(objs, res, np.random.default_rng(base)))
+            others.append(render(scene, res, np.random.default_rng(base)))
+            texts.append(full)
+            other_texts.append(redescribed(full, objs, scene))
+    d, transform = RetrievalDataConfig(), test_transform(res)
+
+    def encode(batch):
+        x = normalize_images(torch.stack([torch.as_tensor(transform(jpeg(im), random.Random(0))) for im in batch]))
+        return encode_images(model, [x])
+
+    def tokens(texts):
+        return tok([pre_caption(c, d.max_words) for c in texts], max_length=d.max_text_len)
+
+    out = {}
+    for key, (images, others, texts, other_texts) in pairs.items():
+        (ie, iff), (oe, of) = encode(images), encode(others)
+        t, ot = tokens(texts), tokens(other_texts)
+        (te, tf), (ote, otf) = (encode_texts(model, x["input_ids"], x["attention_mask"]) for x in (t, ot))
+
+        def match(text_embeds, mask, image_embeds):
+            return F.softmax(model.itm_logits(text_embeds, mask, image_embeds).float(), dim=-1)[:, 1]
+
+        own_itc, own_itm = (iff * tf).sum(1), match(te, t["attention_mask"], ie)
+
+        def share(a, b):
+            return round(100 * (a > b).float().mean().item(), 1)
+
+        out[key] = {
+            "pairs": len(images),
+            "itc_image": share(own_itc, (of * tf).sum(1)),
+            "itm_image": share(own_itm, match(te, t["attention_mask"], oe)),
+            "itc_text": share(own_itc, (iff * otf).sum(1)),
+            "itm_text": share(own_itm, match(ote, ot["attention_mask"], ie)),
+        }
+    return out
+
+
 def attention(model, tok: Tokenizer, images, texts, target, occupied) -> dict:
     t = tok(texts)
     ids, mask = t["input_ids"], t["attention_mask"]
@@ -291,6 +408,7 @@ def main(argv=None) -> int:
             model, tok, images("captions", res), captions, owner, {"colour": colours, "shape": SHAPE_WORDS}
         )
         row["retrieval"] = retrieval(model, tok, images("captions", res), val, scenes, args.k_test)
+        row["minimal_pairs"] = minimal_pairs(model, tok, val, scenes, res)
         grid = res // settings.vision.patch_size
         if grid != 3:  # the cell probes need one ViT patch per world cell
             skipped = f"skipped: a {grid}x{grid} patch grid, not the world's 3x3 cells"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from albef.config import to_dict
-from albef.demo.world import generate_world
+from albef.demo.world import caption_holds, captions, draw_scene, generate_world
 from albef.models import model_config
 from albef.tokenizer import Tokenizer
 
@@ -52,6 +54,15 @@ def test_probes_of_an_untrained_model(tmp_path, capsys):
         assert r["wrong"] == n_wrong and 0 <= r["wrong_true"] <= r["wrong"], row["retrieval"]
         assert r["true"] == round(r["r1"] + 100 * r["wrong_true"] / len(val), 1), row["retrieval"]
         assert all(0 <= r[k] <= r["wrong"] for k in ("count", "colours", "shapes", "sizes")), row["retrieval"]
+    # minimal pairs: every object of every star-free held-out scene, each attribute once (sizes below 4 objects)
+    scenes = json.loads((world / "world.json").read_text())["scenes"]
+    plain = [scenes[Path(e["image"]).stem]["objects"] for e in val]
+    plain = [o for o in plain if all(x["shape"] != "star" for x in o)]
+    expected = {"colour": sum(map(len, plain)), "shape": sum(map(len, plain))}
+    expected["size"] = sum(len(o) for o in plain if len(o) < 4)
+    assert {k: v["pairs"] for k, v in row["minimal_pairs"].items()} == expected, row["minimal_pairs"]
+    for v in row["minimal_pairs"].values():
+        assert all(0 <= v[k] <= 100 for k in ("itc_image", "itm_image", "itc_text", "itm_text")), v
     refs = json.loads((world / "refcoco+_val.json").read_text())
     meta = json.loads((world / "refcoco+_refs.json").read_text())
     dets = json.loads((world / "dets.json").read_text())
@@ -71,3 +82,37 @@ def test_probes_of_an_untrained_model(tmp_path, capsys):
     skipped = "skipped: a 4x4 patch grid, not the world's 3x3 cells"
     assert row["locality"] == row["supervised"] == row["attention"] == skipped
     assert row["mlm"]["colour"]["words"] == colour_words
+
+
+def test_minimal_pairs_are_the_scene_and_one_change():
+    """The minimal-pairs probe draws a scene again from its objects exactly as the world drew it (same background),
+    and each change alters that object's cell only, makes the scene's full description false, and the changed
+    description is the one the world writes for the changed scene."""
+    tested = 0
+    for seed in range(30):
+        image, objs = draw_scene(np.random.default_rng(seed), 48)
+        if any(o["shape"] not in fusion_diagnostics.PLAIN_SHAPES for o in objs):
+            continue  # a star's box is not the square it is drawn in: the probe skips such scenes
+        tested += 1
+        drawn = fusion_diagnostics.render(objs, 48, np.random.default_rng(seed))
+        assert np.array_equal(np.asarray(drawn), np.asarray(image))
+        full, sized = captions(np.random.default_rng(seed), objs)[0], len(objs) < 4
+        rng = random.Random(seed)
+        for k, o in enumerate(objs):
+            for key in ("colour", "shape", "size"):
+                new = fusion_diagnostics.changed(o, key, 48, rng)
+                assert new[key] != o[key] and all(new[a] == o[a] for a in ("colour", "shape", "size") if a != key)
+                x0, y0, d, _ = new["box"]
+                assert o["col"] * 16 <= x0 <= (o["col"] + 1) * 16 - d and o["row"] * 16 <= y0 <= (o["row"] + 1) * 16 - d
+                scene = [new if j == k else x for j, x in enumerate(objs)]
+                diff = np.argwhere(
+                    (np.asarray(fusion_diagnostics.render(scene, 48, np.random.default_rng(seed))) != image).any(-1)
+                )
+                assert len(diff) and (diff // 16 == [o["row"], o["col"]]).all(), (key, o)
+                if key == "size" and not sized:
+                    continue  # four objects: the full description names no sizes
+                assert not caption_holds(0, full, objs, scene), (full, key)
+                assert (
+                    fusion_diagnostics.redescribed(full, objs, scene) == captions(np.random.default_rng(seed), scene)[0]
+                )
+    assert tested >= 8

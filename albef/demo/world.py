@@ -70,6 +70,7 @@ Run: ``python -m albef.demo.world --out /tmp/world --seed 0 [--num-train 2000 --
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import time
@@ -394,11 +395,30 @@ def _points(shape: str, x0: int, y0: int, d: int) -> List[tuple]:
     ]
 
 
+def background(rng, size: int) -> Image.Image:
+    """A scene's background: grey noise around a random level."""
+    base = int(rng.integers(35, 85))
+    return Image.fromarray(rng.integers(base - 6, base + 7, (size, size), dtype=np.uint8), "L").convert("RGB")
+
+
+def paint(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, d: int, rgb: tuple) -> List[tuple]:
+    """Draw a filled shape in the d x d square at (x0, y0); returns its outline points."""
+    pts = _points(shape, x0, y0, d)
+    {"circle": draw.ellipse, "square": draw.rectangle}.get(shape, draw.polygon)(pts, fill=tuple(rgb))
+    return pts
+
+
+def jpeg(image: Image.Image) -> bytes:
+    """A scene image as the world stores it."""
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=92, subsampling=0)
+    return buf.getvalue()
+
+
 def draw_scene(rng, size: int):
     """Sample a scene (1-4 objects in distinct cells, reading order) and render it: (PIL image, objects)."""
     cell = size / 3
-    base = int(rng.integers(35, 85))
-    image = Image.fromarray(rng.integers(base - 6, base + 7, (size, size), dtype=np.uint8), "L").convert("RGB")
+    image = background(rng, size)
     draw = ImageDraw.Draw(image)
     objs = []
     for c in np.sort(rng.permutation(9)[: 1 + int(rng.integers(4))]):
@@ -408,8 +428,7 @@ def draw_scene(rng, size: int):
         x0, y0 = int(col * cell + rng.uniform(0, cell - d)), int(row * cell + rng.uniform(0, cell - d))
         jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3)
         rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
-        pts = _points(shape, x0, y0, d)
-        {"circle": draw.ellipse, "square": draw.rectangle}.get(shape, draw.polygon)(pts, fill=rgb)
+        pts = paint(draw, shape, x0, y0, d, rgb)
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         objs.append(
             {
@@ -453,7 +472,7 @@ def generate_world(
             image, objs = draw_scene(rng, image_size)
             name = f"{split}_{i:05d}"
             file = f"{name}.jpg"
-            image.save(out / "images" / file, "JPEG", quality=92, subsampling=0)
+            (out / "images" / file).write_bytes(jpeg(image))
             names.append(name)
             scenes[name] = {"image": file, "split": split, "objects": objs}
             files["dets.json"][name] = [o["box"] for o in objs]
