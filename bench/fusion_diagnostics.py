@@ -141,25 +141,42 @@ def locality(model, train_images, ytr: dict, val_images, yva: dict, sizes: dict)
     return out
 
 
-def supervised(model, train_images, ytr: dict, val_images, yva: dict, sizes: dict, steps: int) -> dict:
-    """Per attribute: held-out accuracy of a copy of the ViT trained with a linear head per attribute on its own
-    cells' labels (empty cells carry no loss)."""
-    vit = copy.deepcopy(model.visual_encoder).train()
+def train_vit(vit, images, cells: dict, sizes: dict, steps: int, scene=None, lr: float = 1e-3, batch: int = 64):
+    """Train ``vit`` in place with a linear head per attribute on each patch token against its cell's label
+    (``cells``: attribute -> (images, 9) labels; empty cells carry no loss), and with ``scene`` = (present, count)
+    also two heads on the [CLS] token: which attribute values the scene holds (multi-label) and how many objects
+    (classes 0..3 for 1..4). Returns the heads."""
     width = vit.num_features
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in sizes.items()})
-    opt = torch.optim.AdamW(list(vit.parameters()) + list(heads.parameters()), lr=1e-3)
+    if scene is not None:
+        heads["present"], heads["count"] = torch.nn.Linear(width, scene[0].shape[1]), torch.nn.Linear(width, 4)
+    opt = torch.optim.AdamW(list(vit.parameters()) + list(heads.parameters()), lr=lr)
     gen = torch.Generator().manual_seed(0)
+    vit.train()
     for _ in range(steps):
-        idx = torch.randint(len(train_images), (min(64, len(train_images)),), generator=gen)
-        tokens = vit.forward_features(train_images[idx])[:, 1:]
+        idx = torch.randint(len(images), (min(batch, len(images)),), generator=gen)
+        out = vit.forward_features(images[idx])
+        tokens = out[:, 1:]
         loss = sum(
             F.cross_entropy(heads[k](tokens).flatten(0, 1), y[idx].flatten(), ignore_index=sizes[k])
-            for k, y in ytr.items()
+            for k, y in cells.items()
         )
+        if scene is not None:
+            present, count = scene
+            loss = loss + F.binary_cross_entropy_with_logits(heads["present"](out[:, 0]), present[idx])
+            loss = loss + F.cross_entropy(heads["count"](out[:, 0]), count[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
     vit.eval()
+    return heads
+
+
+def supervised(model, train_images, ytr: dict, val_images, yva: dict, sizes: dict, steps: int) -> dict:
+    """Per attribute: held-out accuracy of a copy of the ViT trained with a linear head per attribute on its own
+    cells' labels (``train_vit``)."""
+    vit = copy.deepcopy(model.visual_encoder)
+    heads = train_vit(vit, train_images, ytr, sizes, steps)
     with torch.no_grad():
         tokens = vit.forward_features(val_images)[:, 1:]
         return {k: _accuracy(heads[k](tokens).argmax(-1), y, sizes[k]) for k, y in yva.items()}
