@@ -57,6 +57,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from albef.config import from_dict  # noqa: E402
 from albef.data.transforms import normalize_images, test_transform  # noqa: E402
+from albef.demo.vit import ATTRIBUTES, accuracy, cell_index, cell_labels, load_images, train_vit  # noqa: E402
 from albef.demo.world import (  # noqa: E402
     COLOURS,
     SIZES,
@@ -78,18 +79,6 @@ from albef.tokenizer import Tokenizer, pre_caption  # noqa: E402
 SHAPE_WORDS = ["circle", "square", "triangle", "star", "circles", "squares", "triangles", "stars"]
 
 
-def load_images(world: Path, names, res: int) -> torch.Tensor:
-    transform, rng = test_transform(res), random.Random(0)
-    return normalize_images(
-        torch.stack([torch.as_tensor(transform((world / "images" / n).read_bytes(), rng)) for n in names])
-    )
-
-
-def cell_index(obj: dict) -> int:
-    """The world's 3x3 cell of an object: row * 3 + col."""
-    return obj["row"] * 3 + obj["col"]
-
-
 def grid_cells(objects) -> dict:
     """The cell of each object, keyed by its box."""
     return {tuple(o["box"]): cell_index(o) for o in objects}
@@ -106,23 +95,6 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) 
     return lin
 
 
-ATTRIBUTES = {"colour": "colours", "shape": "shapes", "size": "sizes"}  # object key -> world.json vocabulary key
-
-
-def cell_labels(scenes: dict, ids: list, key: str, vocab: list) -> torch.Tensor:
-    """(images, 9) index in ``vocab`` of the ``key`` of the object in each cell, ``len(vocab)`` where it is empty."""
-    labels = torch.full((len(ids), 9), len(vocab))
-    for k, i in enumerate(ids):
-        for o in scenes[i]["objects"]:
-            labels[k, cell_index(o)] = vocab.index(o[key])
-    return labels
-
-
-def _accuracy(pred: torch.Tensor, truth: torch.Tensor, empty: int) -> float:
-    occupied = truth != empty
-    return round(100 * (pred[occupied] == truth[occupied]).float().mean().item(), 1)
-
-
 @torch.no_grad()
 def locality(model, train_images, ytr: dict, val_images, yva: dict, sizes: dict) -> dict:
     """Per attribute: the linear probe's held-out accuracy from the own cell's token and the opposite cell's.
@@ -137,39 +109,8 @@ def locality(model, train_images, ytr: dict, val_images, yva: dict, sizes: dict)
                 x, y = ((xtr - mu) / sd).reshape(-1, xtr.shape[-1]), ytr[key][:, perm].reshape(-1)
                 lin = fit_probe(x, y, sizes[key] + 1)  # the vocabulary and "empty"
             pred = lin(((xva - mu) / sd).reshape(-1, xva.shape[-1])).argmax(1)
-            out[key][name] = _accuracy(pred, yva[key][:, perm].reshape(-1), sizes[key])
+            out[key][name] = accuracy(pred, yva[key][:, perm].reshape(-1), sizes[key])
     return out
-
-
-def train_vit(vit, images, cells: dict, sizes: dict, steps: int, scene=None, lr: float = 1e-3, batch: int = 64):
-    """Train ``vit`` in place with a linear head per attribute on each patch token against its cell's label
-    (``cells``: attribute -> (images, 9) labels; empty cells carry no loss), and with ``scene`` = (present, count)
-    also two heads on the [CLS] token: which attribute values the scene holds (multi-label) and how many objects
-    (classes 0..3 for 1..4). Returns the heads."""
-    width = vit.num_features
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in sizes.items()})
-    if scene is not None:
-        heads["present"], heads["count"] = torch.nn.Linear(width, scene[0].shape[1]), torch.nn.Linear(width, 4)
-    opt = torch.optim.AdamW(list(vit.parameters()) + list(heads.parameters()), lr=lr)
-    gen = torch.Generator().manual_seed(0)
-    vit.train()
-    for _ in range(steps):
-        idx = torch.randint(len(images), (min(batch, len(images)),), generator=gen)
-        out = vit.forward_features(images[idx])
-        tokens = out[:, 1:]
-        loss = sum(
-            F.cross_entropy(heads[k](tokens).flatten(0, 1), y[idx].flatten(), ignore_index=sizes[k])
-            for k, y in cells.items()
-        )
-        if scene is not None:
-            present, count = scene
-            loss = loss + F.binary_cross_entropy_with_logits(heads["present"](out[:, 0]), present[idx])
-            loss = loss + F.cross_entropy(heads["count"](out[:, 0]), count[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vit.eval()
-    return heads
 
 
 def supervised(model, train_images, ytr: dict, val_images, yva: dict, sizes: dict, steps: int) -> dict:
@@ -179,7 +120,7 @@ def supervised(model, train_images, ytr: dict, val_images, yva: dict, sizes: dic
     heads = train_vit(vit, train_images, ytr, sizes, steps)
     with torch.no_grad():
         tokens = vit.forward_features(val_images)[:, 1:]
-        return {k: _accuracy(heads[k](tokens).argmax(-1), y, sizes[k]) for k, y in yva.items()}
+        return {k: accuracy(heads[k](tokens).argmax(-1), y, sizes[k]) for k, y in yva.items()}
 
 
 @torch.no_grad()

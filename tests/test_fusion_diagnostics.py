@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from albef.config import to_dict
+from albef.demo import vit
 from albef.demo.world import caption_holds, captions, draw_scene, generate_world
 from albef.models import build_model, model_config
 from albef.models.convert import init_vit_from_deit
@@ -21,7 +22,6 @@ from albef.tokenizer import Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import fusion_diagnostics  # noqa: E402
-import world_vit  # noqa: E402
 
 
 def test_probes_of_an_untrained_model(tmp_path, capsys):
@@ -123,14 +123,14 @@ def test_minimal_pairs_are_the_scene_and_one_change():
 
 
 def test_world_vit_learns_the_cells_and_loads_as_init_vit(tmp_path, capsys):
-    """bench/world_vit.py trains the demo ViT on a labelled world's cells and scenes (held-out accuracy far above
+    """``python -m albef.demo.vit`` trains the demo ViT on a labelled world's cells and scenes (held-out accuracy far above
     the untrained heads') and saves it so that ``init.vit`` (the official DeiT path) loads it into both ViTs."""
     world = tmp_path / "world"
     generate_world(world, seed=0, num_train=600, num_val=40, num_test=2, image_size=48)
     rows = {}
     for steps in (0, 300):
         out = tmp_path / f"vit_{steps}.pth"
-        assert world_vit.main(["--world", str(world), "--out", str(out), "--steps", str(steps), "--threads", "1"]) == 0
+        assert vit.main(["--world", str(world), "--out", str(out), "--steps", str(steps), "--threads", "1"]) == 0
         rows[steps] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val"]
     trained, untrained = rows[300], rows[0]
     assert trained["colour"] > 95 and trained["size"] > 90 and trained["shape"] > 70 and trained["count"] > 80, rows
@@ -138,11 +138,11 @@ def test_world_vit_learns_the_cells_and_loads_as_init_vit(tmp_path, capsys):
     model = build_model(model_config("demo"), "pretrain", seed=1)
     init_vit_from_deit(model, tmp_path / "vit_300.pth")
     saved = torch.load(tmp_path / "vit_300.pth")
-    for vit in (model.visual_encoder, model.visual_encoder_m):
-        assert all(torch.equal(v, saved[k]) for k, v in vit.state_dict().items())
+    for encoder in (model.visual_encoder, model.visual_encoder_m):
+        assert all(torch.equal(v, saved[k]) for k, v in encoder.state_dict().items())
     small = tmp_path / "world64"
     generate_world(small, seed=0, num_train=2, num_val=2, num_test=2, image_size=64)
     with pytest.raises(SystemExit):
-        world_vit.main(["--world", str(small), "--out", str(tmp_path / "x.pth"), "--steps", "1"])
+        vit.main(["--world", str(small), "--out", str(tmp_path / "x.pth"), "--steps", "1"])
     assert "needs 48 px in 3x3 patches" in capsys.readouterr().err
     assert not (tmp_path / "x.pth").exists()

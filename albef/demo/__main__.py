@@ -5,20 +5,23 @@
 
 Stages, each with the real command-line tools a user runs (printed as they start):
 
-1. ``albef.demo.world``: a seeded world of shapes with captions and every task's annotations (official formats).
+1. ``albef.demo.world``: a seeded world of shapes with captions and every task's annotations (official formats);
+   ``albef.demo.vit`` trains the ViT on a labelled world of its own seed (the stand-in for DeiT; ``init.vit``).
 2. A mini web crawl: real photos and HTML pages served on 127.0.0.1; ``data_prep.crawl`` extracts the image
    URL + alt-text pairs, ``data_prep.download`` fetches them into shards.
 3. ``data_prep.annotations`` turns the world's pretraining JSON into shards.
 4. ``pretrain.train`` pretrains the ``demo`` model (ITC + ITM + MLM, momentum distillation) with DeepSpeed ZeRO-2 on
    2 CPU processes (torchrun, gloo) over both shard sets.
-5. ``finetune.retrieval`` evaluates zero-shot retrieval on held-out images, then fine-tunes briefly and evaluates.
+5. ``finetune.retrieval`` evaluates zero-shot retrieval on held-out images, ``finetune.zeroshot`` zero-shot
+   classification, ``finetune.grounding`` the official ITM Grad-CAM grounding of held-out referring expressions
+   (no fine-tuning), ``data_prep.filter`` the model's noise filtering; then retrieval fine-tunes briefly.
 6. ``finetune.ve`` fine-tunes SNLI-VE briefly and reports accuracy per label next to the hypothesis-only prior.
 7. ``finetune.vqa`` fine-tunes VQA briefly and reports accuracy per question type next to the question-only prior.
 8. A summary table: losses, recall against chance, whether the fusion encoder uses the image, time and throughput
    of every stage.
 
 Everything lands in ``--out`` (default ``runs/demo``); rerunning reuses the world and shards and starts the runs
-anew. Nothing is downloaded.
+anew (the ViT's training included). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -42,6 +45,16 @@ SIZES = {  # world images and training steps; "quick" is what CI runs
     "quick": dict(train=1500, val=64, test=64, image=48, pretrain_steps=400, finetune_steps=100, vqa_steps=300),
 }
 
+
+# the labelled world of the image encoder's supervised pretraining (albef.demo.vit), the stand-in for ImageNet
+VIT_WORLD = dict(seed_offset=1000, images=dict(num_train=3000, num_val=200, num_test=2), steps=1500)
+
+GROUNDING_FILES = {
+    "val_file": "refcoco+_val.json",
+    "test_file": "refcoco+_test.json",
+    "refs_file": "refcoco+_refs.json",
+    "dets_file": "dets.json",
+}
 
 WIDTH = 110  # the longest console line a stage prints; its log file keeps every line whole
 
@@ -234,6 +247,40 @@ def main() -> None:
         flush=True,
     )
 
+    # the image encoder's supervised pretraining (the official recipe starts from DeiT): a labelled world of its own
+    # seed, whose images pretraining never sees
+    vit_world, vit = out / "vit_world", out / "vit" / "world_vit.pth"
+    t0 = time.time()
+    if not (vit_world / "world.json").is_file():
+        generate_world(
+            vit_world, seed=a.seed + VIT_WORLD["seed_offset"], **VIT_WORLD["images"], image_size=size["image"]
+        )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "albef.demo.vit",
+            "--world",
+            vit_world,
+            "--out",
+            vit,
+            "--steps",
+            VIT_WORLD["steps"],
+            "--threads",
+            os.cpu_count() or 2,
+        ],
+        out / "vit.log",
+        env,
+    )
+    times["image encoder"] = time.time() - t0
+    held_out = vit_report(out)["val"]
+    print(
+        f"      image encoder: the ViT trained on {VIT_WORLD['images']['num_train']} labelled images of its own world "
+        f"(held-out cells: colour {held_out['colour']:.0f}%, shape {held_out['shape']:.0f}%, size "
+        f"{held_out['size']:.0f}%; object count {held_out['count']:.0f}%)",
+        flush=True,
+    )
+
     # 2. crawl + download over loopback
     site, web_pairs, web_shards = out / "site", out / "web_pairs.jsonl", out / "shards_web"
     shutil.rmtree(site, ignore_errors=True)
@@ -307,6 +354,7 @@ def main() -> None:
             f"train.output_dir={pre}",
             f"train.max_steps={size['pretrain_steps']}",
             f"train.num_threads={threads}",
+            f"init.vit={vit}",
         ],
         out / "pretrain.log",
         env,
@@ -322,42 +370,36 @@ def main() -> None:
         f"data.test_file={world / 'retrieval_test.json'}",
         f"data.image_root={world / 'images'}",
     ]
-    zs, ft = out / "zeroshot", out / "retrieval"
-    shutil.rmtree(zs, ignore_errors=True), shutil.rmtree(ft, ignore_errors=True)
-    times["zero-shot eval"] = run(
-        [
-            sys.executable,
-            "-m",
-            "finetune.retrieval",
-            "finetune/configs/demo_retrieval.yaml",
-            *data,
-            f"init.checkpoint={pre / 'final.pth'}",
-            "train.evaluate_only=true",
-            f"train.output_dir={zs}",
-            f"train.num_threads={os.cpu_count() or 2}",
-        ],
-        out / "zeroshot.log",
-        env,
-        "zero-shot",
-    )
-    zc = out / "zeroshot_classes"
-    shutil.rmtree(zc, ignore_errors=True)
-    times["zero-shot classes"] = run(
-        [
-            sys.executable,
-            "-m",
-            "finetune.zeroshot",
-            "finetune/configs/demo_zeroshot.yaml",
-            f"data.val_file={world / 'zeroshot_val.json'}",
-            f"data.test_file={world / 'zeroshot_test.json'}",
-            f"data.image_root={world / 'images'}",
-            f"init.checkpoint={pre / 'final.pth'}",
-            f"train.output_dir={zc}",
-            f"train.num_threads={os.cpu_count() or 2}",
-        ],
-        out / "zeroshot_classes.log",
-        env,
+    ft = out / "retrieval"
+    shutil.rmtree(ft, ignore_errors=True)
+
+    def evaluate(task: str, config: str, run_dir: str, stage: str, *settings) -> float:
+        """``finetune.<task>`` evaluating the pretrained weights without training (``train.evaluate_only``) on the
+        world's files (``settings``); its run lands in ``out/<run_dir>``. Returns the stage's seconds."""
+        shutil.rmtree(out / run_dir, ignore_errors=True)
+        command = [sys.executable, "-m", f"finetune.{task}", f"finetune/configs/{config}", *settings]
+        command += [f"init.checkpoint={pre / 'final.pth'}", "train.evaluate_only=true"]
+        command += [f"train.output_dir={out / run_dir}", f"train.num_threads={os.cpu_count() or 2}"]
+        return run(command, out / f"{run_dir}.log", env, stage)
+
+    times["zero-shot eval"] = evaluate("retrieval", "demo_retrieval.yaml", "zeroshot", "zero-shot", *data)
+    times["zero-shot classes"] = evaluate(
+        "zeroshot",
+        "demo_zeroshot.yaml",
+        "zeroshot_classes",
         "zero-shot classes",
+        f"data.val_file={world / 'zeroshot_val.json'}",
+        f"data.test_file={world / 'zeroshot_test.json'}",
+        f"data.image_root={world / 'images'}",
+    )
+    times["grounding"] = evaluate(
+        "grounding",
+        "demo_grounding.yaml",
+        "grounding",
+        "grounding",
+        f"data.train_files=[{world / 'refcoco+_train.json'}]",
+        *(f"data.{k}={world / f}" for k, f in GROUNDING_FILES.items()),
+        f"data.image_root={world / 'images'}",
     )
     # the model filters web noise: held-out pairs, 30% with another image's caption, scored by ITC against a threshold
     # that keeps 95% of known-good training pairs
@@ -464,6 +506,11 @@ def main() -> None:
     summarize(out, world, times, time.time() - t_all)
 
 
+def vit_report(out: Path) -> dict:
+    """The image encoder stage's report: the last JSON line of ``python -m albef.demo.vit`` in its log."""
+    return json.loads([x for x in (out / "vit.log").read_text().splitlines() if x.startswith("{")][-1])
+
+
 def summarize(out: Path, world: Path, times, total: float) -> None:
     pre_rows = [r for r in rows(out / "pretrain" / "metrics.jsonl") if "train/loss" in r]
     pre_sum = [r["summary"] for r in rows(out / "pretrain" / "metrics.jsonl") if "summary" in r][-1]
@@ -521,6 +568,11 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
             lines.append(f"  {'':<17} -> {end:7.3f} at the end ({after})")
         else:
             lines.append(f"  {key[6:]:<9} {start:7.3f} -> {end:7.3f}")
+    vit = vit_report(out)["val"]
+    lines.append(
+        f"  the ViT started from a supervised one (its labelled world, held-out cells: colour {vit['colour']:.0f}%, "
+        f"shape {vit['shape']:.0f}%, size {vit['size']:.0f}%)"
+    )
     lines.append(f"retrieval on {n_img} held-out images x {n_cap} captions (R@1 / R@5 / R@10, %):")
     lines.append(f"  {'':<22}{'text retrieval':>24}{'image retrieval':>24}")
     lines.append(
@@ -556,6 +608,19 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
             for split in ("val", "test")
         )
         + f"; chance {classes['test/chance']:.1f} / {5 * classes['test/chance']:.1f}"
+    )
+    grounding = json.loads((out / "grounding" / "eval.json").read_text())
+    lines.append(
+        "grounding of held-out referring expressions by the official ITM Grad-CAM (fusion layer 2), not fine-tuned"
+    )
+    lines.append("  (% of expressions whose best-scored box is the object; model / centre box / random box):")
+    lines.append(
+        "  "
+        + "; ".join(
+            f"{split} {grounding[split + '/acc']:.1f} / {grounding[split + '/baseline_centre']:.1f} / "
+            f"{grounding[split + '/baseline_random']:.1f} ({grounding[split + '/num_refs']:.0f})"
+            for split in ("val", "test")
+        )
     )
     noisy = json.loads((out / "noisy_pairs.json").read_text())
     from data_prep.shards import iter_tar_samples
@@ -624,6 +689,8 @@ def summarize(out: Path, world: Path, times, total: float) -> None:
                 "zero_shot": zero,
                 "fine_tuned": ft,
                 "zero_shot_classes": classes,
+                "image_encoder": vit,
+                "grounding": grounding,
                 "filter": filt,
                 "ve": against.get("ve", {}),
                 "vqa": against.get("vqa", {}),

@@ -1,7 +1,8 @@
 """A supervised image encoder for the demo world: the stand-in for the DeiT weights that the official recipe starts
-its ViT from (issue 16's decomposition, README "The fusion encoder learns shape when the ViT carries it").
+its ViT from. The demo trains it on a labelled world of its own seed and starts pretraining from it (README
+"The fusion encoder learns shape when the ViT carries it").
 
-    python bench/world_vit.py --world /tmp/labelled_world --out /tmp/world_vit.pth [--model demo] [--steps 1500]
+    python -m albef.demo.vit --world /tmp/labelled_world --out /tmp/world_vit.pth [--model demo] [--steps 1500]
     python -m pretrain.train pretrain/configs/demo.yaml init.vit=/tmp/world_vit.pth ...
 
 ``--world`` is a world made by ``python -m albef.demo.world`` at the model's resolution, drawn with a seed of its
@@ -10,24 +11,83 @@ random weights with a linear head per attribute on each patch token against its 
 size; empty cells carry no loss) and, unless ``--no-scene``, two heads on the [CLS] token: which colours, shapes and
 sizes the scene holds, and how many objects. The ViT is saved under timm's key names, so pretraining loads it
 through ``init.vit`` (``albef.models.convert.init_vit_from_deit``), the official DeiT path; the heads are dropped.
-Prints one JSON line: the held-out (val split) accuracy of each head (``present``: of each value flag). Labels per cell rather than per image because
-image-level labels alone do not train this two-block ViT in minutes (README).
+Prints one JSON line: the held-out (val split) accuracy of each head (``present``: of each value flag). Labels per
+cell rather than per image because image-level labels alone do not train this two-block ViT in minutes (README).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fusion_diagnostics import ATTRIBUTES, _accuracy, cell_labels, load_images, train_vit  # noqa: E402
+from albef.data.transforms import normalize_images, test_transform
+from albef.models import build_model, model_config
 
-from albef.models import build_model, model_config  # noqa: E402
+
+def load_images(world: Path, names, res: int) -> torch.Tensor:
+    transform, rng = test_transform(res), random.Random(0)
+    return normalize_images(
+        torch.stack([torch.as_tensor(transform((world / "images" / n).read_bytes(), rng)) for n in names])
+    )
+
+
+def cell_index(obj: dict) -> int:
+    """The world's 3x3 cell of an object: row * 3 + col."""
+    return obj["row"] * 3 + obj["col"]
+
+
+ATTRIBUTES = {"colour": "colours", "shape": "shapes", "size": "sizes"}  # object key -> world.json vocabulary key
+
+
+def cell_labels(scenes: dict, ids: list, key: str, vocab: list) -> torch.Tensor:
+    """(images, 9) index in ``vocab`` of the ``key`` of the object in each cell, ``len(vocab)`` where it is empty."""
+    labels = torch.full((len(ids), 9), len(vocab))
+    for k, i in enumerate(ids):
+        for o in scenes[i]["objects"]:
+            labels[k, cell_index(o)] = vocab.index(o[key])
+    return labels
+
+
+def accuracy(pred: torch.Tensor, truth: torch.Tensor, empty: int) -> float:
+    occupied = truth != empty
+    return round(100 * (pred[occupied] == truth[occupied]).float().mean().item(), 1)
+
+
+def train_vit(vit, images, cells: dict, sizes: dict, steps: int, scene=None, lr: float = 1e-3, batch: int = 64):
+    """Train ``vit`` in place with a linear head per attribute on each patch token against its cell's label
+    (``cells``: attribute -> (images, 9) labels; empty cells carry no loss), and with ``scene`` = (present, count)
+    also two heads on the [CLS] token: which attribute values the scene holds (multi-label) and how many objects
+    (classes 0..3 for 1..4). Returns the heads."""
+    width = vit.num_features
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in sizes.items()})
+    if scene is not None:
+        heads["present"], heads["count"] = torch.nn.Linear(width, scene[0].shape[1]), torch.nn.Linear(width, 4)
+    opt = torch.optim.AdamW(list(vit.parameters()) + list(heads.parameters()), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    vit.train()
+    for _ in range(steps):
+        idx = torch.randint(len(images), (min(batch, len(images)),), generator=gen)
+        out = vit.forward_features(images[idx])
+        tokens = out[:, 1:]
+        loss = sum(
+            F.cross_entropy(heads[k](tokens).flatten(0, 1), y[idx].flatten(), ignore_index=sizes[k])
+            for k, y in cells.items()
+        )
+        if scene is not None:
+            present, count = scene
+            loss = loss + F.binary_cross_entropy_with_logits(heads["present"](out[:, 0]), present[idx])
+            loss = loss + F.cross_entropy(heads["count"](out[:, 0]), count[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vit.eval()
+    return heads
 
 
 def scene_labels(scenes: dict, ids: list, vocabulary: dict):
@@ -68,7 +128,7 @@ def main(argv=None) -> int:
     )
     with torch.no_grad():
         out = vit.forward_features(images["val"])
-        row = {k: _accuracy(heads[k](out[:, 1:]).argmax(-1), y, sizes[k]) for k, y in cells["val"].items()}
+        row = {k: accuracy(heads[k](out[:, 1:]).argmax(-1), y, sizes[k]) for k, y in cells["val"].items()}
         if not args.no_scene:
             present, count = scene["val"]
             row["present"] = round(
