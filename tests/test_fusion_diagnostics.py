@@ -145,4 +145,7 @@ def test_world_vit_learns_the_cells_and_loads_as_init_vit(tmp_path, capsys):
     with pytest.raises(SystemExit):
         vit.main(["--world", str(small), "--out", str(tmp_path / "x.pth"), "--steps", "1"])
     assert "needs 48 px in 3x3 patches" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vit.main(["--world", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.pth")])
+    assert f"{tmp_path / 'nowhere' / 'world.json'} not found" in capsys.readouterr().err
     assert not (tmp_path / "x.pth").exists()

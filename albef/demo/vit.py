@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if not (args.world / "world.json").is_file():
+        ap.error(f"{args.world / 'world.json'} not found: --world takes a folder made by python -m albef.demo.world")
     meta = json.loads((args.world / "world.json").read_text())
     scenes, vocabulary = meta["scenes"], meta["vocabulary"]
     settings = model_config(args.model)
