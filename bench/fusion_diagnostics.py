@@ -252,20 +252,18 @@ def minimal_pairs(model, tok: Tokenizer, entries: list, scenes: dict, res: int) 
     def tokens(texts):
         return tok([pre_caption(c, d.max_words) for c in texts], max_length=d.max_text_len)
 
+    def match(text_embeds, mask, image_embeds):
+        return F.softmax(model.itm_logits(text_embeds, mask, image_embeds).float(), dim=-1)[:, 1]
+
+    def share(a, b):
+        return round(100 * (a > b).float().mean().item(), 1)
+
     out = {}
     for key, (images, others, texts, other_texts) in pairs.items():
         (ie, iff), (oe, of) = encode(images), encode(others)
         t, ot = tokens(texts), tokens(other_texts)
         (te, tf), (ote, otf) = (encode_texts(model, x["input_ids"], x["attention_mask"]) for x in (t, ot))
-
-        def match(text_embeds, mask, image_embeds):
-            return F.softmax(model.itm_logits(text_embeds, mask, image_embeds).float(), dim=-1)[:, 1]
-
         own_itc, own_itm = (iff * tf).sum(1), match(te, t["attention_mask"], ie)
-
-        def share(a, b):
-            return round(100 * (a > b).float().mean().item(), 1)
-
         out[key] = {
             "pairs": len(images),
             "itc_image": share(own_itc, (of * tf).sum(1)),

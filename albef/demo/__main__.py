@@ -49,13 +49,6 @@ SIZES = {  # world images and training steps; "quick" is what CI runs
 # the labelled world of the image encoder's supervised pretraining (albef.demo.vit), the stand-in for ImageNet
 VIT_WORLD = dict(seed_offset=1000, images=dict(num_train=3000, num_val=200, num_test=2), steps=1500)
 
-GROUNDING_FILES = {
-    "val_file": "refcoco+_val.json",
-    "test_file": "refcoco+_test.json",
-    "refs_file": "refcoco+_refs.json",
-    "dets_file": "dets.json",
-}
-
 WIDTH = 110  # the longest console line a stage prints; its log file keeps every line whole
 
 
@@ -398,7 +391,10 @@ def main() -> None:
         "grounding",
         "grounding",
         f"data.train_files=[{world / 'refcoco+_train.json'}]",
-        *(f"data.{k}={world / f}" for k, f in GROUNDING_FILES.items()),
+        f"data.val_file={world / 'refcoco+_val.json'}",
+        f"data.test_file={world / 'refcoco+_test.json'}",
+        f"data.refs_file={world / 'refcoco+_refs.json'}",
+        f"data.dets_file={world / 'dets.json'}",
         f"data.image_root={world / 'images'}",
     )
     # the model filters web noise: held-out pairs, 30% with another image's caption, scored by ITC against a threshold
